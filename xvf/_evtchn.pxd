@@ -1,0 +1,8 @@
+from libc.stdint cimport uint32_t
+
+cdef class EventChannel:
+    cdef public int fd
+    cdef readonly bint simulated
+    cdef int c_notify(self, uint32_t port) noexcept nogil
+    cdef int c_unmask(self, uint32_t port) noexcept nogil
+    cdef int c_read_pending(self, uint32_t *ports, int max_ports) noexcept nogil

@@ -1,0 +1,464 @@
+# cython: language_level=3
+"""The ioreq service loop and the hot virtio-mmio registers.
+
+One `ServiceLoop` per daemon multiplexes, with epoll, the event-channel handle
+(ioreq notifications from every vCPU of every IOREQ server), the backends' call
+eventfds and any Python-level fds (xenstore, vhost-user sockets). Ioreq slots
+are decoded here; QueueNotify, InterruptStatus and InterruptACK are answered
+without calling Python. Every other register goes to the device's Python
+register file (xvf.mmio), which shares this module's `MmioState`.
+"""
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy, memset
+from posix.unistd cimport read, write
+
+from xvf._evtchn cimport EventChannel
+from xvf.abi cimport (
+    XVF_DMOP_set_irq_level, XVF_IOCTL_PRIVCMD_DM_OP, XVF_IOREQ_DATA_IS_PTR_BIT, XVF_IOREQ_DIR_BIT,
+    XVF_IOREQ_READ, XVF_IOREQ_STATE_MASK, XVF_IOREQ_TYPE_COPY, XVF_SIM_OP_DM_OP,
+    XVF_STATE_IOREQ_INPROCESS, XVF_STATE_IOREQ_READY, XVF_STATE_IORESP_READY,
+    XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
+    XVF_VIRTIO_MMIO_QUEUE_NOTIFY, XVF_VIRTIO_STATUS_DRIVER_OK, XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET,
+    XVF_PAGE_SIZE, XVF_IOREQ_SIZE,
+    xvf_dm_op_t, xvf_ioreq_t, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
+)
+
+cdef extern from "sys/ioctl.h" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "sys/epoll.h" nogil:
+    cdef union epoll_data_t "epoll_data":
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLLIN
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CLOEXEC
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+
+cdef extern from *:
+    """
+    /* Ordering against the other side of the shared ioreq page (Xen or the
+     * simulator on another CPU): acquire after seeing READY, release before
+     * publishing IORESP_READY. */
+    static inline void xvf_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+    static inline void xvf_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+    static inline uint8_t xvf_load_flags(volatile uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void xvf_acquire() nogil
+    void xvf_release() nogil
+    uint8_t xvf_load_flags(uint8_t *p) nogil
+    void xvf_store_flags(uint8_t *p, uint8_t v) nogil
+
+import logging
+import struct
+
+from xvf.errors import HypercallError, XvfError
+
+log = logging.getLogger("xvf.ioreq")
+
+DEF MAX_QUEUES = 64
+DEF DM_OP_SIZE = 32   # sizeof(xvf_dm_op_t), asserted in xen_dmop.h
+DEF MAX_EVENTS = 64
+DEF KIND_EVTCHN = 1
+DEF KIND_CALL = 2
+DEF KIND_PYTHON = 3
+
+
+cdef class IrqLine:
+    """A guest interrupt line driven with XEN_DMOP_set_irq_level.
+
+    On real Xen the dm_op goes through IOCTL_PRIVCMD_DM_OP on a privcmd fd; on
+    the simulator the same xen_dm_op bytes go over its control socket.
+    """
+
+    cdef int fd
+    cdef bint simulated
+    cdef uint16_t domid
+    cdef readonly uint32_t irq
+    cdef readonly int level
+    cdef readonly uint64_t changes
+
+    def __cinit__(self, int fd, uint16_t domid, uint32_t irq, bint simulated=False):
+        self.fd = fd
+        self.domid = domid
+        self.irq = irq
+        self.simulated = simulated
+        self.level = 0
+
+    cdef int c_set(self, int level) noexcept nogil:
+        cdef xvf_dm_op_t op
+        cdef xvf_privcmd_dm_op_buf_t buf
+        cdef xvf_privcmd_dm_op_t arg
+        cdef uint8_t msg[16 + DM_OP_SIZE]
+        cdef uint8_t reply[4 + DM_OP_SIZE]
+        cdef uint32_t hdr[2]
+        cdef uint16_t dom16[4]
+        cdef int32_t rc
+        memset(&op, 0, sizeof(op))
+        op.op = XVF_DMOP_set_irq_level
+        op.u.set_irq_level.irq = self.irq
+        op.u.set_irq_level.level = 1 if level else 0
+        if self.simulated:
+            hdr[0] = XVF_SIM_OP_DM_OP
+            hdr[1] = 8 + sizeof(xvf_dm_op_t)
+            memset(dom16, 0, sizeof(dom16))
+            dom16[0] = self.domid
+            memcpy(msg, hdr, 8)
+            memcpy(msg + 8, dom16, 8)
+            memcpy(msg + 16, &op, sizeof(op))
+            if send(self.fd, msg, sizeof(msg), 0) != <ssize_t>sizeof(msg):
+                return -errno
+            if recv(self.fd, reply, sizeof(reply), 0) < 4:
+                return -errno if errno else -5
+            memcpy(&rc, reply, 4)
+            if rc < 0:
+                return rc
+        else:
+            buf.uptr = &op
+            buf.size = sizeof(op)
+            arg.dom = self.domid
+            arg.num = 1
+            arg.ubufs = &buf
+            if ioctl(self.fd, XVF_IOCTL_PRIVCMD_DM_OP, &arg) < 0:
+                return -errno
+        self.level = level
+        self.changes += 1
+        return 0
+
+    def set(self, int level) -> None:
+        cdef int rc = self.c_set(level)
+        if rc < 0:
+            raise HypercallError(f"set_irq_level(irq {self.irq}, {level}) for domain {self.domid}", -rc)
+
+
+cdef class MmioState:
+    """Register state shared by the hot path and the Python register file.
+
+    `handler` is the Python object implementing every other register:
+    `mmio_read(offset, size) -> int` and `mmio_write(offset, size, value)`.
+    """
+
+    cdef public uint32_t status
+    cdef public uint32_t int_status
+    cdef public object handler
+    cdef public IrqLine irq
+    cdef int kick_fds[MAX_QUEUES]
+    cdef public uint32_t num_queues
+    # counters, readable from Python for stats and tests
+    cdef readonly uint64_t notifies
+    cdef readonly uint64_t ignored_notifies
+    cdef readonly uint64_t hot_accesses
+    cdef readonly uint64_t slow_accesses
+    cdef readonly uint64_t interrupts
+
+    def __cinit__(self):
+        cdef int i
+        for i in range(MAX_QUEUES):
+            self.kick_fds[i] = -1
+
+    @property
+    def max_queues(self) -> int:
+        return MAX_QUEUES
+
+    def set_kick_fd(self, uint32_t queue, int fd) -> None:
+        """Where QueueNotify for `queue` goes (-1: nowhere, the queue is not live)."""
+        if queue >= MAX_QUEUES:
+            raise XvfError(f"queue {queue} beyond the {MAX_QUEUES} queues xvf supports")
+        self.kick_fds[queue] = fd
+
+    def kick_fd(self, uint32_t queue) -> int:
+        return self.kick_fds[queue] if queue < MAX_QUEUES else -1
+
+    cdef void c_raise(self, uint32_t bits) noexcept:
+        cdef uint32_t old = self.int_status
+        self.int_status = old | bits
+        self.interrupts += 1
+        if old == 0 and self.irq is not None:
+            if self.irq.c_set(1) < 0:
+                log.error("raising irq %d failed", self.irq.irq)
+
+    def raise_interrupt(self, uint32_t bits) -> None:
+        """Set InterruptStatus bits and assert the line (used-buffer or config change)."""
+        self.c_raise(bits)
+
+    cdef void c_ack(self, uint32_t bits) noexcept:
+        self.int_status &= ~bits
+        if self.int_status == 0 and self.irq is not None and self.irq.level:
+            if self.irq.c_set(0) < 0:
+                log.error("lowering irq %d failed", self.irq.irq)
+
+    def ack_interrupt(self, uint32_t bits) -> None:
+        self.c_ack(bits)
+
+    cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept:
+        if offset == XVF_VIRTIO_MMIO_INTERRUPT_STATUS and size == 4:
+            self.hot_accesses += 1
+            return self.int_status
+        self.slow_accesses += 1
+        try:
+            return <uint64_t>self.handler.mmio_read(offset, size)
+        except Exception:
+            log.exception("register read at %#x (size %d) failed", offset, size)
+            return 0
+
+    cdef void c_write(self, uint64_t offset, uint32_t size, uint64_t value) noexcept:
+        cdef uint32_t queue
+        cdef uint64_t one = 1
+        cdef int fd
+        if size == 4 and offset == XVF_VIRTIO_MMIO_QUEUE_NOTIFY:
+            self.hot_accesses += 1
+            queue = value & 0xffff      # upper bits: VIRTIO_F_NOTIFICATION_DATA
+            fd = self.kick_fds[queue] if queue < MAX_QUEUES else -1
+            # The spec forbids notifying before DRIVER_OK or after NEEDS_RESET;
+            # such notifies are dropped, never forwarded to a backend.
+            if (fd < 0 or not (self.status & XVF_VIRTIO_STATUS_DRIVER_OK)
+                    or (self.status & XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET)):
+                self.ignored_notifies += 1
+                return
+            self.notifies += 1
+            if write(fd, &one, 8) != 8:
+                self.ignored_notifies += 1
+            return
+        if size == 4 and offset == XVF_VIRTIO_MMIO_INTERRUPT_ACK:
+            self.hot_accesses += 1
+            self.c_ack(<uint32_t>value)
+            return
+        self.slow_accesses += 1
+        try:
+            self.handler.mmio_write(offset, size, value)
+        except Exception:
+            log.exception("register write at %#x (size %d) failed", offset, size)
+
+    def access(self, uint64_t offset, uint32_t size, bint is_write, uint64_t value=0) -> int:
+        """One register access, as the ioreq path performs it (for tests and benchmarks)."""
+        if is_write:
+            self.c_write(offset, size, value)
+            return 0
+        return self.c_read(offset, size)
+
+
+cdef class IoreqServer:
+    """A mapped synchronous ioreq page and the MMIO window it serves."""
+
+    cdef Py_buffer view
+    cdef bint have_view
+    cdef xvf_ioreq_t *slots
+    cdef readonly uint32_t nr_vcpus
+    cdef readonly uint64_t base
+    cdef readonly uint64_t size
+    cdef public MmioState device
+    cdef readonly uint64_t requests
+    cdef readonly uint64_t bad_requests
+
+    def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base, uint64_t size, MmioState device):
+        PyObject_GetBuffer(page, &self.view, PyBUF_WRITABLE)
+        self.have_view = True
+        if <size_t>self.view.len < nr_vcpus * XVF_IOREQ_SIZE:
+            raise XvfError(f"ioreq page of {self.view.len} bytes cannot hold {nr_vcpus} vCPU slots")
+        self.slots = <xvf_ioreq_t *>self.view.buf
+        self.nr_vcpus = nr_vcpus
+        self.base = base
+        self.size = size
+        self.device = device
+
+    def __dealloc__(self):
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+
+    def release(self) -> None:
+        """Drop the reference to the page so the caller can unmap it."""
+        if self.have_view:
+            self.slots = NULL
+            PyBuffer_Release(&self.view)
+            self.have_view = False
+
+    def vp_eport(self, uint32_t vcpu) -> int:
+        """The guest-side event channel Xen wrote into this vCPU's slot."""
+        if vcpu >= self.nr_vcpus or self.slots == NULL:
+            raise XvfError(f"no vCPU {vcpu}")
+        return self.slots[vcpu].vp_eport
+
+    cdef bint c_service(self, uint32_t vcpu) noexcept:
+        """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
+        cdef xvf_ioreq_t *req
+        cdef uint8_t flags
+        cdef uint64_t offset, value
+        if self.slots == NULL or vcpu >= self.nr_vcpus:
+            return False
+        req = &self.slots[vcpu]
+        flags = xvf_load_flags(&req.flags)
+        if (flags & XVF_IOREQ_STATE_MASK) != XVF_STATE_IOREQ_READY:
+            return False
+        xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IOREQ_INPROCESS)
+        self.requests += 1
+        is_read = (flags & XVF_IOREQ_DIR_BIT) != 0
+        if (req.type != XVF_IOREQ_TYPE_COPY or (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
+                or req.count != 1 or req.size == 0 or req.size > 8
+                or req.addr < self.base or req.addr - self.base >= self.size):
+            # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
+            self.bad_requests += 1
+            if is_read:
+                req.data = ~(<uint64_t>0)
+        else:
+            offset = req.addr - self.base
+            if is_read:
+                value = self.device.c_read(offset, req.size)
+                if req.size < 8:
+                    value &= (((<uint64_t>1) << (req.size * 8)) - 1)
+                req.data = value
+            else:
+                value = req.data
+                if req.size < 8:
+                    value &= (((<uint64_t>1) << (req.size * 8)) - 1)
+                self.device.c_write(offset, req.size, value)
+        xvf_release()
+        xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
+        return True
+
+    def service(self, uint32_t vcpu) -> bool:
+        return self.c_service(vcpu)
+
+
+cdef class ServiceLoop:
+    """epoll over the event channel, backends' call fds and Python callbacks."""
+
+    cdef int epfd
+    cdef readonly EventChannel evtchn
+    # port -> (server, vcpu); ports are small integers, a flat table keeps lookups in C
+    cdef list _route_server
+    cdef uint32_t *_route_vcpu
+    cdef uint32_t _route_len
+    cdef dict _fds          # fd -> (kind, object)
+    cdef readonly uint64_t wakeups
+    cdef readonly uint64_t evtchn_errors
+
+    def __cinit__(self, EventChannel evtchn):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.evtchn = evtchn
+        self._route_server = []
+        self._route_vcpu = NULL
+        self._route_len = 0
+        self._fds = {}
+        self._add(evtchn.fd, KIND_EVTCHN, None)
+
+    def __dealloc__(self):
+        free(self._route_vcpu)
+        if self.epfd >= 0:
+            from os import close
+            close(self.epfd)
+
+    cdef _add(self, int fd, int kind, object obj):
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = <uint64_t>fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, f"epoll_ctl(ADD, fd {fd}) failed")
+        self._fds[fd] = (kind, obj)
+
+    def remove_fd(self, int fd) -> None:
+        if self._fds.pop(fd, None) is not None:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+
+    def add_call_fd(self, int fd, MmioState device) -> None:
+        """A backend's call eventfd: each signal sets the used-buffer interrupt."""
+        self._add(fd, KIND_CALL, device)
+
+    def add_reader(self, int fd, callback) -> None:
+        """Run `callback()` (Python) whenever `fd` is readable or hung up."""
+        self._add(fd, KIND_PYTHON, callback)
+
+    def add_route(self, uint32_t port, IoreqServer server, uint32_t vcpu) -> None:
+        """Ioreq notifications arriving on local `port` are for `vcpu` of `server`."""
+        cdef uint32_t *grown
+        cdef uint32_t n
+        if port >= self._route_len:
+            n = port + 64
+            grown = <uint32_t *>realloc(self._route_vcpu, n * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._route_vcpu = grown
+            self._route_server.extend([None] * (n - self._route_len))
+            self._route_len = n
+        self._route_server[port] = server
+        self._route_vcpu[port] = vcpu
+
+    def remove_route(self, uint32_t port) -> None:
+        if port < self._route_len:
+            self._route_server[port] = None
+
+    cdef void _on_evtchn(self) noexcept:
+        cdef uint32_t ports[64]
+        cdef int n, i
+        cdef uint32_t port
+        cdef IoreqServer server
+        while True:
+            n = self.evtchn.c_read_pending(ports, 64)
+            if n < 0:
+                self.evtchn_errors += 1
+                log.error("reading the event channel failed: errno %d", -n)
+                return
+            if n == 0:
+                return
+            for i in range(n):
+                port = ports[i]
+                # Unmask first: a notification racing with our response is kept pending.
+                self.evtchn.c_unmask(port)
+                if port >= self._route_len:
+                    continue
+                obj = self._route_server[port]
+                if obj is None:
+                    continue
+                server = <IoreqServer>obj
+                if server.c_service(self._route_vcpu[port]):
+                    self.evtchn.c_notify(port)
+            if n < 64:
+                return
+
+    cdef void _on_call(self, int fd, MmioState device) noexcept:
+        cdef uint64_t count
+        if read(fd, &count, 8) == 8:
+            device.c_raise(XVF_VIRTIO_MMIO_INT_VRING)
+
+    def run_once(self, int timeout_ms) -> int:
+        """Wait up to timeout_ms for events and handle them; returns the number handled."""
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, fd
+        with nogil:
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        if n < 0:
+            if errno == EINTR:
+                return 0
+            raise OSError(errno, "epoll_wait failed")
+        self.wakeups += 1
+        for i in range(n):
+            fd = <int>events[i].data.u64
+            entry = self._fds.get(fd)
+            if entry is None:
+                continue
+            kind = entry[0]
+            if kind == KIND_EVTCHN:
+                self._on_evtchn()
+            elif kind == KIND_CALL:
+                self._on_call(fd, <MmioState>entry[1])
+            else:
+                entry[1]()
+        return n
