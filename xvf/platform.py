@@ -1,0 +1,89 @@
+"""The platform seam: what the frontend needs from Xen, real (xvf.xen) or simulated (xvf.sim).
+
+`frontend`, `mmio` and `vhost_user` only ever see these interfaces. Both
+implementations hand out the same Cython objects for the hot path
+(`EventChannel`, `IrqLine`, an ioreq page with Xen's layout), so the code that
+serves guests is the same on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from xvf._evtchn import EventChannel
+from xvf._gnttab import GrantMapping
+from xvf._ioreq import IrqLine
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One region of guest RAM as the frontend maps it and hands it to a backend.
+
+    `fd` is the file the backend mmaps (memfd on the simulator); `fd_offset` is
+    where `gpa` lives in it; `uva` is where the frontend itself mapped it (the
+    address space of SET_VRING_ADDR); `xen_mmap_flags` is non-zero when the
+    region is described with the vhost-user Xen mmap extension instead.
+    """
+
+    gpa: int
+    size: int
+    uva: int
+    fd: int
+    fd_offset: int
+    xen_mmap_flags: int = 0
+    domid: int = 0
+
+
+class EventChannelHandle(Protocol):
+    """An open /dev/xen/evtchn (or the simulator's): binds ports, hands out the hot-path object."""
+
+    channel: EventChannel
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int: ...
+    def unbind(self, local_port: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class IoreqServerHandle(Protocol):
+    """An IOREQ server created for one device of one guest."""
+
+    id: int
+    domid: int
+    nr_vcpus: int
+    page: memoryview  # the synchronous ioreq page, writable, Xen's layout
+
+    def map_mmio_range(self, start: int, end_inclusive: int) -> None: ...
+    def unmap_mmio_range(self, start: int, end_inclusive: int) -> None: ...
+    def set_enabled(self, enabled: bool) -> None: ...
+    def destroy(self) -> None: ...
+
+
+class GuestMemory(Protocol):
+    """Foreign mapping of a guest's whole RAM."""
+
+    regions: list[MemoryRegion]
+
+    def view(self, gpa: int, length: int) -> memoryview: ...
+    def close(self) -> None: ...
+
+
+class GrantMapper(Protocol):
+    """gntdev: maps pages a guest granted to us."""
+
+    def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
+    def close(self) -> None: ...
+
+
+class Platform(Protocol):
+    name: str
+    simulated: bool
+
+    def xenstore_path(self) -> str: ...
+    def own_domid(self) -> int: ...
+    def open_event_channel(self) -> EventChannelHandle: ...
+    def create_ioreq_server(self, domid: int) -> IoreqServerHandle: ...
+    def irq_line(self, domid: int, irq: int) -> IrqLine: ...
+    def map_guest_memory(self, domid: int) -> GuestMemory: ...
+    def open_grant_mapper(self, domid: int) -> GrantMapper: ...
+    def close(self) -> None: ...
