@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what xvf needs on a Debian machine (run as root): the C toolchain,
+# the real backends the tests drive, Xen/Linux headers for the ABI conformance
+# tests, then xvf itself into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+apt_packages=(
+    gcc libc6-dev python3-dev python3-venv  # building the Cython extensions
+    qemu-system-common                      # qemu-storage-daemon: the vhost-user-blk backend
+    libxen-dev linux-libc-dev               # Xen and Linux headers checked by the conformance tests
+    xenstore-utils                          # xenstore-read/-write/-ls interop with the simulated xenstored
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# Editable: the compiled extensions land in ./xvf, so tests and `python -m tests.backends.*` see one tree.
+.venv/bin/pip install -q -e ".[test]" "$@"

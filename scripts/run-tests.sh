@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: install everything, lint, then pytest (unit and end-to-end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/python -m pytest -p no:cacheprovider -q "$@"

@@ -1,0 +1,75 @@
+"""The virtio device types xvf serves: virtio id, socket name, queues.
+
+Queue counts and sizes follow the rust-vmm vhost-device backends (and QEMU's
+vhost-user device models where rust-vmm has none); QueueNumMax advertised to
+the guest is the size below. Sources are cited per entry in
+tests/unit/test_devices.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from xvf.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    name: str  # socket name prefix: <socket-path>/<name>.sock<N>
+    virtio_id: int
+    num_queues: int
+    queue_size: int
+    config_size: int  # bytes of device config space (GET_CONFIG asks for exactly this)
+    description: str
+
+    @property
+    def compatible(self) -> str:
+        return f"virtio,device{self.virtio_id:x}"
+
+
+DEVICE_TYPES: tuple[DeviceType, ...] = (
+    DeviceType("net", 1, 2, 256, 12, "network card (rx, tx)"),
+    DeviceType("blk", 2, 1, 256, 60, "block device"),
+    DeviceType("console", 3, 4, 128, 12, "console with multiport (rx, tx, control rx/tx)"),
+    DeviceType("rng", 4, 1, 512, 0, "entropy source"),
+    DeviceType("scsi", 8, 3, 128, 36, "SCSI host (control, event, request)"),
+    DeviceType("gpu", 16, 2, 256, 16, "GPU (control, cursor)"),
+    DeviceType("input", 18, 2, 64, 136, "input device (event, status)"),
+    DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)"),
+    DeviceType("sound", 25, 4, 64, 16, "sound card (control, event, tx, rx)"),
+    DeviceType("fs", 26, 2, 1024, 40, "file system (hiprio, request)"),
+    DeviceType("scmi", 32, 2, 64, 0, "SCMI (command, event)"),
+    DeviceType("i2c", 34, 1, 1024, 0, "I2C adapter"),
+    DeviceType("can", 36, 3, 64, 4, "CAN controller (tx, rx, control)"),
+    DeviceType("gpio", 41, 2, 256, 8, "GPIO controller (request, event)"),
+    DeviceType("spi", 45, 1, 1024, 12, "SPI controller"),
+)
+
+BY_ID = {d.virtio_id: d for d in DEVICE_TYPES}
+BY_NAME = {d.name: d for d in DEVICE_TYPES}
+
+_COMPATIBLE = re.compile(r"^virtio,device([0-9a-fA-F]{1,8})$")
+
+
+def parse_compatible(compatible: str) -> int:
+    """'virtio,device22' -> 34. The DT compatible string carries the id in hex."""
+    m = _COMPATIBLE.match(compatible.strip())
+    if not m:
+        raise ConfigError(f"{compatible!r} is not a virtio DT compatible (virtio,device<hex id>)")
+    return int(m.group(1), 16)
+
+
+def device_type(compatible_or_id: str | int) -> DeviceType:
+    virtio_id = (
+        compatible_or_id if isinstance(compatible_or_id, int) else parse_compatible(compatible_or_id)
+    )
+    dev = BY_ID.get(virtio_id)
+    if dev is None:
+        known = ", ".join(f"{d.name} ({d.compatible})" for d in DEVICE_TYPES)
+        raise ConfigError(f"virtio device id {virtio_id} is not supported; known: {known}")
+    return dev
+
+
+def socket_name(dev: DeviceType, instance: int) -> str:
+    return f"{dev.name}.sock{instance}"

@@ -1,0 +1,103 @@
+"""Wire format of the software Xen's control socket: its privcmd/evtchn/gntdev.
+
+A device model talks to real Xen through ioctls on /dev/xen/*. The simulator
+offers the same operations as messages on a SOCK_SEQPACKET unix socket, with
+file descriptors (ioreq page, guest RAM, event-channel handles) passed by
+SCM_RIGHTS. dm_ops carry Xen's own `struct xen_dm_op` bytes
+(include/xvf/xen_dmop.h); everything else is a small fixed layout below.
+
+Request: {u32 op, u32 payload length} + payload. Reply: {i32 rc (0 or -errno)} + payload.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+import struct
+
+from xvf.errors import SimulatorError
+
+OP_DM_OP = 1  # payload: u16 domid, u16 pad, u32 pad, xen_dm_op[32]  -> xen_dm_op[32]
+OP_MMAP_RESOURCE = 2  # u16 domid, u16 pad, u32 type, u32 id, u32 idx, u64 num -> fd
+OP_FOREIGN_MAP = 3  # u16 domid -> u32 count, count * {u64 gpa, u64 size, u64 offset}, fd
+OP_EVTCHN_OPEN = 4  # -> u32 handle, fd
+OP_EVTCHN_BIND = 5  # u32 handle, u32 remote_dom, u32 remote_port -> u32 local_port
+OP_EVTCHN_UNBIND = 6  # u32 handle, u32 port
+# OP_GNT_MAP: u16 domid, u8 writable, u8 pad, u32 count, count * u32 ref
+#   -> count * u64 offset, fd
+OP_GNT_MAP = 7
+OP_GNT_UNMAP = 8  # u16 domid, u16 pad, u32 count, count * u32 ref
+
+HEADER = struct.Struct("<II")
+RC = struct.Struct("<i")
+DM_OP_PREFIX = struct.Struct("<HHI")
+DM_OP_SIZE = 32
+MAX_MESSAGE = 65536
+MAX_FDS = 4
+
+
+def send_message(sock: socket.socket, head: bytes, payload: bytes, fds: list[int] = ()) -> None:
+    data = head + payload
+    if len(data) > MAX_MESSAGE:
+        raise SimulatorError(f"control message of {len(data)} bytes is too large")
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+def recv_message(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One datagram and the fds that came with it; b'' on EOF."""
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            _close(fd)
+        raise SimulatorError("control message truncated")
+    return data, list(fds)
+
+
+def _close(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class ControlClient:
+    """The device model's end: one request at a time, like an ioctl."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            msg = f"cannot reach the software Xen at {path}: {exc.strerror}"
+            raise SimulatorError(msg) from exc
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def call(self, op: int, payload: bytes = b"") -> tuple[bytes, list[int]]:
+        """Returns the reply payload and fds; raises OSError(errno) when rc < 0."""
+        send_message(self.sock, HEADER.pack(op, len(payload)), payload)
+        data, fds = recv_message(self.sock)
+        if len(data) < RC.size:
+            raise SimulatorError("the software Xen closed the control connection")
+        (rc,) = RC.unpack_from(data)
+        if rc < 0:
+            for fd in fds:
+                _close(fd)
+            raise OSError(-rc, f"simulated hypercall {op} failed: {errno.errorcode.get(-rc, rc)}")
+        return data[RC.size :], fds
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,456 @@
+"""The software Xen: domains, their RAM and grant tables, event channels,
+IOREQ servers, interrupt lines, xenstore, and the control socket through which a
+device model (xvf running with --sim DIR) reaches all of it.
+
+Layout of DIR: `privcmd.sock` (control socket, see xvf.sim.control) and
+`xenstored.sock` (the xenstore wire protocol).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from xvf.errors import GrantError, SimulatorError
+from xvf.sim import control as C
+from xvf.sim.evtchn import EventChannels
+from xvf.sim.grant_table import GrantTable
+from xvf.sim.ioreq import GuestDataAbort, IoreqServer, MmioRange, VcpuChannel, issue
+from xvf.sim.memory import GuestRam
+
+log = logging.getLogger("xvf.sim")
+
+PAGE_SHIFT = 12
+DM_DOMID = 0
+XENMEM_RESOURCE_IOREQ_SERVER = 0
+
+# xen_dm_op numbers (include/xvf/xen_dmop.h)
+DMOP_CREATE_IOREQ_SERVER = 1
+DMOP_GET_IOREQ_SERVER_INFO = 2
+DMOP_MAP_IO_RANGE = 3
+DMOP_UNMAP_IO_RANGE = 4
+DMOP_SET_IOREQ_SERVER_STATE = 5
+DMOP_DESTROY_IOREQ_SERVER = 6
+DMOP_SET_IRQ_LEVEL = 19
+DMOP_NR_VCPUS = 20
+IO_RANGE_MEMORY = 1
+
+
+@dataclass
+class Domain:
+    domid: int
+    name: str
+    ram: GuestRam
+    grants: GrantTable
+    nr_vcpus: int
+    hv: Hypervisor
+    vcpu_channels: list[VcpuChannel] = field(default_factory=list)
+    servers: dict[int, IoreqServer] = field(default_factory=dict)
+    irq_levels: dict[int, int] = field(default_factory=dict)
+    irq_cond: threading.Condition = field(default_factory=threading.Condition)
+    virtio: list = field(default_factory=list)  # toolstack VirtioSpec list
+    alive: bool = True
+    access_timeout: float = 10.0
+
+    # -- what a vCPU does ---------------------------------------------------
+    def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> int:
+        """One trapped MMIO access by `vcpu`, forwarded as an ioreq."""
+        if not self.alive:
+            raise SimulatorError(f"domain {self.domid} is destroyed")
+        if not 0 <= vcpu < self.nr_vcpus:
+            raise SimulatorError(f"domain {self.domid} has no vCPU {vcpu}")
+        if size not in (1, 2, 4, 8):
+            raise SimulatorError(f"an Arm load/store has no size {size}")
+        with self.hv.lock:
+            server = next((s for s in self.servers.values() if s.claims(addr, size)), None)
+        if server is None:
+            raise GuestDataAbort(f"domain {self.domid}: no device at {addr:#x}")
+        return issue(server, vcpu, self.vcpu_channels[vcpu], self.hv.evtchn.notify, addr, size,
+                     is_write, value, self.access_timeout)
+
+    def irq_level(self, irq: int) -> int:
+        return self.irq_levels.get(irq, 0)
+
+    def wait_irq(self, irq: int, timeout: float) -> bool:
+        """Block until SPI `irq` is asserted (level high); False on timeout."""
+        with self.irq_cond:
+            return self.irq_cond.wait_for(lambda: self.irq_levels.get(irq, 0), timeout)
+
+    def set_irq(self, irq: int, level: int) -> None:
+        with self.irq_cond:
+            self.irq_levels[irq] = 1 if level else 0
+            self.irq_cond.notify_all()
+
+
+class Hypervisor:
+    """One simulated host. `start()` opens the sockets; `close()` tears everything down."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.control_path = os.path.join(run_dir, "privcmd.sock")
+        self.xenstore_path = os.path.join(run_dir, "xenstored.sock")
+        self.lock = threading.RLock()
+        self.domains: dict[int, Domain] = {}
+        self.evtchn = EventChannels()
+        self.evtchn.add_domain(DM_DOMID)
+        self._next_domid = 1
+        self._next_server = 1
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._stopping = False
+        from xvf.sim.xenstored import XenStored
+
+        self.xenstored = XenStored(self.xenstore_path)
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> Hypervisor:
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.xenstored.start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        if os.path.exists(self.control_path):
+            os.unlink(self.control_path)
+        sock.bind(self.control_path)
+        sock.listen(16)
+        self._listener = sock
+        t = threading.Thread(target=self._accept_loop, name="sim-control", daemon=True)
+        t.start()
+        self._threads.append(t)
+        from xvf.xenstore import XenStore
+
+        xs = XenStore(self.xenstore_path)
+        try:
+            xs.write("/local/domain/0/name", "Domain-0")
+            xs.write("/local/domain/0/domid", "0")
+        finally:
+            xs.close()
+        return self
+
+    def __enter__(self) -> Hypervisor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stopping = True
+        for dom in list(self.domains.values()):
+            self.destroy_domain(dom.domid)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+        self.evtchn.close()
+        self.xenstored.stop()
+        for path in (self.control_path,):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    # -- domains -------------------------------------------------------------
+    def create_domain(self, name: str, memory_mib: int = 64, vcpus: int = 1,
+                      virtio: str | list | None = None, grant_entries: int = 4096) -> Domain:
+        """What `xl create` does, for a guest with `virtio = [...]` devices."""
+        from xvf.sim import toolstack
+        from xvf.xenstore import XenStore
+
+        specs = []
+        if virtio:
+            specs = toolstack.parse_virtio_line(virtio) if isinstance(virtio, str) else list(virtio)
+            specs = toolstack.assign_mmio_resources(specs)
+        with self.lock:
+            domid = self._next_domid
+            self._next_domid += 1
+        ram = GuestRam(memory_mib << 20)
+        dom = Domain(domid=domid, name=name, ram=ram, grants=GrantTable(grant_entries),
+                     nr_vcpus=vcpus, hv=self, virtio=specs)
+        dom.vcpu_channels = [VcpuChannel() for _ in range(vcpus)]
+        self.evtchn.add_domain(domid)
+        with self.lock:
+            self.domains[domid] = dom
+        xs = XenStore(self.xenstore_path)
+        try:
+            base = f"/local/domain/{domid}"
+            xs.write(f"{base}/name", name)
+            xs.write(f"{base}/domid", str(domid))
+            xs.write(f"{base}/memory/static-max", str(memory_mib << 10))
+            xs.write(f"{base}/cpu/nr", str(vcpus))
+            self.xenstored.introduce_domain(domid)
+            if specs:
+                toolstack.add_virtio_devices(xs, domid, specs)
+        finally:
+            xs.close()
+        log.info("created domain %d (%s): %d MiB, %d vCPUs, %d virtio devices",
+                 domid, name, memory_mib, vcpus, len(specs))
+        return dom
+
+    def destroy_domain(self, domid: int) -> None:
+        from xvf.sim import toolstack
+        from xvf.xenstore import XenStore
+
+        with self.lock:
+            dom = self.domains.pop(domid, None)
+        if dom is None:
+            return
+        dom.alive = False
+        try:
+            xs = XenStore(self.xenstore_path)
+            try:
+                toolstack.remove_virtio_devices(xs, domid)
+            finally:
+                xs.close()
+        except Exception as exc:  # xenstored may already be gone at shutdown
+            log.debug("removing xenstore nodes of domain %d: %s", domid, exc)
+        self.xenstored.release_domain(domid)
+        with self.lock:
+            for server in dom.servers.values():
+                server.close()
+            dom.servers.clear()
+        self.evtchn.remove_domain(domid)
+        dom.ram.close()
+
+    def domain(self, domid: int) -> Domain:
+        with self.lock:
+            dom = self.domains.get(domid)
+        if dom is None:
+            raise OSError(errno.ESRCH, f"no domain {domid}")
+        return dom
+
+    # -- control socket ------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping and self._listener is not None:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name="sim-privcmd", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        session = _Session(self)
+        try:
+            while True:
+                try:
+                    data, fds = C.recv_message(conn)
+                except (OSError, SimulatorError):
+                    return
+                if not data:
+                    return
+                for fd in fds:  # requests never carry fds
+                    os.close(fd)
+                reply, out_fds = session.handle(data)
+                try:
+                    C.send_message(conn, b"", reply, out_fds)
+                except OSError:
+                    return
+                finally:
+                    for fd in out_fds:
+                        os.close(fd)
+        finally:
+            session.close()
+            conn.close()
+            if conn in self._conns:
+                self._conns.remove(conn)
+
+
+class _Session:
+    """One device-model connection: its requests and what it holds."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+        self.handles: list[int] = []
+        self.mapped_grants: list[tuple[int, int, bool]] = []
+
+    def close(self) -> None:
+        # Like closing /dev/xen/gntdev: mappings go away. IOREQ servers stay, as in Xen.
+        for domid, ref, _writable in self.mapped_grants:
+            dom = self.hv.domains.get(domid)
+            if dom is not None:
+                dom.grants.mark_unmapped(ref)
+        self.mapped_grants.clear()
+
+    def handle(self, data: bytes) -> tuple[bytes, list[int]]:
+        if len(data) < C.HEADER.size:
+            return C.RC.pack(-errno.EINVAL), []
+        op, length = C.HEADER.unpack_from(data)
+        payload = data[C.HEADER.size :]
+        if length != len(payload):
+            return C.RC.pack(-errno.EINVAL), []
+        handler = {
+            C.OP_DM_OP: self._dm_op,
+            C.OP_MMAP_RESOURCE: self._mmap_resource,
+            C.OP_FOREIGN_MAP: self._foreign_map,
+            C.OP_EVTCHN_OPEN: self._evtchn_open,
+            C.OP_EVTCHN_BIND: self._evtchn_bind,
+            C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
+            C.OP_GNT_MAP: self._gnt_map,
+            C.OP_GNT_UNMAP: self._gnt_unmap,
+        }.get(op)
+        if handler is None:
+            return C.RC.pack(-errno.ENOSYS), []
+        try:
+            out, fds = handler(payload)
+        except struct.error:
+            return C.RC.pack(-errno.EINVAL), []
+        except GrantError as exc:
+            log.info("grant map refused: %s", exc)
+            return C.RC.pack(-(exc.errno or errno.EPERM)), []
+        except OSError as exc:
+            return C.RC.pack(-(exc.errno or errno.EIO)), []
+        return C.RC.pack(0) + out, fds
+
+    # -- dm_op ---------------------------------------------------------------
+    def _dm_op(self, payload: bytes) -> tuple[bytes, list[int]]:
+        domid, _, _ = C.DM_OP_PREFIX.unpack_from(payload)
+        op_bytes = bytearray(payload[C.DM_OP_PREFIX.size : C.DM_OP_PREFIX.size + C.DM_OP_SIZE])
+        if len(op_bytes) != C.DM_OP_SIZE:
+            raise OSError(errno.EINVAL, "short dm_op")
+        dom = self.hv.domain(domid)
+        op = struct.unpack_from("<I", op_bytes, 0)[0]
+        u = 8  # offset of the union in xen_dm_op
+        hv = self.hv
+        if op == DMOP_CREATE_IOREQ_SERVER:
+            with hv.lock:
+                sid = hv._next_server
+                hv._next_server += 1
+            ports = [
+                hv.evtchn.alloc_unbound(domid, DM_DOMID, dom.vcpu_channels[v].on_event)
+                for v in range(dom.nr_vcpus)
+            ]
+            server = IoreqServer.create(sid, domid, ports)
+            with hv.lock:
+                dom.servers[sid] = server
+            struct.pack_into("<H", op_bytes, u + 4, sid)
+        elif op == DMOP_GET_IOREQ_SERVER_INFO:
+            sid, flags = struct.unpack_from("<HH", op_bytes, u)
+            self._server(dom, sid)
+            # No buffered ioreqs; with XEN_DMOP_no_gfns the gfns are not reported.
+            struct.pack_into("<IQQ", op_bytes, u + 4, 0, 0, 0)
+        elif op in (DMOP_MAP_IO_RANGE, DMOP_UNMAP_IO_RANGE):
+            sid, _, kind, start, end = struct.unpack_from("<HHIQQ", op_bytes, u)
+            server = self._server(dom, sid)
+            if kind != IO_RANGE_MEMORY or end < start:
+                raise OSError(errno.EINVAL, "only MMIO ranges on Arm")
+            with hv.lock:
+                if op == DMOP_MAP_IO_RANGE:
+                    for other in dom.servers.values():
+                        if any(r.start <= end and start <= r.end for r in other.ranges):
+                            raise OSError(errno.EEXIST, f"range {start:#x}-{end:#x} taken")
+                    server.ranges.append(MmioRange(start, end))
+                else:
+                    before = len(server.ranges)
+                    server.ranges = [r for r in server.ranges if (r.start, r.end) != (start, end)]
+                    if len(server.ranges) == before:
+                        raise OSError(errno.ENOENT, "range not mapped")
+        elif op == DMOP_SET_IOREQ_SERVER_STATE:
+            sid, enabled = struct.unpack_from("<HB", op_bytes, u)
+            self._server(dom, sid).enabled = bool(enabled)
+        elif op == DMOP_DESTROY_IOREQ_SERVER:
+            (sid,) = struct.unpack_from("<H", op_bytes, u)
+            server = self._server(dom, sid)
+            with hv.lock:
+                dom.servers.pop(sid, None)
+            for port in server.ports:
+                hv.evtchn.close_port(domid, port)
+            server.close()
+        elif op == DMOP_SET_IRQ_LEVEL:
+            irq, level = struct.unpack_from("<IB", op_bytes, u)
+            if not 32 <= irq < 1020:  # SPIs only, like Xen on Arm
+                raise OSError(errno.EINVAL, f"irq {irq} is not an SPI")
+            dom.set_irq(irq, level)
+        elif op == DMOP_NR_VCPUS:
+            struct.pack_into("<I", op_bytes, u, dom.nr_vcpus)
+        else:
+            raise OSError(errno.EOPNOTSUPP, f"dm_op {op}")
+        return bytes(op_bytes), []
+
+    @staticmethod
+    def _server(dom: Domain, sid: int) -> IoreqServer:
+        server = dom.servers.get(sid)
+        if server is None:
+            raise OSError(errno.ENOENT, f"no ioreq server {sid}")
+        return server
+
+    def _mmap_resource(self, payload: bytes) -> tuple[bytes, list[int]]:
+        domid, _, rtype, rid, idx, num = struct.unpack_from("<HHIIIQ", payload)
+        dom = self.hv.domain(domid)
+        if rtype != XENMEM_RESOURCE_IOREQ_SERVER:
+            raise OSError(errno.EOPNOTSUPP, "only ioreq server resources")
+        server = self._server(dom, rid)
+        if idx + num > 2 or num == 0:
+            raise OSError(errno.EINVAL, "frames out of range")
+        return struct.pack("<Q", idx * 4096), [os.dup(server.fd)]
+
+    def _foreign_map(self, payload: bytes) -> tuple[bytes, list[int]]:
+        (domid,) = struct.unpack_from("<H", payload)
+        dom = self.hv.domain(domid)
+        regions = dom.ram.regions
+        out = struct.pack("<I", len(regions)) + b"".join(
+            struct.pack("<QQQ", r.gpa, r.size, r.fd_offset) for r in regions
+        )
+        return out, [os.dup(dom.ram.fd)]
+
+    def _evtchn_open(self, payload: bytes) -> tuple[bytes, list[int]]:
+        hid, sock = self.hv.evtchn.open_handle()
+        self.handles.append(hid)
+        fd = sock.detach()
+        return struct.pack("<I", hid), [fd]
+
+    def _evtchn_bind(self, payload: bytes) -> tuple[bytes, list[int]]:
+        hid, rdom, rport = struct.unpack_from("<III", payload)
+        if hid not in self.handles:
+            raise OSError(errno.EBADF, "not your handle")
+        return struct.pack("<I", self.hv.evtchn.bind_interdomain(hid, rdom, rport)), []
+
+    def _evtchn_unbind(self, payload: bytes) -> tuple[bytes, list[int]]:
+        hid, port = struct.unpack_from("<II", payload)
+        if hid not in self.handles:
+            raise OSError(errno.EBADF, "not your handle")
+        self.hv.evtchn.unbind(hid, port)
+        return b"", []
+
+    def _gnt_map(self, payload: bytes) -> tuple[bytes, list[int]]:
+        domid, writable, _, count = struct.unpack_from("<HBBI", payload)
+        if count == 0 or count > 4096:
+            raise OSError(errno.EINVAL, "grant count")
+        refs = struct.unpack_from(f"<{count}I", payload, 8)
+        dom = self.hv.domain(domid)
+        offsets = []
+        done: list[int] = []
+        try:
+            for ref in refs:
+                gfn = dom.grants.lookup(ref, DM_DOMID, bool(writable))
+                offsets.append(dom.ram.gpa_to_offset(gfn << PAGE_SHIFT))
+                dom.grants.mark_mapped(ref, bool(writable))
+                done.append(ref)
+        except Exception:
+            for ref in done:
+                dom.grants.mark_unmapped(ref)
+            raise
+        self.mapped_grants.extend((domid, ref, bool(writable)) for ref in refs)
+        return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
+
+    def _gnt_unmap(self, payload: bytes) -> tuple[bytes, list[int]]:
+        domid, _, count = struct.unpack_from("<HHI", payload)
+        refs = struct.unpack_from(f"<{count}I", payload, 8)
+        dom = self.hv.domains.get(domid)
+        for ref in refs:
+            for i, (d, r, _w) in enumerate(self.mapped_grants):
+                if d == domid and r == ref:
+                    del self.mapped_grants[i]
+                    if dom is not None:
+                        dom.grants.mark_unmapped(ref)
+                    break
+        return b"", []

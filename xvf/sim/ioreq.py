@@ -1,0 +1,119 @@
+"""IOREQ servers of the software Xen: the shared page and the vCPU side of an access.
+
+The page has Xen's exact layout (include/xvf/xen_ioreq.h): one 32-byte ioreq_t
+per vCPU, and the same state machine: the vCPU fills its slot, publishes
+IOREQ_READY and signals its event channel; the device model answers with
+IORESP_READY and a notify; the vCPU takes the data and returns the slot to NONE.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from xvf.errors import SimulatorError
+
+PAGE_SIZE = 4096
+IOREQ_SIZE = 32
+STATE_NONE, STATE_READY, STATE_INPROCESS, STATE_RESP_READY = 0, 1, 2, 3
+STATE_MASK = 0x0F
+DIR_READ_BIT = 0x20  # dir=1 is IOREQ_READ
+TYPE_COPY = 1
+FLAGS_OFFSET = 30
+# addr, data, count, size, vp_eport (the page's fields before the flags byte)
+_REQ_HEAD = struct.Struct("<QQIII")
+# Frames of an IOREQ server resource: 0 buffered ioreqs, 1 synchronous ioreqs.
+FRAME_BUFIOREQ = 0
+FRAME_IOREQ = 1
+MAX_VCPUS = PAGE_SIZE // IOREQ_SIZE
+
+
+class GuestDataAbort(SimulatorError):
+    """An access no IOREQ server claims: on Arm, Xen injects a data abort."""
+
+
+class VcpuStuck(SimulatorError):
+    """The device model did not answer an ioreq in time (a real vCPU would hang)."""
+
+
+@dataclass
+class MmioRange:
+    start: int
+    end: int  # inclusive, as XEN_DMOP_map_io_range_to_ioreq_server takes it
+
+
+@dataclass
+class IoreqServer:
+    id: int
+    domid: int
+    nr_vcpus: int
+    ports: list[int]  # guest-side event channel of each vCPU (vp_eport)
+    fd: int  # memfd of the resource: frame 0 bufioreq, frame 1 ioreq page
+    page: mmap.mmap
+    ranges: list[MmioRange] = field(default_factory=list)
+    enabled: bool = False
+
+    @classmethod
+    def create(cls, server_id: int, domid: int, ports: list[int]) -> IoreqServer:
+        if len(ports) > MAX_VCPUS:
+            raise SimulatorError(f"{len(ports)} vCPUs do not fit one ioreq page")
+        fd = os.memfd_create(f"xvf-ioreq-d{domid}-s{server_id}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 2 * PAGE_SIZE)
+        page = mmap.mmap(fd, PAGE_SIZE, offset=FRAME_IOREQ * PAGE_SIZE)
+        for vcpu, port in enumerate(ports):
+            struct.pack_into("<I", page, vcpu * IOREQ_SIZE + 24, port)
+        return cls(server_id, domid, len(ports), ports, fd, page)
+
+    def claims(self, addr: int, size: int) -> bool:
+        return self.enabled and any(r.start <= addr and addr + size - 1 <= r.end for r in self.ranges)
+
+    def close(self) -> None:
+        self.page.close()
+        os.close(self.fd)
+
+
+class VcpuChannel:
+    """The vCPU end of ioreq signalling: woken by the device model's notify."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def on_event(self) -> None:
+        self.event.set()
+
+
+def issue(server: IoreqServer, vcpu: int, chan: VcpuChannel, notify, addr: int, size: int,
+          is_write: bool, value: int, timeout: float) -> int:
+    """Run one access through the ioreq page; returns the value read (0 for writes)."""
+    base = vcpu * IOREQ_SIZE
+    page = server.page
+    state = page[base + FLAGS_OFFSET] & STATE_MASK
+    if state != STATE_NONE:
+        raise SimulatorError(f"vCPU {vcpu} slot busy (state {state})")
+    chan.event.clear()
+    _REQ_HEAD.pack_into(page, base, addr, value if is_write else 0, 1, size, server.ports[vcpu])
+    page[base + 31] = TYPE_COPY
+    # The flags byte is the publication point: one single-byte store, last.
+    page[base + FLAGS_OFFSET] = STATE_READY | (0 if is_write else DIR_READ_BIT)
+    notify(server.domid, server.ports[vcpu])
+    deadline = time.monotonic() + timeout
+    while True:
+        if (page[base + FLAGS_OFFSET] & STATE_MASK) == STATE_RESP_READY:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VcpuStuck(
+                f"domain {server.domid} vCPU {vcpu}: no answer to {'write' if is_write else 'read'}"
+                f" at {addr:#x} within {timeout}s (device model not running?)"
+            )
+        chan.event.wait(min(0.5, left))
+        chan.event.clear()
+    data = struct.unpack_from("<Q", page, base + 8)[0]
+    page[base + FLAGS_OFFSET] = STATE_NONE
+    if size < 8:
+        data &= (1 << (8 * size)) - 1
+    return 0 if is_write else data

@@ -1,0 +1,211 @@
+"""The device model's view of the software Xen: `Platform` over its control socket.
+
+Everything the frontend gets is what the real platform gives: an event-channel
+fd with /dev/xen/evtchn semantics, an ioreq page in Xen's layout, a guest-RAM
+mapping, grant mappings, and IrqLine objects issuing real xen_dm_op structures.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+
+from xvf._evtchn import EventChannel
+from xvf._gnttab import GrantMapping, map_file_pages
+from xvf._ioreq import IrqLine
+from xvf.errors import GrantError, HypercallError, PlatformUnavailable
+from xvf.platform import MemoryRegion
+from xvf.sim import control as C
+
+XENMEM_RESOURCE_IOREQ_SERVER = 0
+FRAME_IOREQ = 1
+
+
+def _dm_op(op: int, body: bytes) -> bytes:
+    raw = struct.pack("<II", op, 0) + body
+    return raw + bytes(C.DM_OP_SIZE - len(raw))
+
+
+class SimEventChannelHandle:
+    def __init__(self, ctl: C.ControlClient) -> None:
+        self._ctl = ctl
+        reply, fds = ctl.call(C.OP_EVTCHN_OPEN)
+        (self.handle_id,) = struct.unpack("<I", reply[:4])
+        fd = fds[0]
+        os.set_blocking(fd, False)
+        self.channel = EventChannel(fd, True)
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        reply, _ = self._ctl.call(
+            C.OP_EVTCHN_BIND, struct.pack("<III", self.handle_id, domid, remote_port)
+        )
+        return struct.unpack("<I", reply[:4])[0]
+
+    def unbind(self, local_port: int) -> None:
+        self._ctl.call(C.OP_EVTCHN_UNBIND, struct.pack("<II", self.handle_id, local_port))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class SimIoreqServer:
+    def __init__(self, platform: SimPlatform, domid: int) -> None:
+        self._p = platform
+        self.domid = domid
+        out = platform.dm_op(domid, _dm_op(1, struct.pack("<B3xH", 0, 0)))
+        (self.id,) = struct.unpack_from("<H", out, 8 + 4)
+        out = platform.dm_op(domid, _dm_op(20, b""))
+        (self.nr_vcpus,) = struct.unpack_from("<I", out, 8)
+        reply, fds = platform.ctl.call(
+            C.OP_MMAP_RESOURCE,
+            struct.pack("<HHIIIQ", domid, 0, XENMEM_RESOURCE_IOREQ_SERVER, self.id, FRAME_IOREQ, 1),
+        )
+        (offset,) = struct.unpack("<Q", reply[:8])
+        try:
+            self._mmap = mmap.mmap(fds[0], 4096, offset=offset)
+        finally:
+            os.close(fds[0])
+        self.page = memoryview(self._mmap)
+
+    def _range(self, op: int, start: int, end_inclusive: int) -> None:
+        self._p.dm_op(self.domid, _dm_op(op, struct.pack("<HHIQQ", self.id, 0, 1, start, end_inclusive)))
+
+    def map_mmio_range(self, start: int, end_inclusive: int) -> None:
+        self._range(3, start, end_inclusive)
+
+    def unmap_mmio_range(self, start: int, end_inclusive: int) -> None:
+        self._range(4, start, end_inclusive)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._p.dm_op(self.domid, _dm_op(5, struct.pack("<HBx", self.id, int(enabled))))
+
+    def destroy(self) -> None:
+        try:
+            self._p.dm_op(self.domid, _dm_op(6, struct.pack("<H2x", self.id)))
+        finally:
+            self.page.release()
+            self._mmap.close()
+
+
+class SimGuestMemory:
+    def __init__(self, ctl: C.ControlClient, domid: int) -> None:
+        reply, fds = ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
+        self.fd = fds[0]
+        (count,) = struct.unpack_from("<I", reply)
+        total = max(off + size for _, size, off in
+                    (struct.unpack_from("<QQQ", reply, 4 + 24 * i) for i in range(count)))
+        self._mmap = mmap.mmap(self.fd, total)
+        base = memoryview(self._mmap)
+        self._base = base
+        import ctypes
+
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        self.regions = []
+        for i in range(count):
+            gpa, size, off = struct.unpack_from("<QQQ", reply, 4 + 24 * i)
+            self.regions.append(MemoryRegion(gpa=gpa, size=size, uva=addr + off, fd=self.fd,
+                                             fd_offset=off, domid=domid))
+
+    def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.fd_offset + (gpa - r.gpa), r.uva + (gpa - r.gpa)
+        return None
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        t = self.translate(gpa, length)
+        if t is None:
+            raise GrantError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+        return self._base[t[0] : t[0] + length]
+
+    def close(self) -> None:
+        self._base.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a view is still exported; the mapping goes with the process
+        os.close(self.fd)
+
+
+class SimGrantMapper:
+    def __init__(self, ctl: C.ControlClient, domid: int) -> None:
+        self._ctl = ctl
+        self.domid = domid
+
+    def map(self, refs: list[int], writable: bool) -> GrantMapping:
+        payload = struct.pack("<HBBI", self.domid, int(writable), 0, len(refs))
+        payload += struct.pack(f"<{len(refs)}I", *refs)
+        try:
+            reply, fds = self._ctl.call(C.OP_GNT_MAP, payload)
+        except OSError as exc:
+            raise GrantError(f"mapping grants {refs[:4]}... of domain {self.domid}", exc.errno) from None
+        try:
+            offsets = struct.unpack(f"<{len(refs)}Q", reply)
+            return map_file_pages(fds[0], list(offsets), writable)
+        finally:
+            os.close(fds[0])
+
+    def unmap(self, refs: list[int]) -> None:
+        payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(f"<{len(refs)}I", *refs)
+        self._ctl.call(C.OP_GNT_UNMAP, payload)
+
+    def close(self) -> None:
+        pass
+
+
+class SimPlatform:
+    """Platform for a software Xen whose sockets live in `run_dir`."""
+
+    name = "sim"
+    simulated = True
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        path = os.path.join(run_dir, "privcmd.sock")
+        if not os.path.exists(path):
+            raise PlatformUnavailable(
+                f"no software Xen at {run_dir} (missing {path}); start one with `xvf sim`"
+            )
+        self.ctl = C.ControlClient(path)
+        self._irq_sock: socket.socket | None = None
+
+    def dm_op(self, domid: int, op: bytes) -> bytes:
+        try:
+            reply, _ = self.ctl.call(C.OP_DM_OP, C.DM_OP_PREFIX.pack(domid, 0, 0) + op)
+        except OSError as exc:
+            raise HypercallError(f"dm_op {op[0]} for domain {domid}", exc.errno) from None
+        return reply
+
+    def xenstore_path(self) -> str:
+        return os.path.join(self.run_dir, "xenstored.sock")
+
+    def own_domid(self) -> int:
+        return 0
+
+    def open_event_channel(self) -> SimEventChannelHandle:
+        return SimEventChannelHandle(self.ctl)
+
+    def create_ioreq_server(self, domid: int) -> SimIoreqServer:
+        return SimIoreqServer(self, domid)
+
+    def irq_line(self, domid: int, irq: int) -> IrqLine:
+        # The hot path sends dm_ops itself; it gets a connection of its own so
+        # its replies never interleave with Python-level calls.
+        if self._irq_sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            sock.connect(os.path.join(self.run_dir, "privcmd.sock"))
+            self._irq_sock = sock
+        return IrqLine(self._irq_sock.fileno(), domid, irq, True)
+
+    def map_guest_memory(self, domid: int) -> SimGuestMemory:
+        return SimGuestMemory(self.ctl, domid)
+
+    def open_grant_mapper(self, domid: int) -> SimGrantMapper:
+        return SimGrantMapper(self.ctl, domid)
+
+    def close(self) -> None:
+        if self._irq_sock is not None:
+            self._irq_sock.close()
+        self.ctl.close()
