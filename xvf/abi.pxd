@@ -132,3 +132,14 @@ cdef extern from "xvf/linux_xen.h":
 
 cdef extern from "xvf/sim_abi.h":
     unsigned int XVF_SIM_EVTCHN_NOTIFY, XVF_SIM_OP_DM_OP
+
+cdef extern from "xvf/linux_xen.h":
+    unsigned int XVF_IOC_NONE, XVF_IOC_WRITE, XVF_IOC_READ
+    unsigned long XVF_IOCTL_PRIVCMD_IRQFD_6_6_0
+
+cdef extern from "xvf/xen_arm.h":
+    unsigned int XVF_GUEST_RAM_BANKS
+    unsigned long long XVF_GUEST_RAM0_BASE, XVF_GUEST_RAM0_SIZE
+    unsigned long long XVF_GUEST_RAM1_BASE, XVF_GUEST_RAM1_SIZE
+    unsigned long long XVF_GUEST_VIRTIO_MMIO_BASE, XVF_GUEST_VIRTIO_MMIO_SIZE
+    unsigned int XVF_GUEST_VIRTIO_MMIO_SPI_FIRST, XVF_GUEST_VIRTIO_MMIO_SPI_LAST

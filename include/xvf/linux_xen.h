@@ -9,6 +9,8 @@
 
 /* asm-generic ioctl encoding (x86 and arm64): dir:2 | size:14 | type:8 | nr:8 */
 #define XVF_IOC_NONE 0u
+#define XVF_IOC_WRITE 1u
+#define XVF_IOC_READ 2u
 #define XVF_IOC(dir, type, nr, size) \
     (((unsigned long)(dir) << 30) | ((unsigned long)(size) << 16) | \
      ((unsigned long)(type) << 8) | (unsigned long)(nr))
@@ -44,7 +46,9 @@ typedef struct xvf_privcmd_mmapbatch_v2 {
     int *err;
 } xvf_privcmd_mmapbatch_v2_t;
 
-/* Added in Linux 6.7 (irqfd) and 6.8 (ioeventfd); probed at run time. */
+/* irqfd (Linux 6.6) and ioeventfd (6.7), built with CONFIG_XEN_PRIVCMD_EVENTFD;
+ * probed at run time. Not in Debian 12's linux-libc-dev (6.1): checked against
+ * Linux include/uapi/xen/privcmd.h (torvalds/linux 98b4eabe4175). */
 #define XVF_PRIVCMD_IRQFD_FLAG_DEASSIGN     1u
 typedef struct xvf_privcmd_irqfd {
     uint64_t dm_op;          /* user pointer to a struct xen_dm_op */
@@ -73,8 +77,11 @@ typedef struct xvf_privcmd_ioeventfd {
 #define XVF_IOCTL_PRIVCMD_DM_OP        XVF_IOC(XVF_IOC_NONE, 'P', 5, sizeof(xvf_privcmd_dm_op_t))
 #define XVF_IOCTL_PRIVCMD_RESTRICT     XVF_IOC(XVF_IOC_NONE, 'P', 6, sizeof(xvf_domid_t))
 #define XVF_IOCTL_PRIVCMD_MMAP_RESOURCE XVF_IOC(XVF_IOC_NONE, 'P', 7, sizeof(xvf_privcmd_mmap_resource_t))
-#define XVF_IOCTL_PRIVCMD_IRQFD        XVF_IOC(XVF_IOC_NONE, 'P', 8, sizeof(xvf_privcmd_irqfd_t))
-#define XVF_IOCTL_PRIVCMD_IOEVENTFD    XVF_IOC(XVF_IOC_NONE, 'P', 9, sizeof(xvf_privcmd_ioeventfd_t))
+/* These two are _IOW (direction write), unlike the older privcmd ioctls. Linux
+ * 6.6.0 shipped IRQFD as _IOC_NONE; 6.6 stable and 6.7 changed it to _IOW. */
+#define XVF_IOCTL_PRIVCMD_IRQFD        XVF_IOC(XVF_IOC_WRITE, 'P', 8, sizeof(xvf_privcmd_irqfd_t))
+#define XVF_IOCTL_PRIVCMD_IOEVENTFD    XVF_IOC(XVF_IOC_WRITE, 'P', 9, sizeof(xvf_privcmd_ioeventfd_t))
+#define XVF_IOCTL_PRIVCMD_IRQFD_6_6_0  XVF_IOC(XVF_IOC_NONE, 'P', 8, sizeof(xvf_privcmd_irqfd_t))
 
 /* ---- /dev/xen/evtchn ---- */
 typedef struct xvf_evtchn_bind_interdomain {
