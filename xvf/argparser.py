@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_frontend_options(daemon)
     daemon.add_argument(
         "--sim", metavar="PATH",
-        help="serve the software Xen whose control socket is PATH (see `xvf sim`) "
+        help="serve the software Xen whose sockets are in directory PATH (see `xvf sim`) "
         "instead of the real hypervisor under /dev/xen",
     )
     return parser

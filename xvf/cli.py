@@ -2,18 +2,72 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from xvf.argparser import build_parser
+from xvf.errors import XvfError
+
+log = logging.getLogger("xvf")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def open_platform(sim_dir: str | None):
+    if sim_dir:
+        from xvf.sim.platform import SimPlatform
+
+        return SimPlatform(sim_dir)
+    from xvf.xen.platform import XenPlatform
+
+    return XenPlatform()
+
+
+def run_daemon(args) -> int:
+    from xvf.frontend import Frontend, install_signal_handlers
+
+    platform = open_platform(args.sim)
+    try:
+        frontend = Frontend(
+            platform,
+            args.socket_path,
+            foreign_mapping=args.foreign_mapping,
+            socket_timeout=args.socket_timeout,
+        )
+        install_signal_handlers(frontend)
+        try:
+            frontend.run()
+        finally:
+            frontend.close()
+    finally:
+        platform.close()
+    log.info("xvf stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None and not args.socket_path:
-        parser.error("--socket-path is required")
-    print("xvf: not implemented yet", file=sys.stderr)
-    return 1
+    setup_logging(args.log_level)
+    try:
+        if args.command == "sim":
+            from xvf.sim.demo import run_demo
+
+            return run_demo(args)
+        if not args.socket_path:
+            parser.error("--socket-path is required")
+        return run_daemon(args)
+    except XvfError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -70,8 +70,17 @@ class Domain:
             server = next((s for s in self.servers.values() if s.claims(addr, size)), None)
         if server is None:
             raise GuestDataAbort(f"domain {self.domid}: no device at {addr:#x}")
-        return issue(server, vcpu, self.vcpu_channels[vcpu], self.hv.evtchn.notify, addr, size,
-                     is_write, value, self.access_timeout)
+        return issue(
+            server,
+            vcpu,
+            self.vcpu_channels[vcpu],
+            self.hv.evtchn.notify,
+            addr,
+            size,
+            is_write,
+            value,
+            self.access_timeout,
+        )
 
     def irq_level(self, irq: int) -> int:
         return self.irq_levels.get(irq, 0)
@@ -158,8 +167,14 @@ class Hypervisor:
                 os.unlink(path)
 
     # -- domains -------------------------------------------------------------
-    def create_domain(self, name: str, memory_mib: int = 64, vcpus: int = 1,
-                      virtio: str | list | None = None, grant_entries: int = 4096) -> Domain:
+    def create_domain(
+        self,
+        name: str,
+        memory_mib: int = 64,
+        vcpus: int = 1,
+        virtio: str | list | None = None,
+        grant_entries: int = 4096,
+    ) -> Domain:
         """What `xl create` does, for a guest with `virtio = [...]` devices."""
         from xvf.sim import toolstack
         from xvf.xenstore import XenStore
@@ -172,8 +187,15 @@ class Hypervisor:
             domid = self._next_domid
             self._next_domid += 1
         ram = GuestRam(memory_mib << 20)
-        dom = Domain(domid=domid, name=name, ram=ram, grants=GrantTable(grant_entries),
-                     nr_vcpus=vcpus, hv=self, virtio=specs)
+        dom = Domain(
+            domid=domid,
+            name=name,
+            ram=ram,
+            grants=GrantTable(grant_entries),
+            nr_vcpus=vcpus,
+            hv=self,
+            virtio=specs,
+        )
         dom.vcpu_channels = [VcpuChannel() for _ in range(vcpus)]
         self.evtchn.add_domain(domid)
         with self.lock:
@@ -190,8 +212,14 @@ class Hypervisor:
                 toolstack.add_virtio_devices(xs, domid, specs)
         finally:
             xs.close()
-        log.info("created domain %d (%s): %d MiB, %d vCPUs, %d virtio devices",
-                 domid, name, memory_mib, vcpus, len(specs))
+        log.info(
+            "created domain %d (%s): %d MiB, %d vCPUs, %d virtio devices",
+            domid,
+            name,
+            memory_mib,
+            vcpus,
+            len(specs),
+        )
         return dom
 
     def destroy_domain(self, domid: int) -> None:

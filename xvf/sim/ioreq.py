@@ -69,7 +69,9 @@ class IoreqServer:
         return cls(server_id, domid, len(ports), ports, fd, page)
 
     def claims(self, addr: int, size: int) -> bool:
-        return self.enabled and any(r.start <= addr and addr + size - 1 <= r.end for r in self.ranges)
+        return self.enabled and any(
+            r.start <= addr and addr + size - 1 <= r.end for r in self.ranges
+        )
 
     def close(self) -> None:
         self.page.close()
@@ -86,8 +88,17 @@ class VcpuChannel:
         self.event.set()
 
 
-def issue(server: IoreqServer, vcpu: int, chan: VcpuChannel, notify, addr: int, size: int,
-          is_write: bool, value: int, timeout: float) -> int:
+def issue(
+    server: IoreqServer,
+    vcpu: int,
+    chan: VcpuChannel,
+    notify,
+    addr: int,
+    size: int,
+    is_write: bool,
+    value: int,
+    timeout: float,
+) -> int:
     """Run one access through the ioreq page; returns the value read (0 for writes)."""
     base = vcpu * IOREQ_SIZE
     page = server.page

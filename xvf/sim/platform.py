@@ -70,7 +70,9 @@ class SimIoreqServer:
         self.page = memoryview(self._mmap)
 
     def _range(self, op: int, start: int, end_inclusive: int) -> None:
-        self._p.dm_op(self.domid, _dm_op(op, struct.pack("<HHIQQ", self.id, 0, 1, start, end_inclusive)))
+        self._p.dm_op(
+            self.domid, _dm_op(op, struct.pack("<HHIQQ", self.id, 0, 1, start, end_inclusive))
+        )
 
     def map_mmio_range(self, start: int, end_inclusive: int) -> None:
         self._range(3, start, end_inclusive)
@@ -94,8 +96,12 @@ class SimGuestMemory:
         reply, fds = ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
         self.fd = fds[0]
         (count,) = struct.unpack_from("<I", reply)
-        total = max(off + size for _, size, off in
-                    (struct.unpack_from("<QQQ", reply, 4 + 24 * i) for i in range(count)))
+        total = max(
+            off + size
+            for _, size, off in (
+                struct.unpack_from("<QQQ", reply, 4 + 24 * i) for i in range(count)
+            )
+        )
         self._mmap = mmap.mmap(self.fd, total)
         base = memoryview(self._mmap)
         self._base = base
@@ -105,8 +111,11 @@ class SimGuestMemory:
         self.regions = []
         for i in range(count):
             gpa, size, off = struct.unpack_from("<QQQ", reply, 4 + 24 * i)
-            self.regions.append(MemoryRegion(gpa=gpa, size=size, uva=addr + off, fd=self.fd,
-                                             fd_offset=off, domid=domid))
+            self.regions.append(
+                MemoryRegion(
+                    gpa=gpa, size=size, uva=addr + off, fd=self.fd, fd_offset=off, domid=domid
+                )
+            )
 
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
         for r in self.regions:
@@ -140,7 +149,9 @@ class SimGrantMapper:
         try:
             reply, fds = self._ctl.call(C.OP_GNT_MAP, payload)
         except OSError as exc:
-            raise GrantError(f"mapping grants {refs[:4]}... of domain {self.domid}", exc.errno) from None
+            raise GrantError(
+                f"mapping grants {refs[:4]}... of domain {self.domid}", exc.errno
+            ) from None
         try:
             offsets = struct.unpack(f"<{len(refs)}Q", reply)
             return map_file_pages(fds[0], list(offsets), writable)
@@ -148,7 +159,9 @@ class SimGrantMapper:
             os.close(fds[0])
 
     def unmap(self, refs: list[int]) -> None:
-        payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(f"<{len(refs)}I", *refs)
+        payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
+            f"<{len(refs)}I", *refs
+        )
         self._ctl.call(C.OP_GNT_UNMAP, payload)
 
     def close(self) -> None:

@@ -1,0 +1,124 @@
+"""Shared fixtures: a software Xen, xvf as a separate process, real backends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_qsd = pytest.mark.skipif(
+    shutil.which("qemu-storage-daemon") is None,
+    reason="qemu-storage-daemon missing (apt-get install qemu-system-common)",
+)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> str:
+    # unix socket paths are limited to 108 bytes; tmp_path can be long
+    short = f"/tmp/xvf-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    os.makedirs(short)
+    yield short
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def hypervisor(run_dir) -> Iterator:
+    from xvf.sim.hypervisor import Hypervisor
+
+    hv = Hypervisor(os.path.join(run_dir, "xen")).start()
+    yield hv
+    hv.close()
+
+
+class FrontendProcess:
+    """xen-vhost-frontend running against the software Xen, as a user would run it."""
+
+    def __init__(
+        self, hv, socket_dir: str, foreign: bool, log_path: str, extra: list[str] | None = None
+    ) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "xvf",
+            "--log-level",
+            "debug",
+            "--sim",
+            hv.run_dir,
+            "--socket-path",
+            socket_dir,
+            "--socket-timeout",
+            "20",
+        ]
+        if foreign:
+            argv.append("--foreign-mapping")
+        argv += extra or []
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"xvf exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"xvf never logged {text!r}:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_frontend(hypervisor, run_dir):
+    started: list[FrontendProcess] = []
+
+    def start(socket_dir: str, foreign: bool = True, extra: list[str] | None = None):
+        fe = FrontendProcess(
+            hypervisor, socket_dir, foreign, os.path.join(run_dir, f"xvf{len(started)}.log"), extra
+        )
+        started.append(fe)
+        return fe
+
+    yield start
+    for fe in started:
+        fe.stop()
+
+
+@pytest.fixture
+def start_blk_backend(run_dir):
+    """start(name, size) -> (BackendProcess, image path); the socket is <dir>/<name>."""
+    procs: list[BackendProcess] = []
+
+    def start(socket_dir: str, sock_name: str, size: int = 64 << 20):
+        image = os.path.join(run_dir, sock_name + ".img")
+        make_disk_image(image, size)
+        proc = start_qsd(image, os.path.join(socket_dir, sock_name))
+        procs.append(proc)
+        return proc, image
+
+    yield start
+    for p in procs:
+        p.stop()

@@ -1,0 +1,5 @@
+import sys
+
+from xvf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""The daemon: watches xenstore for virtio devices and serves each one.
+
+Single-threaded: one `ServiceLoop` (Cython, epoll) carries the ioreqs, the
+backends' interrupts, xenstore watch events, backend hangups and signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from xvf._ioreq import ServiceLoop
+from xvf.devices import device_type, socket_name
+from xvf.discovery import VirtioDeviceNode, read_virtio_devices, watch_paths
+from xvf.errors import ConfigError, XvfError
+from xvf.platform import Platform
+from xvf.vhost_device import DeviceParams, VhostDevice
+from xvf.xenstore import XenStore
+
+log = logging.getLogger("xvf.frontend")
+
+TICK_MS = 200  # how often pending work (sockets to wait for) is looked at
+
+
+@dataclass
+class _Pending:
+    node: VirtioDeviceNode
+    params: DeviceParams
+    deadline: float
+    announced: bool = False
+
+
+class Frontend:
+    def __init__(
+        self,
+        platform: Platform,
+        socket_dir: str,
+        foreign_mapping: bool = False,
+        socket_timeout: float = 30.0,
+    ) -> None:
+        self.platform = platform
+        self.socket_dir = socket_dir
+        self.foreign_mapping = foreign_mapping
+        self.socket_timeout = socket_timeout
+        self.own_domid = platform.own_domid()
+        self.evtchn = platform.open_event_channel()
+        self.loop = ServiceLoop(self.evtchn.channel)
+        self.xs = XenStore(platform.xenstore_path())
+        self.devices: dict[tuple[int, int], VhostDevice] = {}
+        self.pending: dict[tuple[int, int], _Pending] = {}
+        self.failed: set[tuple[int, int]] = set()
+        self.instances: dict[tuple[int, int], int] = {}
+        self.running = False
+
+    # -- discovery ------------------------------------------------------------
+    def _instance(self, key: tuple[int, int], name: str) -> int:
+        """N of <name>.sock<N>: the smallest number no live device of that name holds."""
+        if key in self.instances:
+            return self.instances[key]
+        taken = {n for k, n in self.instances.items() if self._name_of(k) == name}
+        n = 0
+        while n in taken:
+            n += 1
+        self.instances[key] = n
+        return n
+
+    def _name_of(self, key: tuple[int, int]) -> str | None:
+        item = self.devices.get(key) or self.pending.get(key)
+        return item.params.dev_type.name if item is not None else None
+
+    def rescan(self) -> None:
+        nodes, errors = read_virtio_devices(self.xs, self.own_domid)
+        for err in errors:
+            log.error("ignoring xenstore entry: %s", err)
+        present = {(n.domid, n.devid): n for n in nodes}
+        for key in list(self.devices):
+            if key not in present:
+                self._remove(key, "its xenstore entry went away")
+        for key in list(self.pending):
+            if key not in present:
+                del self.pending[key]
+                self.instances.pop(key, None)
+        self.failed &= set(present)
+        for key, node in sorted(present.items()):
+            if key in self.devices or key in self.pending or key in self.failed:
+                continue
+            try:
+                dev_type = device_type(node.device_id)
+            except ConfigError as exc:
+                log.error("dom%d device %d: %s", node.domid, node.devid, exc)
+                self.failed.add(key)
+                continue
+            n = self._instance(key, dev_type.name)
+            params = DeviceParams(
+                domid=node.domid,
+                devid=node.devid,
+                dev_type=dev_type,
+                base=node.base,
+                irq=node.irq,
+                grant_usage=node.grant_usage,
+                socket_path=os.path.join(self.socket_dir, socket_name(dev_type, n)),
+            )
+            self.pending[key] = _Pending(node, params, time.monotonic() + self.socket_timeout)
+        self._start_pending()
+
+    def _start_pending(self) -> None:
+        now = time.monotonic()
+        for key, item in list(self.pending.items()):
+            path = item.params.socket_path
+            if not os.path.exists(path):
+                if not item.announced:
+                    log.info(
+                        "%s: waiting up to %.0fs for backend socket %s",
+                        item.params.label,
+                        self.socket_timeout,
+                        path,
+                    )
+                    item.announced = True
+                if now >= item.deadline:
+                    log.error(
+                        "%s: no backend socket %s after %.0fs; device not served",
+                        item.params.label,
+                        path,
+                        self.socket_timeout,
+                    )
+                    del self.pending[key]
+                    self.failed.add(key)
+                continue
+            del self.pending[key]
+            device = VhostDevice(
+                item.params,
+                self.platform,
+                self.loop,
+                self.evtchn,
+                self.foreign_mapping,
+                on_backend_lost=self._backend_lost,
+            )
+            try:
+                device.start()
+            except (XvfError, OSError) as exc:
+                log.error("%s: cannot start: %s", item.params.label, exc)
+                self.failed.add(key)
+                continue
+            self.devices[key] = device
+
+    def _backend_lost(self, device: VhostDevice) -> None:
+        log.warning("%s: marked DEVICE_NEEDS_RESET; the guest must reset it", device.label)
+
+    def _remove(self, key: tuple[int, int], why: str) -> None:
+        device = self.devices.pop(key, None)
+        self.instances.pop(key, None)
+        if device is not None:
+            log.info("%s: stopping (%s)", device.label, why)
+            device.stop()
+
+    def _on_xenstore(self) -> None:
+        try:
+            events = self.xs.pending_events()
+        except XvfError as exc:
+            log.error("xenstore connection failed: %s", exc)
+            self.running = False
+            return
+        if events:
+            self.rescan()
+
+    # -- main loop ------------------------------------------------------------
+    def run(self) -> None:
+        for i, path in enumerate(watch_paths(self.own_domid)):
+            self.xs.watch(path, f"xvf-{i}")
+        self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
+        self.running = True
+        self.rescan()
+        log.info(
+            "xvf serving (%s platform, %s mapping, sockets in %s)",
+            self.platform.name,
+            "foreign" if self.foreign_mapping else "grant",
+            self.socket_dir,
+        )
+        while self.running:
+            self.loop.run_once(TICK_MS)
+            if self.pending:
+                self._start_pending()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        for key in list(self.devices):
+            self._remove(key, "shutting down")
+        try:
+            self.xs.close()
+        finally:
+            self.evtchn.close()
+
+
+def install_signal_handlers(frontend: Frontend) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        frontend.stop()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        level = os.environ.get("XVF_LOG_LEVEL")
+        if level:
+            logging.getLogger().setLevel(level.upper())
+            log.info("log level set to %s", level)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)

@@ -1,0 +1,319 @@
+"""One guest's virtio device served by a vhost-user backend.
+
+Ties together the IOREQ server for the device's MMIO window, its register
+file (xvf.mmio), the vhost-user connection and the guest memory the backend
+is given. It is the `DeviceModel` behind the registers: the guest's status
+transitions drive the vhost-user handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xvf import virtio_consts as V
+from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
+from xvf.devices import DeviceType
+from xvf.errors import ConfigError, VhostUserError, XvfError
+from xvf.mmio import QueueRegisters, VirtioMmioRegisters
+from xvf.platform import EventChannelHandle, Platform
+from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
+
+log = logging.getLogger("xvf.device")
+
+MMIO_WINDOW = 0x200  # libxl gives every virtio-mmio device 0x200 bytes
+F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
+PROTOCOL_F_MQ = 1 << 0
+PROTOCOL_F_REPLY_ACK = 1 << 3
+PROTOCOL_F_CONFIG = 1 << 9
+PROTOCOL_F_XEN_MMAP = 1 << 17
+# What xvf can use. XEN_MMAP only on real Xen: the simulator's guest RAM is a
+# plain shareable fd, which is what a backend maps when XEN_MMAP is not acked.
+WANTED_PROTOCOL = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIG
+
+
+@dataclass(frozen=True)
+class DeviceParams:
+    domid: int
+    devid: int
+    dev_type: DeviceType
+    base: int
+    irq: int
+    grant_usage: bool
+    socket_path: str
+
+    @property
+    def label(self) -> str:
+        return f"dom{self.domid}/{self.dev_type.name}{self.devid}"
+
+
+@dataclass
+class _LiveQueue:
+    kick_fd: int
+    call_fd: int
+
+
+class VhostDevice:
+    """Lifecycle: `start()` -> guest I/O -> `stop()`; `backend_lost()` on hangup."""
+
+    def __init__(
+        self,
+        params: DeviceParams,
+        platform: Platform,
+        loop: ServiceLoop,
+        evtchn: EventChannelHandle,
+        foreign_mapping: bool,
+        on_backend_lost: Callable[[VhostDevice], None] | None = None,
+    ) -> None:
+        self.params = params
+        self.platform = platform
+        self.loop = loop
+        self.evtchn = evtchn
+        self.foreign_mapping = foreign_mapping
+        self.on_backend_lost = on_backend_lost
+        self.label = params.label
+        self.vhost: VhostUserFrontend | None = None
+        self.server = None
+        self.ioreq: IoreqServer | None = None
+        self.ports: list[int] = []
+        self.memory = None
+        self.state = MmioState()
+        self.regs: VirtioMmioRegisters | None = None
+        self.live: dict[int, _LiveQueue] = {}
+        self.mem_table_sent = False
+        self.backend_features = 0
+        self.config_supported = False
+
+    # -- bring-up --------------------------------------------------------------
+    def start(self) -> None:
+        p = self.params
+        if not self.foreign_mapping and not p.grant_usage:
+            log.warning(
+                "%s: grant mapping requested but the guest has grant_usage=0; "
+                "its descriptors carry guest-physical addresses",
+                self.label,
+            )
+        self._connect_backend()
+        try:
+            self._create_ioreq_server()
+        except Exception:
+            self.stop()
+            raise
+        log.info(
+            "%s: serving virtio %s at %#x irq %d via %s (%s mapping)",
+            self.label,
+            p.dev_type.name,
+            p.base,
+            p.irq,
+            p.socket_path,
+            "foreign" if self.foreign_mapping else "grant",
+        )
+
+    def _connect_backend(self) -> None:
+        p = self.params
+        vhost = VhostUserFrontend(p.socket_path)
+        try:
+            vhost.set_owner()
+            features = vhost.get_features()
+            if features & F_PROTOCOL_FEATURES:
+                wanted = WANTED_PROTOCOL
+                if not self.platform.simulated:
+                    wanted |= PROTOCOL_F_XEN_MMAP
+                acked = vhost.get_protocol_features() & wanted
+                vhost.set_protocol_features(acked)
+                self.config_supported = bool(acked & PROTOCOL_F_CONFIG)
+            self.backend_features = features
+        except Exception:
+            vhost.close()
+            raise
+        self.vhost = vhost
+        self.loop.add_reader(vhost.fileno(), self._on_backend_readable)
+        guest_features = features & (V.DEVICE_SPECIFIC_MASK | V.TRANSPORT_BITS_FROM_BACKEND)
+        guest_features |= 1 << V.F_VERSION_1
+        if not self.foreign_mapping:
+            guest_features |= 1 << V.F_ACCESS_PLATFORM
+        if self.regs is None:
+            self.regs = VirtioMmioRegisters(
+                self.label,
+                p.dev_type.virtio_id,
+                guest_features,
+                [p.dev_type.queue_size] * p.dev_type.num_queues,
+                self,
+                self.state,
+            )
+        else:
+            self.regs.device_features = guest_features
+
+    def _create_ioreq_server(self) -> None:
+        p = self.params
+        self.server = server = self.platform.create_ioreq_server(p.domid)
+        self.ioreq = IoreqServer(server.page, server.nr_vcpus, p.base, MMIO_WINDOW, self.state)
+        for vcpu in range(server.nr_vcpus):
+            port = self.evtchn.bind_interdomain(p.domid, self.ioreq.vp_eport(vcpu))
+            self.ports.append(port)
+            self.loop.add_route(port, self.ioreq, vcpu)
+        self.state.irq = self.platform.irq_line(p.domid, p.irq)
+        server.map_mmio_range(p.base, p.base + MMIO_WINDOW - 1)
+        server.set_enabled(True)
+
+    # -- DeviceModel -------------------------------------------------------------
+    def features_ok(self, driver_features: int) -> bool:
+        if not self.foreign_mapping and not driver_features >> V.F_ACCESS_PLATFORM & 1:
+            log.warning(
+                "%s: driver refused VIRTIO_F_ACCESS_PLATFORM, which grant mapping needs", self.label
+            )
+            return False
+        return self.vhost is not None
+
+    def driver_ok(self, queues: list[QueueRegisters], driver_features: int) -> None:
+        vhost = self._backend()
+        backend_bits = driver_features & self.backend_features
+        if self.backend_features & F_PROTOCOL_FEATURES:
+            backend_bits |= F_PROTOCOL_FEATURES
+        vhost.set_features(backend_bits)
+        self._send_mem_table()
+        for index, q in enumerate(queues):
+            if q.ready:
+                self.queue_ready(index, q)
+
+    def _send_mem_table(self) -> None:
+        if self.mem_table_sent:
+            return
+        if not self.foreign_mapping:
+            raise ConfigError(
+                f"{self.label}: grant mapping with a backend that cannot map grants itself "
+                "is not supported yet; run with --foreign-mapping"
+            )
+        if self.memory is None:
+            self.memory = self.platform.map_guest_memory(self.params.domid)
+        regions = [
+            VhostUserRegion(
+                gpa=r.gpa,
+                size=r.size,
+                uva=r.uva,
+                fd=r.fd,
+                fd_offset=r.fd_offset,
+                xen_mmap_flags=r.xen_mmap_flags,
+                domid=r.domid,
+            )
+            for r in self.memory.regions
+        ]
+        self._backend().set_mem_table(regions)
+        self.mem_table_sent = True
+
+    def _uva(self, gpa: int, length: int) -> int:
+        t = self.memory.translate(gpa, length)
+        if t is None:
+            raise XvfError(f"{self.label}: ring at {gpa:#x} is not in guest RAM")
+        return t[1]
+
+    def queue_ready(self, index: int, q: QueueRegisters) -> None:
+        if index in self.live:
+            return
+        vhost = self._backend()
+        desc = self._uva(q.desc, 16 * q.num)
+        avail = self._uva(q.driver, 6 + 2 * q.num)
+        used = self._uva(q.device, 6 + 8 * q.num)
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.live[index] = _LiveQueue(kick, call)
+        vhost.set_vring_num(index, q.num)
+        vhost.set_vring_base(index, 0)
+        vhost.set_vring_addr(index, desc, avail, used)
+        vhost.set_vring_kick(index, kick)
+        vhost.set_vring_call(index, call)
+        vhost.set_vring_enable(index, True)
+        self.loop.add_call_fd(call, self.state)
+        self.state.set_kick_fd(index, kick)
+
+    def queue_reset(self, index: int) -> None:
+        live = self.live.pop(index, None)
+        if live is None:
+            return
+        self.state.set_kick_fd(index, -1)
+        self.loop.remove_fd(live.call_fd)
+        if self.vhost is not None:
+            try:
+                self.vhost.set_vring_enable(index, False)
+                self.vhost.get_vring_base(index)
+            except VhostUserError as exc:
+                log.warning("%s: stopping queue %d: %s", self.label, index, exc)
+        os.close(live.kick_fd)
+        os.close(live.call_fd)
+
+    def device_reset(self) -> None:
+        for index in list(self.live):
+            self.queue_reset(index)
+
+    def config_read(self, offset: int, size: int) -> int:
+        cfg_size = self.params.dev_type.config_size
+        if not self.config_supported or self.vhost is None or offset + size > cfg_size:
+            return 0
+        data = self.vhost.get_config(0, cfg_size)
+        return int.from_bytes(data[offset : offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if not self.config_supported or self.vhost is None:
+            return
+        self.vhost.set_config(offset, value.to_bytes(size, "little"))
+
+    # -- failures and teardown ---------------------------------------------------
+    def _backend(self) -> VhostUserFrontend:
+        if self.vhost is None:
+            raise VhostUserError(f"{self.label}: no backend connected")
+        return self.vhost
+
+    def _on_backend_readable(self) -> None:
+        # vhost-user backends speak only when asked; readable means EOF or garbage.
+        log.error("%s: backend %s closed the connection", self.label, self.params.socket_path)
+        self._drop_backend()
+        if self.regs is not None:
+            self.regs.needs_reset()
+        if self.on_backend_lost is not None:
+            self.on_backend_lost(self)
+
+    def _drop_backend(self) -> None:
+        for index in list(self.live):
+            live = self.live.pop(index)
+            self.state.set_kick_fd(index, -1)
+            self.loop.remove_fd(live.call_fd)
+            os.close(live.kick_fd)
+            os.close(live.call_fd)
+        if self.vhost is not None:
+            self.loop.remove_fd(self.vhost.fileno())
+            self.vhost.close()
+            self.vhost = None
+        self.mem_table_sent = False
+
+    def stop(self) -> None:
+        """Stop the rings, destroy the IOREQ server, unmap everything."""
+        if self.vhost is not None:
+            for index in list(self.live):
+                self.queue_reset(index)
+        self._drop_backend()
+        for port in self.ports:
+            self.loop.remove_route(port)
+            try:
+                self.evtchn.unbind(port)
+            except Exception as exc:
+                log.debug("%s: unbinding port %d: %s", self.label, port, exc)
+        self.ports.clear()
+        if self.ioreq is not None:
+            self.ioreq.release()
+            self.ioreq = None
+        if self.server is not None:
+            try:
+                self.server.destroy()
+            except Exception as exc:  # the guest may already be gone
+                log.debug("%s: destroying ioreq server: %s", self.label, exc)
+            self.server = None
+        if self.state.irq is not None and self.state.irq.level:
+            try:
+                self.state.irq.set(0)
+            except XvfError:
+                pass
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
