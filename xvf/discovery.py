@@ -1,0 +1,177 @@
+"""The frontend's reading of the virtio device nodes libxl writes.
+
+Layout (see xvf/sim/toolstack.py for where it comes from): for every guest
+<domid> with virtio devices served by backend domain <b>,
+/local/domain/<b>/backend/virtio/<domid>/<devid>/ holds type
+("virtio,device<hex>"), transport ("mmio"), base ("0x2000000"; libxl before
+4.18 wrote decimal, both parse), irq (decimal SPI), grant_usage ("1"/"0";
+absent before 4.18: then libxl's default, enabled iff b != 0), plus
+frontend, frontend-id, online and state.
+
+A bad entry never stops the walk: it becomes a ConfigError naming the node
+and the offending value, and the other devices are still returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xvf.errors import ConfigError
+from xvf.xenstore import XenStore, XenStoreRequestError
+
+GUEST_VIRTIO_MMIO_BASE = 0x02000000
+GUEST_VIRTIO_MMIO_SIZE = 0x00100000
+VIRTIO_MMIO_DEV_SIZE = 0x200
+GUEST_VIRTIO_MMIO_SPI_FIRST = 33
+GUEST_VIRTIO_MMIO_SPI_LAST = 43
+COMPATIBLE_PREFIX = "virtio,device"
+TRANSPORTS = ("mmio",)
+
+
+@dataclass(frozen=True)
+class VirtioDeviceNode:
+    domid: int
+    devid: int
+    compatible: str
+    device_id: int
+    base: int
+    irq: int
+    transport: str
+    grant_usage: bool
+    backend_path: str
+
+
+def backend_dir(backend_domid: int) -> str:
+    return f"/local/domain/{backend_domid}/backend/virtio"
+
+
+def watch_paths(backend_domid: int) -> list[str]:
+    """What the daemon watches: its virtio backend directory (devices come and go)
+    and @releaseDomain (a guest died; its nodes may linger until the toolstack
+    removes them)."""
+    return [backend_dir(backend_domid), "@releaseDomain"]
+
+
+def _strtoul(text: str) -> int:
+    """strtoul(text, NULL, 0) without its silent acceptance of trailing junk."""
+    t = text.strip()
+    if t.lower().startswith("0x") and len(t) > 2:
+        return int(t[2:], 16)
+    if len(t) > 1 and t.startswith("0") and t.isdigit():
+        return int(t, 8)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(text)
+
+
+def _bad(path: str, key: str, value: str | None, why: str) -> ConfigError:
+    shown = "missing" if value is None else repr(value)
+    return ConfigError(f"{path}/{key}: {shown}: {why}")
+
+
+def parse_device(
+    path: str, domid: int, devid: int, values: dict[str, str | None], backend_domid: int
+) -> VirtioDeviceNode:
+    """One device from its key values; ConfigError naming the node on bad input."""
+    compatible = values.get("type")
+    if compatible is None:
+        raise _bad(path, "type", None, "required")
+    hexid = compatible[len(COMPATIBLE_PREFIX) :]
+    if (
+        not compatible.startswith(COMPATIBLE_PREFIX)
+        or not hexid
+        or len(hexid) > 8
+        or any(c not in "0123456789abcdef" for c in hexid)
+    ):
+        raise _bad(path, "type", compatible, "expected virtio,device<lower-case hex id>")
+    transport = values.get("transport")
+    if transport is None:
+        raise _bad(path, "transport", None, "required")
+    if transport not in TRANSPORTS:
+        raise _bad(path, "transport", transport, f"unsupported (known: {', '.join(TRANSPORTS)})")
+    raw_base = values.get("base")
+    if raw_base is None:
+        raise _bad(path, "base", None, "required for mmio")
+    try:
+        base = _strtoul(raw_base)
+    except ValueError:
+        raise _bad(path, "base", raw_base, "not a number") from None
+    lo, hi = GUEST_VIRTIO_MMIO_BASE, GUEST_VIRTIO_MMIO_BASE + GUEST_VIRTIO_MMIO_SIZE
+    if base < lo or base + VIRTIO_MMIO_DEV_SIZE > hi or base % VIRTIO_MMIO_DEV_SIZE:
+        raise _bad(
+            path, "base", raw_base, f"outside the virtio MMIO range {lo:#x}-{hi:#x} or unaligned"
+        )
+    raw_irq = values.get("irq")
+    if raw_irq is None:
+        raise _bad(path, "irq", None, "required for mmio")
+    try:
+        irq = _strtoul(raw_irq)
+    except ValueError:
+        raise _bad(path, "irq", raw_irq, "not a number") from None
+    if not GUEST_VIRTIO_MMIO_SPI_FIRST <= irq <= GUEST_VIRTIO_MMIO_SPI_LAST:
+        raise _bad(
+            path,
+            "irq",
+            raw_irq,
+            f"outside SPIs {GUEST_VIRTIO_MMIO_SPI_FIRST}-{GUEST_VIRTIO_MMIO_SPI_LAST}",
+        )
+    raw_grant = values.get("grant_usage")
+    if raw_grant is None:
+        grant_usage = backend_domid != 0
+    elif raw_grant.strip() in ("0", "1"):
+        grant_usage = raw_grant.strip() == "1"
+    else:
+        raise _bad(path, "grant_usage", raw_grant, "expected 1 or 0")
+    return VirtioDeviceNode(
+        domid=domid,
+        devid=devid,
+        compatible=compatible,
+        device_id=int(hexid, 16),
+        base=base,
+        irq=irq,
+        transport=transport,
+        grant_usage=grant_usage,
+        backend_path=path,
+    )
+
+
+def _number(name: str) -> int | None:
+    return int(name) if name.isdigit() and len(name) <= 9 else None
+
+
+def read_virtio_devices(
+    xs: XenStore, backend_domid: int
+) -> tuple[list[VirtioDeviceNode], list[ConfigError]]:
+    """Every virtio device this backend domain should serve, and what was wrong."""
+    devices: list[VirtioDeviceNode] = []
+    errors: list[ConfigError] = []
+    root = backend_dir(backend_domid)
+    for dom_name in xs.directory(root):
+        dom_path = f"{root}/{dom_name}"
+        domid = _number(dom_name)
+        if domid is None:
+            errors.append(ConfigError(f"{dom_path}: {dom_name!r} is not a domain id"))
+            continue
+        for dev_name in xs.directory(dom_path):
+            path = f"{dom_path}/{dev_name}"
+            devid = _number(dev_name)
+            if devid is None:
+                errors.append(ConfigError(f"{path}: {dev_name!r} is not a device id"))
+                continue
+            try:
+                # Values may vanish between directory and read (device removed):
+                # a missing type then just means "not there any more".
+                values = {
+                    k: xs.read(f"{path}/{k}")
+                    for k in ("type", "transport", "base", "irq", "grant_usage")
+                }
+                if all(v is None for v in values.values()) and xs.read(path) is None:
+                    continue  # removed while we walked
+                devices.append(parse_device(path, domid, devid, values, backend_domid))
+            except ConfigError as e:
+                errors.append(e)
+            except XenStoreRequestError as e:
+                # xenstored refused (e.g. EACCES): this entry only. A broken
+                # connection (plain XenStoreError) propagates to the caller.
+                errors.append(ConfigError(f"{path}: cannot read: {e}"))
+    return devices, errors
