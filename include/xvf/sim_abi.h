@@ -4,7 +4,8 @@
 #ifndef XVF_SIM_ABI_H
 #define XVF_SIM_ABI_H
 
-/* A simulated /dev/xen/evtchn handle is a stream socket. Like the real device,
+/* A simulated /dev/xen/evtchn handle is a SOCK_SEQPACKET socket (each write is
+ * one message, as each write() to the device is one call). Like the real device,
  * reads yield pending 4-byte port numbers and a written port number unmasks it;
  * IOCTL_EVTCHN_NOTIFY, which a socket cannot take, is a written port number
  * with this bit set. */

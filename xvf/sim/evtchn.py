@@ -1,7 +1,8 @@
 """Event channels of the software Xen, with Linux /dev/xen/evtchn handle semantics.
 
-Ports are per domain. A Dom0 process holds handles (one end of a stream
-socketpair, see include/xvf/sim_abi.h): a port that fires is written to the
+Ports are per domain. A Dom0 process holds handles (one end of a SOCK_SEQPACKET
+socketpair, see include/xvf/sim_abi.h, so that each write() stays one message
+as on the real device): a port that fires is written to the
 handle as a u32 and masked until the process writes the number back. Guest-side
 ports wake a callback (a vCPU waiting for its ioreq to complete).
 """
@@ -107,7 +108,7 @@ class EventChannels:
     # -- Dom0 handles ----------------------------------------------------
     def open_handle(self) -> tuple[int, socket.socket]:
         """A new /dev/xen/evtchn open; returns the handle id and the process's end."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         with self._lock:
             handle = Handle(id=self._next_handle, sock=ours)
@@ -183,19 +184,20 @@ class EventChannels:
             port.pending = True  # the process is gone or not reading; keep it pending
 
     def _on_handle_data(self, handle: Handle) -> None:
-        try:
-            data = handle.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_handle(handle)
-            return
-        # A stream may split a u32; such a partial word is a broken client.
-        if len(data) % 4:
-            log.warning("evtchn handle %d wrote a partial port number; ignored", handle.id)
-            data = data[: len(data) - len(data) % 4]
+        while True:
+            try:
+                data = handle.sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_handle(handle)
+                return
+            # Like evtchn_write(): a write is cut down to whole 4-byte words.
+            self._on_words(handle, data[: len(data) - len(data) % 4])
+
+    def _on_words(self, handle: Handle, data: bytes) -> None:
         for (word,) in _U32.iter_unpack(data):
             number = word & ~NOTIFY_BIT
             with self._lock:
