@@ -30,7 +30,7 @@ class VcpuMmio:
 def attach(dom: Domain, index: int, vcpu: int = 0) -> VirtioMmioDevice:
     """The driver for the guest's `index`-th virtio device (order of its virtio line)."""
     spec = dom.virtio[index]
-    if spec.grant_usage:
+    if spec.grants:
         dma = GrantDma(dom.ram, dom.grants, spec.backend_domid)
     else:
         dma = DirectDma(dom.ram)
