@@ -85,7 +85,7 @@ def test_slot_layout_and_state_machine(served):
 
 
 def test_concurrent_vcpus(served):
-    dom, scratch, ioreq, _ = served
+    dom, _scratch, ioreq, _ = served
     errors: list[BaseException] = []
 
     def worker(vcpu: int) -> None:
@@ -125,7 +125,7 @@ def test_overlapping_ranges_are_refused(hypervisor, served):
     dom, *_ = served
     plat = SimPlatform(hypervisor.run_dir)
     other = plat.create_ioreq_server(dom.domid)
-    with pytest.raises(Exception, match="EEXIST|File exists"):
+    with pytest.raises(Exception, match=r"EEXIST|File exists"):
         other.map_mmio_range(BASE + 0x100, BASE + 0x2FF)
     other.destroy()
     plat.close()
@@ -155,7 +155,7 @@ def test_bad_control_requests_get_errors(hypervisor):
     with pytest.raises(OSError):
         client.call(C.OP_FOREIGN_MAP, struct.pack("<H", 4242))  # no such domain
     # still serving
-    reply, fds = client.call(C.OP_EVTCHN_OPEN)
+    _reply, fds = client.call(C.OP_EVTCHN_OPEN)
     assert len(fds) == 1
     os.close(fds[0])
     client.close()

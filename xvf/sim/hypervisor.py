@@ -151,6 +151,10 @@ class Hypervisor:
         for dom in list(self.domains.values()):
             self.destroy_domain(dom.domid)
         if self._listener is not None:
+            try:  # wakes the thread blocked in accept()
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         for conn in list(self._conns):
