@@ -366,7 +366,7 @@ class _Session:
                 dom.servers[sid] = server
             struct.pack_into("<H", op_bytes, u + 4, sid)
         elif op == DMOP_GET_IOREQ_SERVER_INFO:
-            sid, flags = struct.unpack_from("<HH", op_bytes, u)
+            sid, _flags = struct.unpack_from("<HH", op_bytes, u)
             self._server(dom, sid)
             # No buffered ioreqs; with XEN_DMOP_no_gfns the gfns are not reported.
             struct.pack_into("<IQQ", op_bytes, u + 4, 0, 0, 0)
