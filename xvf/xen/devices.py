@@ -51,15 +51,18 @@ def _kind(mode: int) -> str:
 def missing_message(dev_dir: str, name: str) -> str:
     dev = DEVICES[name]
     path = os.path.join(dev_dir, name)
-    where = (
-        f"{dev_dir} does not exist: not a Xen Dom0 kernel, or its Xen drivers are not loaded"
-        if not os.path.isdir(dev_dir)
-        else f"{path} does not exist"
-    )
+    msg = f"{path} ({dev.purpose}) is missing"
+    if os.path.isdir(dev_dir):
+        return (
+            f"{msg}. Load its driver with `modprobe {dev.module}` "
+            f"(kernel option {dev.option}=y or =m)"
+        )
+    needed = ", ".join(f"{d.name}: {d.module} ({d.option})" for d in DEVICES.values())
+    modules = " ".join(d.module for d in DEVICES.values())
     return (
-        f"{path} ({dev.purpose}) is missing; {where}. Load the driver with "
-        f"`modprobe {dev.module}` (kernel option {dev.option}=y or =m) and run xvf in the "
-        "Dom0 of a Xen host"
+        f"{msg}: {dev_dir} does not exist, so this is not a Xen Dom0 kernel or its Xen "
+        f"drivers are not loaded. xvf needs {needed}; load them with `modprobe {modules}` "
+        "and run xvf in the Dom0 of a Xen host"
     )
 
 
