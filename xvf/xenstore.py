@@ -445,6 +445,18 @@ class XenStore:
             events, self._events = self._events, []
             return events
 
+    def has_pending_events(self) -> bool:
+        """True if events were already read off the fd (while waiting for a reply).
+
+        Those no longer make fileno() readable: an event loop polling fileno()
+        must check this after issuing requests, or it may sleep on them.
+        """
+        if self._events:
+            return True
+        return len(self._buf) >= HEADER_SIZE and HEADER.unpack_from(self._buf, 0)[0] == int(
+            XsType.WATCH_EVENT
+        )
+
     def wait_events(self, timeout: float) -> list[tuple[str, str]]:
         """Block up to `timeout` seconds for at least one watch event."""
         deadline = time.monotonic() + timeout

@@ -268,3 +268,22 @@ def test_daemon_stopping_breaks_client(sock_dir):
     finally:
         xs.close()
         daemon.stop()
+
+
+def test_events_buffered_during_a_request_are_flagged(sock_dir):
+    """An event read while waiting for a reply leaves the fd quiet: has_pending_events says so."""
+    import select
+
+    path = os.path.join(sock_dir, "xs.sock")
+    with XenStored(path), XenStore(path, timeout=5) as xs, XenStore(path, timeout=5) as other:
+        xs.watch("/ev", "t")
+        assert xs.wait_events(5) == [("/ev", "t")]
+        assert not xs.has_pending_events()
+        other.write("/ev/a", "1")
+        # Once the event is on xs's socket, any request reads it in ahead of its reply.
+        assert select.select([xs.fileno()], [], [], 5)[0]
+        assert xs.read("/ev/a") == "1"
+        assert xs.has_pending_events()
+        assert not select.select([xs.fileno()], [], [], 0)[0]  # the fd no longer says so
+        assert xs.pending_events() == [("/ev/a", "t")]
+        assert not xs.has_pending_events()
