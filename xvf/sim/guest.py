@@ -9,25 +9,10 @@ from __future__ import annotations
 
 from xvf.sim.dma import DirectDma, GrantDma
 from xvf.sim.hypervisor import Domain
-from xvf.sim.virtio_driver import VirtioMmioDevice
+from xvf.sim.virtio_driver import DomainMmioTransport, VirtioMmioDevice
 
 
-class VcpuMmio:
-    """The register window of one device as seen from one vCPU."""
-
-    def __init__(self, dom: Domain, vcpu: int, base: int) -> None:
-        self.dom = dom
-        self.vcpu = vcpu
-        self.base = base
-
-    def read(self, offset: int, size: int) -> int:
-        return self.dom.mmio(self.vcpu, self.base + offset, size, False)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.dom.mmio(self.vcpu, self.base + offset, size, True, value)
-
-
-def attach(dom: Domain, index: int, vcpu: int = 0) -> VirtioMmioDevice:
+def attach(dom: Domain, index: int, vcpu: int = 0, timeout: float = 20.0) -> VirtioMmioDevice:
     """The driver for the guest's `index`-th virtio device (order of its virtio line)."""
     spec = dom.virtio[index]
     if spec.grants:
@@ -35,8 +20,10 @@ def attach(dom: Domain, index: int, vcpu: int = 0) -> VirtioMmioDevice:
     else:
         dma = DirectDma(dom.ram)
     return VirtioMmioDevice(
-        VcpuMmio(dom, vcpu, spec.base),
+        DomainMmioTransport(dom, spec.base, vcpu),
         dom.ram,
         dma,
-        wait_irq=lambda timeout: dom.wait_irq(spec.irq, timeout),
+        wait_irq=lambda t: dom.wait_irq(spec.irq, t),
+        name=f"dom{dom.domid}/{spec.type}#{spec.devid}",
+        timeout=timeout,
     )
