@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 dir=$(mktemp -d /tmp/xvf-demo.XXXXXX)
-exec .venv/bin/xvf sim --socket-path "$dir" --start-backends "$@"
+exec .venv/bin/xvf sim --socket-path "$dir" --start-backends --foreign-mapping \
+    --virtio 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]' "$@"

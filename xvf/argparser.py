@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_frontend_options(sim)
     sim.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="log verbosity (same as before the subcommand)",
+    )
+    sim.add_argument(
         "--virtio",
         metavar="LINE",
         default='virtio = [ "type=virtio,device2, transport=mmio, grant_usage=enabled" ]',
@@ -90,12 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
         "in --socket-path before running the guest",
     )
     sim.add_argument(
-        "--io-mib", type=int, default=16, metavar="MIB",
+        "--io-mib",
+        type=int,
+        default=16,
+        metavar="MIB",
         help="how much data the guest writes and reads back per block device "
         "(default: %(default)s)",
     )
     sim.add_argument(
-        "--xenstore-socket", metavar="PATH",
+        "--xenstore-socket",
+        metavar="PATH",
         help="also leave the simulated xenstored listening at PATH (for xenstore-ls)",
     )
     # The daemon's own options live at top level so that
@@ -103,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     daemon = parser.add_argument_group("daemon options")
     add_frontend_options(daemon)
     daemon.add_argument(
-        "--sim", metavar="PATH",
+        "--sim",
+        metavar="PATH",
         help="serve the software Xen whose sockets are in directory PATH (see `xvf sim`) "
         "instead of the real hypervisor under /dev/xen",
     )

@@ -163,8 +163,11 @@ class Frontend:
             log.error("xenstore connection failed: %s", exc)
             self.running = False
             return
-        if events:
+        while events:
             self.rescan()
+            # Events that came in while rescan() waited for replies were buffered
+            # by the client and no longer make its fd readable.
+            events = self.xs.pending_events() if self.xs.has_pending_events() else []
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> None:
