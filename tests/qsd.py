@@ -14,14 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
-
 from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd
-
-needs_qsd = pytest.mark.skipif(
-    shutil.which("qemu-storage-daemon") is None,
-    reason="qemu-storage-daemon missing (apt-get install qemu-system-common)",
-)
 
 
 @dataclass
@@ -36,7 +29,7 @@ class QsdExport:
 
 
 def qsd_export(image_size: int = 8 << 20) -> Iterator[QsdExport]:
-    """Generator for a fixture: yields a running export, then tears it down."""
+    """For a fixture (`yield from qsd_export()`): a running export, torn down after."""
     run_dir = tempfile.mkdtemp(prefix="xvf-vu-", dir="/tmp")
     proc: BackendProcess | None = None
     try:
@@ -50,8 +43,3 @@ def qsd_export(image_size: int = 8 << 20) -> Iterator[QsdExport]:
             proc.kill()
             proc.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def qsd() -> Iterator[QsdExport]:
-    yield from qsd_export()
