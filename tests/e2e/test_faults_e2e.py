@@ -1,0 +1,84 @@
+"""Faults: a backend dies; xvf is told to stop. Nothing else may be disturbed."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from tests.conftest import needs_qsd
+from xvf import virtio_consts as R
+from xvf.sim.drivers.blk import VirtioBlk
+from xvf.sim.guest import attach
+from xvf.sim.ioreq import GuestDataAbort
+
+pytestmark = [pytest.mark.e2e, needs_qsd]
+
+MIB = 1 << 20
+TWO_BLK = (
+    'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled", '
+    '"type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+)
+
+
+def test_backend_crash_marks_only_its_device(
+    hypervisor, run_dir, start_frontend, start_blk_backend
+):
+    sockets = os.path.join(run_dir, "sockets")
+    os.makedirs(sockets)
+    image0 = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)[1]
+    victim, _ = start_blk_backend(sockets, "blk.sock1", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain("crash", memory_mib=32, vcpus=2, virtio=TWO_BLK)
+    fe.wait_log("blk.sock1")
+    survivor = VirtioBlk(attach(dom, 0))
+    survivor.start()
+    doomed = VirtioBlk(attach(dom, 1, vcpu=1))
+    doomed.start()
+    doomed.write(0, b"\x55" * 4096)
+
+    victim.kill()
+    fe.wait_log("closed the connection")
+    base = dom.virtio[1].base
+    deadline = time.monotonic() + 10
+    while not dom.mmio(1, base + R.STATUS, 4, False) & R.STATUS_DEVICE_NEEDS_RESET:
+        assert time.monotonic() < deadline, "device never reported DEVICE_NEEDS_RESET"
+        time.sleep(0.02)
+    assert dom.mmio(1, base + R.INTERRUPT_STATUS, 4, False) & R.INT_CONFIG
+    assert dom.irq_level(dom.virtio[1].irq) == 1  # the config-change interrupt is raised
+
+    data = random.Random(5).randbytes(512 * 1024)
+    survivor.write(0, data)
+    survivor.flush()
+    with open(image0, "rb") as f:
+        assert f.read(len(data)) == data
+    assert fe.proc.poll() is None
+    survivor.close()
+
+
+def test_sigterm_stops_cleanly_and_releases_the_guest(
+    hypervisor, run_dir, start_frontend, start_blk_backend
+):
+    sockets = os.path.join(run_dir, "sockets")
+    os.makedirs(sockets)
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "term",
+        memory_mib=32,
+        vcpus=1,
+        virtio=TWO_BLK.replace(', "type=virtio,device2, transport=mmio, grant_usage=disabled"', ""),
+    )
+    fe.wait_log("serving virtio blk")
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    blk.write(0, b"\xaa" * 4096)
+    assert dom.servers, "xvf registered an IOREQ server"
+    assert fe.stop() == 0
+    assert "xvf stopped" in fe.log()
+    # IOREQ servers destroyed: the window is unclaimed, no vCPU can block on it
+    assert not dom.servers
+    with pytest.raises(GuestDataAbort):
+        dom.mmio(0, dom.virtio[0].base, 4, False)
