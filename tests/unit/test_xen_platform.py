@@ -362,8 +362,40 @@ def test_mapping_is_a_writable_view() -> None:
         assert len(m.view) == 2 * P.PAGE_SIZE and not m.view.readonly
         m.view[4096:4100] = b"xvf!"
         assert bytes(m.view[4096:4100]) == b"xvf!"
-        m.close()
-        assert m.address == 0
+        assert m.close() and m.address == 0
+        assert m.close()  # idempotent
+    finally:
+        os.close(fd)
+
+
+def test_mapping_stays_while_a_consumer_holds_its_buffer() -> None:
+    import ctypes
+
+    fd = os.open("/dev/zero", os.O_RDWR)
+    try:
+        m = P.Mapping(fd, P.PAGE_SIZE)
+        held = (ctypes.c_char * P.PAGE_SIZE).from_buffer(m.view)  # like the Cython hot path
+        assert not m.close()
+        assert m.address != 0
+        held[0] = b"z"  # still mapped, still writable
+        assert m.view[0] == ord("z")
+        del held
+        assert m.close() and m.address == 0
+    finally:
+        os.close(fd)
+
+
+def test_mapping_stays_while_the_ioreq_hot_path_holds_the_page() -> None:
+    from xvf._ioreq import IoreqServer, MmioState
+
+    fd = os.open("/dev/zero", os.O_RDWR)
+    try:
+        m = P.Mapping(fd, P.PAGE_SIZE)
+        server = IoreqServer(m.view, 2, 0x2000000, 0x200, MmioState())
+        assert not m.close()
+        assert server.vp_eport(1) == 0  # the slots are still readable
+        server.release()
+        assert m.close() and m.address == 0
     finally:
         os.close(fd)
 

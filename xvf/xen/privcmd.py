@@ -196,18 +196,6 @@ def guest_ram_banks(mem_bytes: int) -> list[tuple[int, int]]:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munmap.restype = ctypes.c_int
-MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def raw_ioctl(fd: int, request: int, arg: ctypes.Array | None) -> int:
@@ -220,24 +208,41 @@ def raw_ioctl(fd: int, request: int, arg: ctypes.Array | None) -> int:
 
 
 class Mapping:
-    """A shared mapping of the privcmd device (ioreq page or foreign guest RAM)."""
+    """A shared mapping of the privcmd device (ioreq page or foreign guest RAM).
+
+    Python's mmap object counts the buffers exported from it, so a mapping
+    still used by the hot path (or any memoryview) is never unmapped under it.
+    """
 
     def __init__(self, fd: int, length: int) -> None:
-        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == MAP_FAILED:
-            err = ctypes.get_errno()
-            raise HypercallError(f"mmap of {length:#x} bytes of privcmd failed", err)
-        self.address: int = addr
+        try:
+            self._mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise HypercallError(f"mmap of {length:#x} bytes failed", exc.errno) from None
+        probe = ctypes.c_char.from_buffer(self._mm)
+        self.address: int = ctypes.addressof(probe)
+        del probe
         self.length = length
-        self._array = (ctypes.c_char * length).from_address(addr)
-        self.view = memoryview(self._array).cast("B")
+        self.view = memoryview(self._mm)
 
-    def close(self) -> None:
-        """Unmap. Views handed out must not be used afterwards."""
-        if self.address:
-            self.view.release()
-            _libc.munmap(self.address, self.length)
-            self.address = 0
+    def close(self) -> bool:
+        """Unmap; False (and still mapped) while a consumer holds the buffer."""
+        if not self.address:
+            return True
+        try:
+            self.view.release()  # refused while a consumer holds this view
+            try:
+                self._mm.close()  # refused while any other view of the map lives
+            except BufferError:
+                self.view = memoryview(self._mm)
+                raise
+        except BufferError:
+            # Unmapping under a live buffer would leave it dangling: keep the
+            # mapping until a later close(), or until the process exits.
+            log.warning("mapping at %#x still in use; left mapped", self.address)
+            return False
+        self.address = 0
+        return True
 
 
 class Privcmd:
