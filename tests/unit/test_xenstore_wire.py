@@ -63,7 +63,15 @@ def test_encode_refuses_oversized_payload():
         encode(XsType.WRITE, 1, 0, b"x" * (PAYLOAD_MAX + 1))
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=20)))
+# Surrogates are not text xenstore can carry (it speaks UTF-8); they are excluded.
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+            max_size=20,
+        )
+    )
+)
 def test_strings_round_trip(items):
     assert split_strings(join_strings(*items)) == items
 
