@@ -17,6 +17,7 @@ import socket
 import time
 from typing import NoReturn
 
+from xvf import virtio_consts as V
 from xvf.errors import VhostUserError
 from xvf.vhost_user_wire import (
     CONFIG_HDR,
@@ -55,6 +56,8 @@ log = logging.getLogger("xvf.vhost_user")
 # than silently dropped by a too-small buffer.
 _ANC_FDS = 16
 _ANC_SIZE = socket.CMSG_SPACE(_ANC_FDS * array.array("i").itemsize)
+
+_RUNNING = V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
 
 
 class VhostUserFrontend:
@@ -136,8 +139,12 @@ class VhostUserFrontend:
         return self.backend_features
 
     def set_features(self, features: int) -> None:
+        """SET_FEATURES; under STATUS also adds FEATURES_OK to the device status, as
+        QEMU's vhost_user_set_features does."""
         self._set(Request.SET_FEATURES, encode_u64(features))
         self.acked_features = features
+        if self.protocol_features & ProtocolFeature.STATUS:
+            self.set_status(self.get_status() | V.STATUS_FEATURES_OK)
 
     def get_protocol_features(self) -> int:
         self._require_protocol_features_bit(Request.GET_PROTOCOL_FEATURES)
@@ -261,6 +268,17 @@ class VhostUserFrontend:
     def get_status(self) -> int:
         self._require(ProtocolFeature.STATUS, Request.GET_STATUS)
         return self._get_u64(Request.GET_STATUS)
+
+    def set_started(self, started: bool) -> None:
+        """Tell a STATUS-capable backend the device runs (ACKNOWLEDGE|DRIVER|DRIVER_OK
+        added) or stopped (status 0), like QEMU's vhost_user_dev_start; DPDK keeps
+        its device "not ready" until it sees DRIVER_OK. A no-op without STATUS."""
+        if not self.protocol_features & ProtocolFeature.STATUS:
+            return
+        if started:
+            self.set_status(self.get_status() | _RUNNING)
+        else:
+            self.set_status(0)
 
     # -- messages ---------------------------------------------------------------------
     def _q(self, q: int) -> int:

@@ -232,21 +232,26 @@ FEATURES = W.F_PROTOCOL_FEATURES | (1 << 32)
 def handshake(fe: VhostUserFrontend, peer: Peer, offered: int) -> None:
     """Script the replies to negotiate() and check the request sequence is QEMU's."""
     acked = offered & W.DEFAULT_PROTOCOL_FEATURES
-    ack = bool(acked & PF.REPLY_ACK)
+    ack, mq, status = (bool(acked & f) for f in (PF.REPLY_ACK, PF.MQ, PF.STATUS))
     peer.u64(R.GET_FEATURES, FEATURES)
     peer.u64(R.GET_PROTOCOL_FEATURES, offered)
-    if acked & PF.MQ:
+    if mq:
         peer.u64(R.GET_QUEUE_NUM, 4)
     if ack:
         peer.u64(R.SET_OWNER, 0)
     peer.u64(R.GET_FEATURES, FEATURES)
     if ack:
         peer.u64(R.SET_FEATURES, 0)
+    if status:  # FEATURES_OK is added to the status after SET_FEATURES
+        peer.u64(R.GET_STATUS, 0)
+        if ack:
+            peer.u64(R.SET_STATUS, 0)
     fe.negotiate(1 << 32 | 1 << 33)
-    seq = [peer.read() for _ in range(6 + bool(acked & PF.MQ))]
+    seq = [peer.read() for _ in range(6 + mq + 2 * status)]
     expected = [R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES]
-    expected += [R.GET_QUEUE_NUM] if acked & PF.MQ else []
+    expected += [R.GET_QUEUE_NUM] if mq else []
     expected += [R.SET_OWNER, R.GET_FEATURES, R.SET_FEATURES]
+    expected += [R.GET_STATUS, R.SET_STATUS] if status else []
     assert [s[0] for s in seq] == expected
     by_req = {s[0]: s for s in seq}
     assert W.decode_u64(by_req[R.SET_PROTOCOL_FEATURES][2]) == acked
@@ -255,9 +260,11 @@ def handshake(fe: VhostUserFrontend, peer: Peer, offered: int) -> None:
     assert not by_req[R.GET_FEATURES][1] & W.FLAG_NEED_REPLY
     # bit 33 was not offered, so it is not acked; bit 30 is added
     assert W.decode_u64(by_req[R.SET_FEATURES][2]) == FEATURES
+    if status:
+        assert W.decode_u64(by_req[R.SET_STATUS][2]) == 8  # FEATURES_OK
     assert fe.acked_features == FEATURES
     assert fe.protocol_features == acked
-    assert fe.queue_num == (4 if acked & PF.MQ else None)
+    assert fe.queue_num == (4 if mq else None)
 
 
 def test_missing_socket_is_named(tmp_path):
@@ -377,6 +384,29 @@ def test_vring_enable_skipped_without_protocol_features(pair):
     assert peer.pending() == b"<nothing>"
     with pytest.raises(VhostUserError, match="did not offer"):
         fe.get_protocol_features()
+
+
+def test_status_follows_qemu(pair):
+    fe, peer = pair
+    handshake(fe, peer, int(PF.REPLY_ACK | PF.STATUS))
+    peer.u64(R.GET_STATUS, 8)
+    peer.u64(R.SET_STATUS, 0)
+    peer.u64(R.SET_STATUS, 0)
+    fe.set_started(True)
+    fe.set_started(False)
+    got = [peer.read() for _ in range(3)]
+    assert [(g[0], W.decode_u64(g[2]) if g[2] else None) for g in got] == [
+        (R.GET_STATUS, None),
+        (R.SET_STATUS, 8 | 4 | 2 | 1),  # FEATURES_OK kept, ACKNOWLEDGE|DRIVER|DRIVER_OK added
+        (R.SET_STATUS, 0),
+    ]
+
+
+def test_set_started_is_a_no_op_without_status(pair):
+    fe, peer = pair
+    handshake(fe, peer, int(PF.REPLY_ACK))
+    fe.set_started(True)
+    assert peer.pending() == b"<nothing>"
 
 
 def test_reset_device_uses_what_was_negotiated(pair):
