@@ -6,7 +6,12 @@ Data is checked where the backend put it: in the disk image, with os.pread.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +28,7 @@ from tests.virtio_ring_for_tests import (
 )
 from xvf.errors import VhostUserError
 from xvf.vhost_user import VhostUserFrontend
-from xvf.vhost_user_wire import F_PROTOCOL_FEATURES
+from xvf.vhost_user_wire import F_PROTOCOL_FEATURES, XEN_MMAP_FOREIGN
 from xvf.vhost_user_wire import ProtocolFeature as PF
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
@@ -35,6 +40,7 @@ BLK_F_FLUSH = 1 << 9
 EVENT_IDX = 1 << 29  # not wanted: the test ring does not maintain used_event
 WANTED = VERSION_1 | BLK_F_SEG_MAX | BLK_F_BLK_SIZE | BLK_F_FLUSH
 QSIZE = 128
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def open_fds() -> int:
@@ -181,3 +187,63 @@ def test_missing_socket_names_the_path(export: QsdExport):
     path = os.path.join(os.path.dirname(export.socket_path), "absent.sock")
     with pytest.raises(VhostUserError, match=r"absent\.sock"):
         VhostUserFrontend(path)
+
+
+# -- the Xen mmap layout against a backend that requires it ---------------------------
+# QSD offers no XEN_MMAP. The repo's rust-vmm stand-in (tests/backends, run as its own
+# process with --require-xen-mmap, as a rust-vmm `xen` build behaves) checks the 40-byte
+# region layout and the flags the way rust-vmm does.
+
+
+@pytest.fixture
+def xen_backend() -> Iterator[str]:
+    run_dir = tempfile.mkdtemp(prefix="xvf-vux-", dir="/tmp")
+    sock = os.path.join(run_dir, "i2c.sock")
+    argv = [sys.executable, "-m", "tests.backends.i2c", "--socket-path", sock]
+    proc = subprocess.Popen(
+        [*argv, "--require-xen-mmap"], cwd=REPO, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None, "the i2c stand-in backend exited"
+            assert time.monotonic() < deadline, "the i2c stand-in backend never listened"
+            time.sleep(0.02)
+        yield sock
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_xen_mmap_regions_accepted(xen_backend: str):
+    with VhostUserFrontend(xen_backend) as fe:
+        fe.negotiate(VERSION_1)
+        assert fe.protocol_features & PF.XEN_MMAP
+        q = LiveQueue(fe)  # SET_MEM_TABLE with the 40-byte region layout, flags 0
+        try:
+            # no REPLY_ACK here: a reply to GET_VRING_BASE proves nothing was refused
+            assert fe.get_vring_base(0) == 0
+        finally:
+            q.close()
+
+
+def test_xen_mmap_foreign_region_refused_by_backend(xen_backend: str):
+    mem = GuestMemory(1 << 20)
+    try:
+        with VhostUserFrontend(xen_backend) as fe:
+            fe.negotiate(VERSION_1)
+            region = mem.region()
+            region.xen_mmap_flags, region.domid = XEN_MMAP_FOREIGN, 7
+            fe.set_mem_table([region])  # this backend cannot map privcmd: it hangs up
+            with pytest.raises(VhostUserError, match="closed the connection"):
+                fe.get_vring_base(0)
+    finally:
+        mem.close()
+
+
+def test_not_acking_xen_mmap_is_fatal_for_a_xen_backend(xen_backend: str):
+    with VhostUserFrontend(xen_backend) as fe:
+        with pytest.raises(VhostUserError, match="closed the connection"):
+            fe.negotiate(VERSION_1, want_protocol=PF.MQ)
