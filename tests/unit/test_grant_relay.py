@@ -1,0 +1,340 @@
+"""The shadow-virtqueue relay between a grant-mode guest and a backend without grant mapping.
+
+The guest side is the simulator's real driver stack (GuestRam, GrantTable,
+GrantDma, SplitVirtqueue) and the relay maps grants through the software Xen's
+real gntdev equivalent. The backend side is a small consumer reading the shadow
+ring straight out of ShadowMemory, as a vhost-user backend would after
+SET_MEM_TABLE (the e2e test runs the relay against qemu-storage-daemon).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import pytest
+from xvf._ioreq import MmioState
+
+from xvf.grant_relay import (
+    GRANT_ADDR_BIT,
+    GUEST_FEATURE_MASK,
+    GrantRelayQueue,
+    ShadowMemory,
+    relay_guest_features,
+)
+from xvf.sim.dma import GrantDma, grant_to_dma
+from xvf.sim.grant_table import GTF_READING, GTF_WRITING
+from xvf.sim.platform import SimPlatform
+from xvf.sim.virtqueue import VIRTQ_DESC_F_NEXT, SplitVirtqueue
+
+DESC = struct.Struct("<QIHH")
+QSIZE = 8
+
+
+@dataclass
+class Taken:
+    head: int
+    readable: bytes
+    writable: list[tuple[int, int]]  # (shadow gpa, length)
+
+
+class ShadowBackend:
+    """The device side of the shadow ring: what a vhost-user backend does with it."""
+
+    def __init__(self, relay: GrantRelayQueue) -> None:
+        n = relay.num
+        self.mem = relay.shadow.mem
+        self.n = n
+        self.desc = relay.shadow_desc
+        self.avail = self.mem[relay.shadow_avail : relay.shadow_avail + 6 + 2 * n].cast("H")
+        used = self.mem[relay.shadow_used : relay.shadow_used + 6 + 8 * n]
+        self.used_h = used.cast("H")
+        self.used_i = used[: 4 + 8 * n].cast("I")
+        used.release()
+        self.last_avail = 0
+        self.used_idx = 0
+
+    def take(self) -> list[Taken]:
+        out = []
+        while self.last_avail != self.avail[1]:
+            head = self.avail[2 + self.last_avail % self.n]
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+            readable = bytearray()
+            writable = []
+            i = head
+            while True:
+                addr, length, flags, nxt = DESC.unpack_from(self.mem, self.desc + 16 * i)
+                assert addr + length <= len(self.mem)  # shadow gpas only
+                if flags & 2:
+                    writable.append((addr, length))
+                else:
+                    readable += self.mem[addr : addr + length]
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                i = nxt
+            out.append(Taken(head, bytes(readable), writable))
+        return out
+
+    def complete(self, t: Taken) -> None:
+        """Echo the readable bytes XOR 0x5A into the writable segments."""
+        reply = bytes(b ^ 0x5A for b in t.readable)
+        written = 0
+        for addr, length in t.writable:
+            chunk = reply[written : written + length]
+            self.mem[addr : addr + len(chunk)] = chunk
+            written += len(chunk)
+        slot = self.used_idx % self.n
+        self.used_i[1 + 2 * slot] = t.head
+        self.used_i[2 + 2 * slot] = written
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.used_h[1] = self.used_idx
+
+    def close(self) -> None:
+        for v in (self.avail, self.used_h, self.used_i):
+            v.release()
+
+
+class Env:
+    def __init__(self, hv, indirect: bool = False, shadow_size: int = 1 << 20) -> None:
+        self.dom = hv.create_domain("t", memory_mib=16, vcpus=1)
+        self.platform = SimPlatform(hv.run_dir)
+        self.mapper = self.platform.open_grant_mapper(self.dom.domid)
+        self.dma = GrantDma(self.dom.ram, self.dom.grants)
+        self.vq = SplitVirtqueue(self.dom.ram, self.dma, QSIZE, indirect=indirect)
+        self.shadow = ShadowMemory(shadow_size)
+        self.state = MmioState()
+        self.backend_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.relay = GrantRelayQueue(
+            0,
+            QSIZE,
+            self.vq.desc_dma,
+            self.vq.avail_dma,
+            self.vq.used_dma,
+            self.mapper,
+            self.shadow,
+            self.state,
+            self.backend_kick,
+        )
+        self.backend = ShadowBackend(self.relay)
+        self.bufs: list[int] = []
+
+    def buf(self, data: bytes | int) -> int:
+        size = data if isinstance(data, int) else len(data)
+        gpa = self.dom.ram.alloc(size)
+        self.bufs.append(gpa)
+        if not isinstance(data, int):
+            self.dom.ram.write(gpa, data)
+        return gpa
+
+    def submit(self, out: bytes, in_len: int, token: object) -> tuple[int, int, int]:
+        """One request: `out` device-readable, `in_len` device-writable bytes."""
+        o = self.buf(out)
+        i = self.buf(in_len)
+        head = self.vq.add([(o, len(out))], [(i, in_len)], token)
+        return head, o, i
+
+    def kick(self) -> None:
+        # What MmioState's hot path does on QueueNotify, then the service loop.
+        os.write(self.relay.guest_kick_fd, (1).to_bytes(8, "little"))
+        self.relay.on_guest_kick()
+
+    def backend_kicked(self) -> bool:
+        try:
+            return int.from_bytes(os.read(self.backend_kick, 8), "little") > 0
+        except BlockingIOError:
+            return False
+
+    def mapped_refs(self) -> list[int]:
+        g = self.dom.grants
+        return [r for r in range(g.nr_entries) if g.flags(r) & (GTF_READING | GTF_WRITING)]
+
+    def descs(self) -> memoryview:
+        return self.dom.ram.view(self.vq.ring_gpa, 16 * QSIZE)
+
+    def close(self) -> None:
+        self.backend.close()
+        self.relay.stop()
+        self.vq.close()
+        assert not self.dma.broken
+        assert self.dma.outstanding() == 0
+        for gpa in self.bufs:
+            self.dom.ram.free(gpa)
+        self.platform.close()
+        self.shadow.close()
+        os.close(self.backend_kick)
+
+
+@pytest.fixture
+def env(hypervisor):
+    e = Env(hypervisor)
+    yield e
+    e.close()
+
+
+def roundtrip(env: Env, out: bytes, in_len: int, token: object) -> tuple[object, int, bytes]:
+    _, _, i = env.submit(out, in_len, token)
+    env.kick()
+    assert env.backend_kicked()
+    (t,) = env.backend.take()
+    assert t.readable == out  # the backend saw the guest's bytes
+    env.backend.complete(t)
+    env.relay.on_backend_call()
+    (got,) = env.vq.get_used()
+    return got[0], got[1], env.dom.ram.read(i, in_len)
+
+
+def test_feature_mask() -> None:
+    offered = (1 << 28) | (1 << 29) | (1 << 35) | (1 << 32) | 0x7
+    assert relay_guest_features(offered) == (1 << 28) | (1 << 32) | 0x7
+    assert GUEST_FEATURE_MASK & (1 << 29) == 0
+
+
+def test_data_both_directions(env: Env) -> None:
+    out = os.urandom(3000)
+    token, written, data = roundtrip(env, out, 3000, "r1")
+    assert (token, written) == ("r1", 3000)
+    assert data == bytes(b ^ 0x5A for b in out)
+    assert env.state.int_status & 1
+    # Only the three ring mappings remain; every data grant was unmapped.
+    assert env.relay.in_flight() == 0
+    ring_refs = set(env.mapped_refs())
+    assert len(ring_refs) <= 2  # the 8-entry rings fit in two pages
+
+
+def test_short_write_copies_only_len(env: Env) -> None:
+    out = b"abcd"
+    token, written, data = roundtrip(env, out, 4096 + 100, "short")
+    assert token == "short"
+    assert written == 4
+    assert data[:4] == bytes(b ^ 0x5A for b in out)
+    assert data[4:] == bytes(len(data) - 4)
+
+
+def test_several_in_flight_completed_out_of_order(env: Env) -> None:
+    payloads = {f"r{k}": os.urandom(512 + 1000 * k) for k in range(4)}
+    ins = {}
+    for tok, p in payloads.items():
+        _, _, i = env.submit(p, len(p), tok)
+        ins[tok] = i
+    env.kick()
+    taken = env.backend.take()
+    assert len(taken) == 4 and env.relay.in_flight() == 4
+    assert [t.readable for t in taken] == list(payloads.values())
+    for t in reversed(taken):
+        env.backend.complete(t)
+    env.relay.on_backend_call()
+    done = env.vq.get_used()
+    assert [tok for tok, _ in done] == [f"r{k}" for k in reversed(range(4))]
+    for tok, written in done:
+        p = payloads[tok]
+        assert written == len(p)
+        assert env.dom.ram.read(ins[tok], len(p)) == bytes(b ^ 0x5A for b in p)
+    # The queue wraps around its 8 entries many times and keeps working.
+    for k in range(20):
+        out = os.urandom(64)
+        assert roundtrip(env, out, 64, k)[2] == bytes(b ^ 0x5A for b in out)
+
+
+def _second(descs: memoryview, head: int) -> int:
+    return DESC.unpack_from(descs, 16 * head)[3]
+
+
+def _patch(descs: memoryview, i: int, **kw: int) -> None:
+    addr, length, flags, nxt = DESC.unpack_from(descs, 16 * i)
+    vals = {"addr": addr, "length": length, "flags": flags, "nxt": nxt} | kw
+    DESC.pack_into(descs, 16 * i, vals["addr"], vals["length"], vals["flags"], vals["nxt"])
+
+
+CORRUPTIONS = {
+    "no_bit63": lambda d, h, s: _patch(d, h, addr=DESC.unpack_from(d, 16 * h)[0] & ~GRANT_ADDR_BIT),
+    "ungranted_ref": lambda d, h, s: _patch(d, h, addr=grant_to_dma(4000)),
+    "loop": lambda d, h, s: _patch(d, s, flags=VIRTQ_DESC_F_NEXT | 2, nxt=h),
+    "next_out_of_range": lambda d, h, s: _patch(d, h, nxt=100),
+    "overflowing_length": lambda d, h, s: _patch(d, s, length=0xFFFFFFFF),
+    "huge_ref_range": lambda d, h, s: _patch(d, s, addr=GRANT_ADDR_BIT | (0xFFFFFFFF << 12)),
+    # A device-writable descriptor pointing at a read-only grant: the map is refused.
+    "write_to_readonly_grant": lambda d, h, s: _patch(d, s, addr=DESC.unpack_from(d, 16 * h)[0]),
+    "zero_length": lambda d, h, s: _patch(d, h, length=0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_malformed_chain_completes_with_len_0(env: Env, kind: str) -> None:
+    head, _, _ = env.submit(b"x" * 100, 100, "bad")
+    descs = env.descs()
+    CORRUPTIONS[kind](descs, head, _second(descs, head))
+    descs.release()
+    env.kick()
+    assert env.relay.bad_requests == 1
+    assert env.backend.take() == []  # never reached the backend
+    assert not env.backend_kicked()
+    assert env.vq.get_used() == [("bad", 0)]
+    assert env.state.int_status & 1
+    assert env.relay.in_flight() == 0
+    # The relay keeps working afterwards.
+    out = os.urandom(200)
+    token, written, data = roundtrip(env, out, 200, "good")
+    assert (token, written) == ("good", 200)
+    assert data == bytes(b ^ 0x5A for b in out)
+
+
+def test_indirect_descriptors(hypervisor) -> None:
+    e = Env(hypervisor, indirect=True)
+    try:
+        o1, o2 = os.urandom(700), os.urandom(5000)
+        a, b = e.buf(o1), e.buf(o2)
+        i1, i2 = e.buf(100), e.buf(8000)
+        e.vq.add([(a, len(o1)), (b, len(o2))], [(i1, 100), (i2, 8000)], "ind")
+        e.kick()
+        (t,) = e.backend.take()
+        assert t.readable == o1 + o2 and [n for _, n in t.writable] == [100, 8000]
+        e.backend.complete(t)
+        e.relay.on_backend_call()
+        assert e.vq.get_used() == [("ind", 5700)]
+        reply = bytes(x ^ 0x5A for x in o1 + o2)
+        assert e.dom.ram.read(i1, 100) + e.dom.ram.read(i2, 5600) == reply
+        # An indirect table whose length is not a multiple of 16 is refused.
+        head = e.vq.add([(a, 10), (b, 10)], [(i1, 10)], "badtable")
+        descs = e.descs()
+        _patch(descs, head, length=20)
+        descs.release()
+        e.kick()
+        assert e.vq.get_used() == [("badtable", 0)] and e.relay.bad_requests == 1
+    finally:
+        e.close()
+
+
+def test_full_shadow_memory_stalls_then_resumes(hypervisor) -> None:
+    # 4 pages: 1 reserved, 1 shadow ring, 2 for bounce buffers.
+    e = Env(hypervisor, shadow_size=4 * 4096)
+    try:
+        p1, p2 = os.urandom(2100), os.urandom(2100)
+        e.submit(p1, 2100, "a")
+        e.submit(p2, 2100, "b")
+        e.kick()
+        first = e.backend.take()
+        assert [t.readable for t in first] == [p1] and e.relay.stalled
+        e.backend.complete(first[0])
+        e.relay.on_backend_call()  # frees space: the stalled request goes out
+        assert e.vq.get_used() == [("a", 2100)]
+        second = e.backend.take()
+        assert [t.readable for t in second] == [p2] and not e.relay.stalled
+        e.backend.complete(second[0])
+        e.relay.on_backend_call()
+        assert e.vq.get_used() == [("b", 2100)]
+        assert e.relay.bad_requests == 0
+    finally:
+        e.close()
+
+
+def test_stop_releases_every_grant_mapping(env: Env) -> None:
+    env.submit(os.urandom(100), 9000, "x")
+    env.submit(os.urandom(5000), 100, "y")
+    env.kick()
+    assert len(env.backend.take()) == 2
+    assert len(env.mapped_refs()) > 2  # rings + the writable buffers in flight
+    assert env.relay.stop() == 2
+    assert env.mapped_refs() == []
+    # The guest can now revoke everything (Env.close checks GrantDma is not broken).
+    assert sorted(env.vq.detach_unused()) == ["x", "y"]
