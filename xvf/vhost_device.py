@@ -17,6 +17,7 @@ from xvf import virtio_consts as V
 from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.devices import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
+from xvf.grant_relay import GrantRelayQueue, ShadowMemory
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import EventChannelHandle, Platform
 from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
@@ -53,6 +54,7 @@ class DeviceParams:
 class _LiveQueue:
     kick_fd: int
     call_fd: int
+    relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
 
 
 class VhostDevice:
@@ -79,6 +81,8 @@ class VhostDevice:
         self.ioreq: IoreqServer | None = None
         self.ports: list[int] = []
         self.memory = None
+        self.shadow: ShadowMemory | None = None  # grant mode: the backend's only memory
+        self.grant_mapper = None
         self.state = MmioState()
         self.regs: VirtioMmioRegisters | None = None
         self.live: dict[int, _LiveQueue] = {}
@@ -182,10 +186,8 @@ class VhostDevice:
         if self.mem_table_sent:
             return
         if not self.foreign_mapping:
-            raise ConfigError(
-                f"{self.label}: grant mapping with a backend that cannot map grants itself "
-                "is not supported yet; run with --foreign-mapping"
-            )
+            self._send_shadow_mem_table()
+            return
         if self.memory is None:
             self.memory = self.platform.map_guest_memory(self.params.domid)
         regions = [
@@ -203,6 +205,43 @@ class VhostDevice:
         self._backend().set_mem_table(regions)
         self.mem_table_sent = True
 
+    def _send_shadow_mem_table(self) -> None:
+        # Grant mode: the backend sees only xvf's shadow memory; rings and buffers
+        # are relayed there (xvf.grant_relay).
+        vhost = self._backend()
+        if vhost.protocol_features & PROTOCOL_F_XEN_MMAP:
+            # TODO: send the guest's grant region (XEN_MMAP_GRANT + domid) instead;
+            # the backend then maps grants itself and needs no relay.
+            raise ConfigError(f"{self.label}: XEN_MMAP grant regions are not implemented yet")
+        self.shadow = ShadowMemory()
+        self.grant_mapper = self.platform.open_grant_mapper(self.params.domid)
+        vhost.set_mem_table([self.shadow.region()])
+        self.mem_table_sent = True
+
+    def _relay_queue_ready(self, index: int, q: QueueRegisters) -> None:
+        vhost = self._backend()
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            relay = GrantRelayQueue(
+                index, q.num, q.desc, q.driver, q.device,
+                self.grant_mapper, self.shadow, self.state, kick, call,
+            )  # fmt: skip
+        except Exception:
+            os.close(kick)
+            os.close(call)
+            raise
+        self.live[index] = _LiveQueue(kick, call, relay)
+        vhost.set_vring_num(index, q.num)
+        vhost.set_vring_base(index, 0)
+        vhost.set_vring_addr(index, *relay.vring_addrs)
+        vhost.set_vring_kick(index, kick)
+        vhost.set_vring_call(index, call)
+        vhost.set_vring_enable(index, True)
+        self.loop.add_reader(call, relay.on_backend_call)
+        self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
+        self.state.set_kick_fd(index, relay.guest_kick_fd)
+
     def _uva(self, gpa: int, length: int) -> int:
         t = self.memory.translate(gpa, length)
         if t is None:
@@ -211,6 +250,9 @@ class VhostDevice:
 
     def queue_ready(self, index: int, q: QueueRegisters) -> None:
         if index in self.live:
+            return
+        if not self.foreign_mapping:
+            self._relay_queue_ready(index, q)
             return
         vhost = self._backend()
         desc = self._uva(q.desc, 16 * q.num)
@@ -234,12 +276,16 @@ class VhostDevice:
             return
         self.state.set_kick_fd(index, -1)
         self.loop.remove_fd(live.call_fd)
+        if live.relay is not None:
+            self.loop.remove_fd(live.relay.guest_kick_fd)
         if self.vhost is not None:
             try:
                 self.vhost.set_vring_enable(index, False)
                 self.vhost.get_vring_base(index)
             except VhostUserError as exc:
                 log.warning("%s: stopping queue %d: %s", self.label, index, exc)
+        if live.relay is not None:  # the backend no longer touches the shadow ring
+            live.relay.stop()
         os.close(live.kick_fd)
         os.close(live.call_fd)
 
@@ -279,12 +325,21 @@ class VhostDevice:
             live = self.live.pop(index)
             self.state.set_kick_fd(index, -1)
             self.loop.remove_fd(live.call_fd)
+            if live.relay is not None:
+                self.loop.remove_fd(live.relay.guest_kick_fd)
+                live.relay.stop()
             os.close(live.kick_fd)
             os.close(live.call_fd)
         if self.vhost is not None:
             self.loop.remove_fd(self.vhost.fileno())
             self.vhost.close()
             self.vhost = None
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow = None
+        if self.grant_mapper is not None:
+            self.grant_mapper.close()
+            self.grant_mapper = None
         self.mem_table_sent = False
 
     def stop(self) -> None:
