@@ -87,6 +87,7 @@ class DriverQueue:
         self.avail_idx = 0
         self.last_used = 0
         self.free = list(range(size))
+        self.event_idx = False  # when set, keep used_event = last seen used index
         self.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
@@ -143,6 +144,10 @@ class DriverQueue:
                 self.last_used = (self.last_used + 1) & 0xFFFF
             if len(out) >= count:
                 break
+            if self.event_idx:
+                self.ram.set_u16(self.avail + 4 + 2 * self.size, self.last_used)
+                if self.ram.u16(self.used + 2) != self.last_used:
+                    continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {self.index}: {len(out)} of {count} used entries")
@@ -258,10 +263,11 @@ def connect(
     want_features: int,
     want_protocol: int,
     xen: tuple[int, int] | None = None,
+    ram: GuestRam | None = None,
 ) -> Session:
     """The QEMU-order handshake; acks the intersection of what is wanted and what is offered."""
     fe = Frontend(path)
-    ram = GuestRam()
+    ram = ram or GuestRam()
     fe.send(p.SET_OWNER)
     features = fe.get_u64(p.GET_FEATURES)
     proto = fe.get_u64(p.GET_PROTOCOL_FEATURES)
@@ -275,5 +281,6 @@ def connect(
     fe.set_mem_table(ram, xen)
     queues = [DriverQueue(ram, i, n) for i, n in enumerate(queue_sizes)]
     for q in queues:
+        q.event_idx = bool(acked & p.bit(p.F_EVENT_IDX))
         fe.setup_queue(q)
     return Session(fe, ram, queues, features, proto)

@@ -135,20 +135,27 @@ class Server:
         while True:
             for key, _ in self.sel.select():
                 kind, arg = key.data
-                if kind == "listen":
-                    self._accept()
-                elif kind == "conn":
-                    self._on_message()
-                elif kind == "kick":
-                    self._on_kick(arg)
+                if kind == "conn" and self.conn is None:
+                    continue  # dropped earlier in this round
+                try:
+                    if kind == "listen":
+                        self._accept()
+                    elif kind == "conn":
+                        self._on_message()
+                    elif kind == "kick":
+                        self._on_kick(arg)
+                except OSError as e:
+                    # A front-end that vanished mid-reply (EPIPE, ECONNRESET) is not fatal.
+                    self._drop_connection(f"socket error: {e}")
+                except Exception:
+                    log.exception("%s: unexpected error; dropping the front-end", self.device.name)
+                    self._drop_connection("internal error")
 
     def _accept(self) -> None:
         assert self.listener is not None
         conn, _ = self.listener.accept()
-        if self.conn is not None:
-            log.warning("%s: already serving a front-end; refusing another", self.device.name)
-            conn.close()
-            return
+        # One front-end at a time: later ones wait in the listen backlog until this one goes.
+        self.sel.unregister(self.listener)
         self.conn = conn
         self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
         self.device.connection_reset(self)
@@ -162,6 +169,8 @@ class Server:
             self.conn = None
         self._reset_connection_state()
         self.device.connection_reset(self)
+        if self.listener is not None:
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
 
     # ---- message I/O ----------------------------------------------------------------------
 
