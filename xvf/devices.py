@@ -29,21 +29,25 @@ class DeviceType:
 
 
 DEVICE_TYPES: tuple[DeviceType, ...] = (
+    # QueueNumMax follows the rust-vmm vhost-device backend's QUEUE_SIZE where one
+    # exists (a larger ring is refused by it), else QEMU's vhost-user device model
+    # or the seed's frontend crate. config_size is the backend's config struct,
+    # so GET_CONFIG is never larger than what it answers. Sources: test_devices.py.
     DeviceType("net", 1, 2, 256, 12, "network card (rx, tx)"),
-    DeviceType("blk", 2, 1, 256, 60, "block device"),
+    DeviceType("blk", 2, 1, 128, 60, "block device"),
     DeviceType("console", 3, 4, 128, 12, "console with multiport (rx, tx, control rx/tx)"),
-    DeviceType("rng", 4, 1, 512, 0, "entropy source"),
+    DeviceType("rng", 4, 1, 1024, 0, "entropy source"),
     DeviceType("scsi", 8, 3, 128, 36, "SCSI host (control, event, request)"),
-    DeviceType("gpu", 16, 2, 256, 16, "GPU (control, cursor)"),
-    DeviceType("input", 18, 2, 64, 136, "input device (event, status)"),
+    DeviceType("gpu", 16, 2, 1024, 16, "GPU (control, cursor)"),
+    DeviceType("input", 18, 2, 1024, 136, "input device (event, status)"),
     DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)"),
-    DeviceType("sound", 25, 4, 64, 16, "sound card (control, event, tx, rx)"),
+    DeviceType("sound", 25, 4, 64, 12, "sound card (control, event, tx, rx)"),
     DeviceType("fs", 26, 2, 1024, 40, "file system (hiprio, request)"),
-    DeviceType("scmi", 32, 2, 64, 0, "SCMI (command, event)"),
+    DeviceType("scmi", 32, 2, 1024, 0, "SCMI (command, event)"),
     DeviceType("i2c", 34, 1, 1024, 0, "I2C adapter"),
-    DeviceType("can", 36, 3, 64, 4, "CAN controller (tx, rx, control)"),
+    DeviceType("can", 36, 3, 64, 2, "CAN controller (tx, rx, control)"),
     DeviceType("gpio", 41, 2, 256, 8, "GPIO controller (request, event)"),
-    DeviceType("spi", 45, 1, 1024, 12, "SPI controller"),
+    DeviceType("spi", 45, 1, 1024, 32, "SPI controller"),
 )
 
 BY_ID = {d.virtio_id: d for d in DEVICE_TYPES}
@@ -62,7 +66,9 @@ def parse_compatible(compatible: str) -> int:
 
 def device_type(compatible_or_id: str | int) -> DeviceType:
     virtio_id = (
-        compatible_or_id if isinstance(compatible_or_id, int) else parse_compatible(compatible_or_id)
+        compatible_or_id
+        if isinstance(compatible_or_id, int)
+        else parse_compatible(compatible_or_id)
     )
     dev = BY_ID.get(virtio_id)
     if dev is None:
