@@ -96,12 +96,16 @@ class ShadowBackend:
 
 
 class Env:
-    def __init__(self, hv, indirect: bool = False, shadow_size: int = 1 << 20) -> None:
+    def __init__(
+        self, hv, indirect: bool = False, shadow_size: int = 1 << 20, event_idx: bool = False
+    ) -> None:
         self.dom = hv.create_domain("t", memory_mib=16, vcpus=1)
         self.platform = SimPlatform(hv.run_dir)
         self.mapper = self.platform.open_grant_mapper(self.dom.domid)
         self.dma = GrantDma(self.dom.ram, self.dom.grants)
-        self.vq = SplitVirtqueue(self.dom.ram, self.dma, QSIZE, indirect=indirect)
+        self.vq = SplitVirtqueue(
+            self.dom.ram, self.dma, QSIZE, indirect=indirect, event_idx=event_idx
+        )
         self.shadow = ShadowMemory(shadow_size)
         self.state = MmioState()
         self.backend_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -186,8 +190,8 @@ def roundtrip(env: Env, out: bytes, in_len: int, token: object) -> tuple[object,
 
 def test_feature_mask() -> None:
     offered = (1 << 28) | (1 << 29) | (1 << 35) | (1 << 32) | 0x7
-    assert relay_guest_features(offered) == (1 << 28) | (1 << 32) | 0x7
-    assert GUEST_FEATURE_MASK & (1 << 29) == 0
+    assert relay_guest_features(offered) == (1 << 28) | (1 << 29) | (1 << 32) | 0x7
+    assert GUEST_FEATURE_MASK & (1 << 35) == 0
 
 
 def test_data_both_directions(env: Env) -> None:
@@ -338,3 +342,22 @@ def test_stop_releases_every_grant_mapping(env: Env) -> None:
     assert env.mapped_refs() == []
     # The guest can now revoke everything (Env.close checks GrantDma is not broken).
     assert sorted(env.vq.detach_unused()) == ["x", "y"]
+
+
+def test_event_idx_guest_keeps_kicking(hypervisor) -> None:
+    # With EVENT_IDX the guest kicks only when avail idx passes avail_event: the
+    # relay must keep it at "every buffer", or the guest stops notifying.
+    e = Env(hypervisor, event_idx=True)
+    try:
+        for k in range(3 * QSIZE):
+            out = os.urandom(100 + k)
+            _, _, i = e.submit(out, len(out), k)
+            assert e.vq.kick_needed(), f"guest would not kick request {k}"
+            e.kick()
+            (t,) = e.backend.take()
+            e.backend.complete(t)
+            e.relay.on_backend_call()
+            assert e.vq.get_used() == [(k, len(out))]
+            assert e.dom.ram.read(i, len(out)) == bytes(b ^ 0x5A for b in out)
+    finally:
+        e.close()
