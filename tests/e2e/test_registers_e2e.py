@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import needs_qsd
 from xvf import virtio_consts as R
+from xvf.devices import BY_NAME
 from xvf.sim.ioreq import GuestDataAbort
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
@@ -32,7 +33,7 @@ def test_guest_probes_blk_device_through_xvf(
     assert dom.mmio(0, base + R.DEVICE_ID, 4, False) == 2
     dom.mmio(0, base + R.DEVICE_FEATURES_SEL, 4, True, 1)
     assert dom.mmio(0, base + R.DEVICE_FEATURES, 4, False) & 1  # VIRTIO_F_VERSION_1
-    assert dom.mmio(0, base + R.QUEUE_NUM_MAX, 4, False) == 256
+    assert dom.mmio(0, base + R.QUEUE_NUM_MAX, 4, False) == BY_NAME["blk"].queue_size
     # capacity (config offset 0, in 512-byte sectors) comes from QSD via GET_CONFIG
     capacity = dom.mmio(0, base + R.CONFIG, 8, False)
     assert capacity == os.path.getsize(image) // 512
