@@ -600,3 +600,30 @@ def test_gpio_survives_disconnect_mid_handshake_and_serves_next(gpio_backend: Ba
     finally:
         s.close()
     assert gpio_backend.alive()
+
+
+def test_get_vring_base_stops_the_ring_and_reports_next_avail(i2c_backend: Backend) -> None:
+    s = i2c_session(i2c_backend)
+    q = s.queues[0]
+    try:
+        i2c_transfer(s, [(i2c.EEPROM_ADDR, False, b"\x00"), (i2c.EEPROM_ADDR, True, 1)])
+        s.fe.send(p.GET_VRING_BASE, p.VRING_STATE.pack(0, 0))
+        assert p.VRING_STATE.unpack(s.fe.recv(p.GET_VRING_BASE)) == (0, 2)
+        bufs, status, _ = i2c_chain(s, i2c.EEPROM_ADDR, True, 1)
+        q.add_chain(bufs)
+        q.notify()  # the backend closed its kick fd: nothing may be consumed
+        assert s.fe.get_u64(p.GET_FEATURES) == s.features  # a round trip, so it had the chance
+        assert s.ram.u16(q.used + 2) == 2
+        assert s.ram.read(status, 1) == b"\xee"
+    finally:
+        s.close()
+
+
+def test_i2c_has_no_config_space_get_config_drops_the_front_end(i2c_backend: Backend) -> None:
+    s = i2c_session(i2c_backend)
+    try:
+        with pytest.raises((VhostUserError, ConnectionError)):
+            s.fe.get_config(0, 4)
+    finally:
+        s.close()
+    assert i2c_backend.alive()
