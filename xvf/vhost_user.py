@@ -343,6 +343,7 @@ class VhostUserFrontend:
                 len(payload),
                 fds or [],
             )
+        sent = 0
         try:
             sock.settimeout(self.timeout)
             sent = sock.sendmsg([msg], anc)
@@ -353,8 +354,9 @@ class VhostUserFrontend:
         except (BrokenPipeError, ConnectionResetError):
             self._closed(req)
         except OSError as exc:
-            # EBADF and friends: one of our fds was bad; nothing reached the backend
-            # unless it was a partial send, which sendmsg makes all-or-nothing here.
+            if sent:  # part of a message went out: the stream is out of step
+                self._fail(f"half-sent {req.name}: {exc.strerror or exc}")
+            # Typically EBADF for one of our fds: nothing went out, the link is fine.
             raise VhostUserError(
                 f"{self.socket_path}: sending {req.name} failed: {exc.strerror or exc}"
             ) from exc

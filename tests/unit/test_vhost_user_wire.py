@@ -535,3 +535,16 @@ def test_no_fd_leaks_across_failures(listener):
             fe.get_features()
         assert fe.fileno() == -1
     assert open_fds() == before
+
+
+def test_bad_fd_is_refused_without_harming_the_connection(pair):
+    fe, peer = pair
+    handshake(fe, peer, 0)
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)  # r is now a closed fd number
+    with pytest.raises(VhostUserError, match="sending SET_VRING_CALL failed: Bad file"):
+        fe.set_vring_call(0, r)
+    assert peer.pending() == b"<nothing>"
+    peer.u64(R.GET_FEATURES, FEATURES)
+    assert fe.get_features() == FEATURES
