@@ -17,7 +17,7 @@ from xvf import virtio_consts as V
 from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.devices import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
-from xvf.grant_relay import GrantRelayQueue, ShadowMemory
+from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import EventChannelHandle, Platform
 from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
@@ -138,6 +138,8 @@ class VhostDevice:
         guest_features |= 1 << V.F_VERSION_1
         if not self.foreign_mapping:
             guest_features |= 1 << V.F_ACCESS_PLATFORM
+            # The shadow relay completes in the backend's order: no IN_ORDER.
+            guest_features = relay_guest_features(guest_features)
         if self.regs is None:
             self.regs = VirtioMmioRegisters(
                 self.label,

@@ -55,7 +55,7 @@ def write_read_verify(blk: VirtioBlk, image: str, total: int, depth: int, seed: 
         assert blk.read(off // 512, CHUNK // 512) == payload[off : off + CHUNK]
 
 
-@pytest.mark.parametrize("foreign", [True], ids=["foreign"])
+@pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
 def test_guest_writes_64mib_through_xvf_to_qsd(
     hypervisor, run_dir, start_frontend, start_blk_backend, foreign
 ):
