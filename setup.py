@@ -23,8 +23,7 @@ def _require_toolchain() -> None:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None and shutil.which("cc") is None:
         sys.exit(
-            f"xvf: no C compiler found ({cc!r} is not on PATH). "
-            "Install one: apt-get install gcc"
+            f"xvf: no C compiler found ({cc!r} is not on PATH). Install one: apt-get install gcc"
         )
     include = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(include, "Python.h")):

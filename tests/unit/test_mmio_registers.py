@@ -249,7 +249,7 @@ def test_status_bits_cannot_be_cleared_without_reset(dev):
 
 
 def test_driver_ok_failure_sets_needs_reset(dev):
-    regs, model, s = dev
+    _regs, model, s = dev
 
     def boom(*_a):
         raise RuntimeError("backend gone")
@@ -262,7 +262,7 @@ def test_driver_ok_failure_sets_needs_reset(dev):
 
 
 def test_queue_reset_needs_feature(dev):
-    regs, model, s = dev
+    _regs, model, s = dev
     negotiate(s)  # without RING_RESET
     setup_queue(s, 0)
     wr(s, R.QUEUE_RESET, 1)

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from xvf._evtchn import EventChannel
+
 from xvf.sim.evtchn import EventChannels
 
 GUEST = 5
@@ -89,7 +89,7 @@ def test_unbind_and_reuse(chans):
 def test_garbage_and_foreign_ports_do_not_hurt(chans):
     woke = threading.Event()
     remote = chans.alloc_unbound(GUEST, 0, woke.set)
-    hid, chan, sock = open_channel(chans)
+    hid, _chan, sock = open_channel(chans)
     local = chans.bind_interdomain(hid, GUEST, remote)
     os.write(sock.fileno(), b"\x01\x02\x03")  # partial word
     os.write(sock.fileno(), struct.pack("<I", 0x80000000 | 999))  # notify on a port not ours
