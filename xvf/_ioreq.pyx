@@ -460,5 +460,10 @@ cdef class ServiceLoop:
             elif kind == KIND_CALL:
                 self._on_call(fd, <MmioState>entry[1])
             else:
-                entry[1]()
+                # One failing handler must not take the daemon (and every
+                # other guest's device) down with it.
+                try:
+                    entry[1]()
+                except Exception:
+                    log.exception("handler for fd %d failed", fd)
         return n

@@ -147,7 +147,11 @@ class Frontend:
             self.devices[key] = device
 
     def _backend_lost(self, device: VhostDevice) -> None:
-        log.warning("%s: marked DEVICE_NEEDS_RESET; the guest must reset it", device.label)
+        log.warning(
+            "%s: marked DEVICE_NEEDS_RESET; reconnecting when %s is back",
+            device.label,
+            device.params.socket_path,
+        )
 
     def _remove(self, key: tuple[int, int], why: str) -> None:
         device = self.devices.pop(key, None)
@@ -186,6 +190,9 @@ class Frontend:
             self.loop.run_once(TICK_MS)
             if self.pending:
                 self._start_pending()
+            for device in self.devices.values():
+                if not device.backend_connected:
+                    device.try_reconnect()
 
     def stop(self) -> None:
         self.running = False

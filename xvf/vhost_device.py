@@ -344,8 +344,46 @@ class VhostDevice:
             self.grant_mapper = None
         self.mem_table_sent = False
 
+    @property
+    def backend_connected(self) -> bool:
+        return self.vhost is not None
+
+    def try_reconnect(self) -> bool:
+        """Reconnect to a backend that went away, once its socket is back.
+
+        The guest was told DEVICE_NEEDS_RESET when the backend left; its reset
+        and re-initialisation then run against the new connection.
+        """
+        if self.vhost is not None or not os.path.exists(self.params.socket_path):
+            return self.vhost is not None
+        try:
+            self._connect_backend()
+        except (XvfError, OSError) as exc:
+            log.debug("%s: reconnect to %s failed: %s", self.label, self.params.socket_path, exc)
+            return False
+        log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
+        return True
+
+    def _answer_pending_ioreqs(self) -> None:
+        # A vCPU already waiting in its slot must get an answer before the
+        # server goes away, or it would never run again.
+        if self.ioreq is None:
+            return
+        for vcpu, port in enumerate(self.ports):
+            try:
+                if self.ioreq.service(vcpu):
+                    self.evtchn.channel.notify(port)
+            except XvfError as exc:
+                log.debug("%s: answering vCPU %d: %s", self.label, vcpu, exc)
+
     def stop(self) -> None:
         """Stop the rings, destroy the IOREQ server, unmap everything."""
+        if self.server is not None:
+            try:
+                self.server.set_enabled(False)
+            except Exception as exc:  # the guest may already be gone
+                log.debug("%s: disabling ioreq server: %s", self.label, exc)
+        self._answer_pending_ioreqs()
         if self.vhost is not None:
             for index in list(self.live):
                 self.queue_reset(index)
