@@ -70,9 +70,10 @@ class FrontendProcess:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+    def wait_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
+        """Wait until xvf has logged `text` at least `count` times."""
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) < count:
             if self.proc.poll() is not None:
                 raise AssertionError(f"xvf exited ({self.proc.returncode}):\n{self.log()}")
             if time.monotonic() > deadline:

@@ -178,6 +178,7 @@ class Hypervisor:
         vcpus: int = 1,
         virtio: str | list | None = None,
         grant_entries: int = 4096,
+        domid: int | None = None,
     ) -> Domain:
         """What `xl create` does, for a guest with `virtio = [...]` devices."""
         from xvf.sim import toolstack
@@ -188,8 +189,11 @@ class Hypervisor:
             specs = toolstack.parse_virtio_line(virtio) if isinstance(virtio, str) else list(virtio)
             specs = toolstack.assign_mmio_resources(specs)
         with self.lock:
-            domid = self._next_domid
-            self._next_domid += 1
+            if domid is None:
+                domid = self._next_domid
+                self._next_domid += 1
+            elif domid in self.domains or not 0 < domid < 0x7FF0:
+                raise SimulatorError(f"domain id {domid} is in use or not a DomU id")
         ram = GuestRam(memory_mib << 20)
         dom = Domain(
             domid=domid,

@@ -1,0 +1,109 @@
+"""Guests that reset their devices, die mid-I/O, or come back with the same domain id."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+
+from tests.conftest import needs_qsd
+from xvf import virtio_consts as R
+from xvf.sim.drivers.blk import VirtioBlk
+from xvf.sim.guest import attach
+
+pytestmark = [pytest.mark.e2e, needs_qsd]
+
+MIB = 1 << 20
+ONE_BLK = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+
+
+@pytest.fixture
+def sockets(run_dir):
+    path = os.path.join(run_dir, "sockets")
+    os.makedirs(path)
+    return path
+
+
+def test_reset_and_renegotiate_fewer_features(
+    hypervisor, sockets, start_frontend, start_blk_backend
+):
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain("reprobe", memory_mib=32, virtio=ONE_BLK)
+    fe.wait_log("serving virtio blk")
+    first = VirtioBlk(attach(dom, 0), event_idx=True)
+    first.start()
+    assert first.dev.has_feature(R.F_EVENT_IDX)
+    first.write(0, b"\x11" * 8192)
+    first.dev.reset()  # status 0, like a driver unbind
+    assert first.dev.status == 0
+    second = VirtioBlk(attach(dom, 0), event_idx=False, queue_size=64)
+    second.start()
+    assert not second.dev.has_feature(R.F_EVENT_IDX)
+    data = random.Random(1).randbytes(64 * 1024)
+    second.write(16, data)
+    second.flush()
+    with open(image, "rb") as f:
+        disk = f.read(16 * 512 + len(data))
+    assert disk[:8192] == b"\x11" * 8192
+    assert disk[16 * 512 :] == data
+    second.close()
+
+
+def test_guest_destroyed_mid_io_and_same_domid_recreated(
+    hypervisor, sockets, start_frontend, start_blk_backend
+):
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    start_blk_backend(sockets, "blk.sock1", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    victim = hypervisor.create_domain("victim", memory_mib=32, virtio=ONE_BLK, domid=7)
+    fe.wait_log("dom7/blk0: serving")
+    bystander = hypervisor.create_domain("bystander", memory_mib=32, virtio=ONE_BLK)
+    fe.wait_log("blk.sock1")
+    other = VirtioBlk(attach(bystander, 0))
+    other.start()
+
+    blk = VirtioBlk(attach(victim, 0))
+    blk.start()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                blk.write((i % 64) * 8, b"\x42" * 4096)
+            except BaseException as exc:
+                failures.append(exc)
+                return
+            i += 1
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    while not blk.dev.queues[0].in_flight() and writer.is_alive():
+        pass
+    hypervisor.destroy_domain(7)  # xl destroy, I/O in flight
+    stop.set()
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    fe.wait_log("dom7/blk0: stopping")
+
+    # the other guest never noticed
+    other.write(0, b"\x99" * 4096)
+    assert other.read(0, 8) == b"\x99" * 4096
+
+    # a new guest with the same domain id gets a fresh device on the same backend
+    again = hypervisor.create_domain("victim-again", memory_mib=32, virtio=ONE_BLK, domid=7)
+    fe.wait_log("dom7/blk0: serving virtio blk", count=2)
+    fresh = VirtioBlk(attach(again, 0))
+    fresh.start()
+    fresh.write(128, b"\x77" * 4096)
+    fresh.flush()
+    with open(image, "rb") as f:
+        f.seek(128 * 512)
+        assert f.read(4096) == b"\x77" * 4096
+    assert fe.proc.poll() is None
+    fresh.close()
+    other.close()
