@@ -105,5 +105,6 @@ def test_guest_destroyed_mid_io_and_same_domid_recreated(
         f.seek(128 * 512)
         assert f.read(4096) == b"\x77" * 4096
     assert fe.proc.poll() is None
+    assert "Traceback" not in fe.log(), fe.log()
     fresh.close()
     other.close()
