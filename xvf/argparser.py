@@ -66,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
-        help="log verbosity (default: %(default)s); SIGHUP re-reads XVF_LOG_LEVEL",
+        help="log verbosity (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any of socket_path, foreign_mapping, socket_timeout, log_level; "
+        "options given on the command line win; SIGHUP re-reads its log_level",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sim = sub.add_parser(

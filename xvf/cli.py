@@ -40,7 +40,7 @@ def run_daemon(args) -> int:
             foreign_mapping=args.foreign_mapping,
             socket_timeout=args.socket_timeout,
         )
-        install_signal_handlers(frontend)
+        install_signal_handlers(frontend, args.config)
         try:
             frontend.run()
         finally:
@@ -54,6 +54,15 @@ def run_daemon(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        if args.config:
+            from xvf.config import load_config
+
+            # The file's values become defaults, so explicit options still win.
+            parser.set_defaults(**load_config(args.config))
+            args = parser.parse_args(argv)
+    except XvfError as exc:
+        parser.error(str(exc))
     setup_logging(args.log_level)
     try:
         if args.command == "sim":

@@ -206,16 +206,26 @@ class Frontend:
             self.evtchn.close()
 
 
-def install_signal_handlers(frontend: Frontend) -> None:
+def install_signal_handlers(frontend: Frontend, config_path: str | None = None) -> None:
     def on_stop(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         frontend.stop()
 
     def on_hup(_signum: int, _frame: object) -> None:
-        level = os.environ.get("XVF_LOG_LEVEL")
+        if config_path is None:
+            log.info("SIGHUP: no --config file, nothing to reload")
+            return
+        from xvf.config import load_config
+
+        try:
+            level = load_config(config_path).get("log_level")
+        except XvfError as exc:
+            log.error("SIGHUP: keeping the current settings: %s", exc)
+            return
         if level:
+            # Said before the change, so that it shows even when raising the level.
+            log.warning("SIGHUP: log level is now %s (other settings need a restart)", level)
             logging.getLogger().setLevel(level.upper())
-            log.info("log level set to %s", level)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)

@@ -82,3 +82,25 @@ def test_sigterm_stops_cleanly_and_releases_the_guest(
     assert not dom.servers
     with pytest.raises(GuestDataAbort):
         dom.mmio(0, dom.virtio[0].base, 4, False)
+
+
+def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend):
+    import signal
+
+    sockets = os.path.join(run_dir, "sockets")
+    os.makedirs(sockets)
+    cfg = os.path.join(run_dir, "xvf.toml")
+    with open(cfg, "w") as f:
+        f.write('log_level = "info"\n')
+    fe = start_frontend(sockets, foreign=True, extra=["--config", cfg])
+    fe.wait_log("xvf serving")
+    with open(cfg, "w") as f:
+        f.write('log_level = "error"\n')
+    fe.proc.send_signal(signal.SIGHUP)
+    fe.wait_log("log level is now error")
+    with open(cfg, "w") as f:
+        f.write("log_level = \n")  # broken: the daemon keeps running with what it has
+    fe.proc.send_signal(signal.SIGHUP)
+    fe.wait_log("keeping the current settings")
+    assert fe.proc.poll() is None
+    assert fe.stop() == 0
