@@ -123,3 +123,19 @@ def start_blk_backend(run_dir):
     yield start
     for p in procs:
         p.stop()
+
+
+def wait_served(dom, index: int, timeout: float = 20.0) -> None:
+    """Wait until xvf serves the guest's `index`-th device (its window stops aborting)."""
+    from xvf.sim.ioreq import GuestDataAbort
+
+    base = dom.virtio[index].base
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dom.mmio(0, base, 4, False)
+            return
+        except GuestDataAbort:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"xvf never served device {index} of {dom.domid}") from None
+            time.sleep(0.02)
