@@ -104,3 +104,25 @@ def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend):
     fe.wait_log("keeping the current settings")
     assert fe.proc.poll() is None
     assert fe.stop() == 0
+
+
+def test_missing_backend_socket_times_out_and_others_are_served(
+    hypervisor, run_dir, start_frontend, start_blk_backend
+):
+    sockets = os.path.join(run_dir, "sockets")
+    os.makedirs(sockets)
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True, extra=["--socket-timeout", "1"])
+    line = (
+        'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled", '
+        '"type=virtio,device22, transport=mmio, grant_usage=disabled" ]'
+    )
+    dom = hypervisor.create_domain("nosock", memory_mib=32, virtio=line)
+    fe.wait_log(f"no backend socket {os.path.join(sockets, 'i2c.sock0')}")
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    blk.write(0, b"\x01" * 4096)
+    assert blk.read(0, 8) == b"\x01" * 4096
+    with pytest.raises(GuestDataAbort):  # the unserved device's window stays unclaimed
+        dom.mmio(0, dom.virtio[1].base, 4, False)
+    blk.close()
