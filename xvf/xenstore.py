@@ -373,11 +373,14 @@ class XenStore:
                 )
                 head, _, body = reply.partition(b"\0")
                 if gen is None:
-                    gen = head.decode()
-                elif head.decode() != gen:
+                    gen = head.decode("utf-8", "surrogateescape")
+                elif head.decode("utf-8", "surrogateescape") != gen:
                     break  # changed under us
                 done = body.endswith(b"\0\0") or body == b"\0"
                 chunk = body[:-1] if done else body
+                if not chunk and not done:
+                    # A reply that neither advances nor ends would loop forever.
+                    raise XenStoreError(f"DIRECTORY_PART of {path!r} made no progress")
                 names += split_strings(chunk)
                 offset += len(chunk)
                 if done:
@@ -392,7 +395,10 @@ class XenStore:
 
     def get_domain_path(self, domid: int) -> str:
         reply = self._request(XsType.GET_DOMAIN_PATH, join_strings(str(domid)), 0, str(domid))
-        return split_strings(reply)[0]
+        parts = split_strings(reply)
+        if not parts:
+            raise XenStoreError(f"empty GET_DOMAIN_PATH reply for domain {domid}")
+        return parts[0]
 
     def watch(self, path: str, token: str) -> None:
         self._request(XsType.WATCH, join_strings(path, token), 0, path)
