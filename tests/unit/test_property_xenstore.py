@@ -73,7 +73,17 @@ def client():
     h.close()
 
 
+def domid_request(type_: int, arg: str) -> bytes:
+    payload = arg.encode() + b"\0"
+    return HEADER.pack(type_, 1, 0, len(payload)) + payload
+
+
+# found by probing: non-ASCII digits ("\u00b2" passes str.isdigit, int() refuses it)
+# were an internal error (EIO) in the daemon instead of EINVAL
 @SETTINGS
+@example(stream=domid_request(XsType.GET_DOMAIN_PATH, "\u00b2"), early=False)
+@example(stream=domid_request(XsType.IS_DOMAIN_INTRODUCED, "\u00b2"), early=False)
+@example(stream=domid_request(XsType.RELEASE, "\u0663"), early=False)
 @given(stream=streams, early=st.booleans())
 def test_daemon_survives_any_stream(daemon, stream, early):
     daemon.check(stream, early)

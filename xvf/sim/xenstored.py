@@ -231,7 +231,8 @@ def _all_strings(payload: bytes) -> list[bytes]:
 
 def _domid(arg: bytes | str) -> int:
     s = arg.decode("ascii", "replace") if isinstance(arg, bytes) else arg
-    if not s.isdigit() or int(s) > 0xFFFF:
+    # isascii: str.isdigit() also accepts digits int() refuses ("\u00b2").
+    if not (s.isascii() and s.isdigit()) or int(s) > 0xFFFF:
         raise _XsErr("EINVAL")
     return int(s)
 
