@@ -32,10 +32,13 @@ def run_dir(tmp_path) -> str:
 
 
 @pytest.fixture
-def hypervisor(run_dir) -> Iterator:
+def hypervisor(run_dir, request) -> Iterator:
+    """A software Xen; `@pytest.mark.kernel_eventfds` gives its Dom0 kernel privcmd
+    ioeventfd/irqfd (Linux 6.7+), otherwise it is a 6.1 kernel without them."""
     from xvf.sim.hypervisor import Hypervisor
 
-    hv = Hypervisor(os.path.join(run_dir, "xen")).start()
+    offload = request.node.get_closest_marker("kernel_eventfds") is not None
+    hv = Hypervisor(os.path.join(run_dir, "xen"), kernel_eventfds=offload).start()
     yield hv
     hv.close()
 

@@ -159,6 +159,10 @@ cdef class MmioState:
     cdef public uint32_t int_status
     cdef public object handler
     cdef public IrqLine irq
+    # With kernel irqfd the used-buffer interrupt bypasses xvf, which cannot
+    # know when it fired: InterruptStatus then always shows the vring bit (a
+    # spurious ring scan is harmless; a missed one is not).
+    cdef public bint vring_sticky
     cdef int kick_fds[MAX_QUEUES]
     cdef public uint32_t num_queues
     # counters, readable from Python for stats and tests
@@ -210,6 +214,8 @@ cdef class MmioState:
     cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept:
         if offset == XVF_VIRTIO_MMIO_INTERRUPT_STATUS and size == 4:
             self.hot_accesses += 1
+            if self.vring_sticky:
+                return self.int_status | XVF_VIRTIO_MMIO_INT_VRING
             return self.int_status
         self.slow_accesses += 1
         try:

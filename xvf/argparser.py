@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     daemon = parser.add_argument_group("daemon options")
     add_frontend_options(daemon)
     daemon.add_argument(
+        "--ioreq-only",
+        action="store_true",
+        help="handle every QueueNotify and interrupt in xvf even where the Dom0 kernel "
+        "could take them over (privcmd ioeventfd/irqfd, Linux 6.7+)",
+    )
+    daemon.add_argument(
         "--sim",
         metavar="PATH",
         help="serve the software Xen whose sockets are in directory PATH (see `xvf sim`) "

@@ -39,6 +39,7 @@ def run_daemon(args) -> int:
             args.socket_path,
             foreign_mapping=args.foreign_mapping,
             socket_timeout=args.socket_timeout,
+            offload=not args.ioreq_only,
         )
         install_signal_handlers(frontend, args.config)
         try:

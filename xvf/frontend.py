@@ -40,8 +40,10 @@ class Frontend:
         socket_dir: str,
         foreign_mapping: bool = False,
         socket_timeout: float = 30.0,
+        offload: bool = True,
     ) -> None:
         self.platform = platform
+        self.offload = offload
         self.socket_dir = socket_dir
         self.foreign_mapping = foreign_mapping
         self.socket_timeout = socket_timeout
@@ -137,6 +139,7 @@ class Frontend:
                 self.evtchn,
                 self.foreign_mapping,
                 on_backend_lost=self._backend_lost,
+                offload=self.offload,
             )
             try:
                 device.start()

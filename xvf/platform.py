@@ -78,6 +78,10 @@ class GrantMapper(Protocol):
 class Platform(Protocol):
     name: str
     simulated: bool
+    # Linux 6.7+ privcmd can take QueueNotify (ioeventfd) and interrupt
+    # injection (irqfd) off the device model's hands; probed at start.
+    supports_ioeventfd: bool
+    supports_irqfd: bool
 
     def xenstore_path(self) -> str: ...
     def own_domid(self) -> int: ...
@@ -86,4 +90,15 @@ class Platform(Protocol):
     def irq_line(self, domid: int, irq: int) -> IrqLine: ...
     def map_guest_memory(self, domid: int) -> GuestMemory: ...
     def open_grant_mapper(self, domid: int) -> GrantMapper: ...
+    def assign_irqfd(self, domid: int, irq: int, eventfd: int, deassign: bool = False) -> None: ...
+    def assign_ioeventfd(
+        self,
+        server: IoreqServerHandle,
+        ports: list[int],
+        addr: int,
+        eventfd: int,
+        vq: int,
+        addr_len: int = 4,
+        deassign: bool = False,
+    ) -> None: ...
     def close(self) -> None: ...

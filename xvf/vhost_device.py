@@ -55,6 +55,7 @@ class _LiveQueue:
     kick_fd: int
     call_fd: int
     relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
+    ioeventfd: bool = False  # QueueNotify completed by the Dom0 kernel
 
 
 class VhostDevice:
@@ -68,6 +69,7 @@ class VhostDevice:
         evtchn: EventChannelHandle,
         foreign_mapping: bool,
         on_backend_lost: Callable[[VhostDevice], None] | None = None,
+        offload: bool = True,
     ) -> None:
         self.params = params
         self.platform = platform
@@ -82,6 +84,12 @@ class VhostDevice:
         self.ports: list[int] = []
         self.memory = None
         self.shadow: ShadowMemory | None = None  # grant mode: the backend's only memory
+        # Kernel offload of notifications (privcmd ioeventfd) and interrupts
+        # (privcmd irqfd), where the platform has them; relayed queues need xvf.
+        offload = offload and foreign_mapping
+        self.use_ioeventfd = offload and getattr(platform, "supports_ioeventfd", False)
+        self.use_irqfd = offload and getattr(platform, "supports_irqfd", False)
+        self.irqfd = -1  # the device's one call eventfd while irqfd is assigned
         self.grant_mapper = None
         self.state = MmioState()
         self.regs: VirtioMmioRegisters | None = None
@@ -113,6 +121,12 @@ class VhostDevice:
             p.irq,
             p.socket_path,
             "foreign" if self.foreign_mapping else "grant",
+        )
+        log.info(
+            "%s: QueueNotify handled by %s, interrupts injected by %s",
+            self.label,
+            "the kernel (privcmd ioeventfd)" if self.use_ioeventfd else "xvf (ioreq service loop)",
+            "the kernel (privcmd irqfd)" if self.use_irqfd else "xvf (dm_op set_irq_level)",
         )
 
     def _connect_backend(self) -> None:
@@ -261,35 +275,105 @@ class VhostDevice:
         avail = self._uva(q.driver, 6 + 2 * q.num)
         used = self._uva(q.device, 6 + 8 * q.num)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.live[index] = _LiveQueue(kick, call)
+        call = self._call_eventfd()
+        live = self.live[index] = _LiveQueue(kick, call)
         vhost.set_vring_num(index, q.num)
         vhost.set_vring_base(index, 0)
         vhost.set_vring_addr(index, desc, avail, used)
         vhost.set_vring_kick(index, kick)
         vhost.set_vring_call(index, call)
         vhost.set_vring_enable(index, True)
-        self.loop.add_call_fd(call, self.state)
+        if not self.use_irqfd:
+            self.loop.add_call_fd(call, self.state)
         self.state.set_kick_fd(index, kick)
+        if self.use_ioeventfd:
+            try:
+                self.platform.assign_ioeventfd(
+                    self.server, self.ports, self.params.base + V.QUEUE_NOTIFY, kick, index
+                )
+                live.ioeventfd = True
+            except XvfError as exc:
+                log.warning(
+                    "%s: privcmd ioeventfd refused (%s); QueueNotify stays with xvf",
+                    self.label,
+                    exc,
+                )
+                self.use_ioeventfd = False
+
+    def _call_eventfd(self) -> int:
+        if self.use_irqfd:
+            try:
+                return os.dup(self._irqfd())
+            except XvfError as exc:
+                log.warning(
+                    "%s: privcmd irqfd refused (%s); interrupts stay with xvf", self.label, exc
+                )
+                self.use_irqfd = False
+        return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def _irqfd(self) -> int:
+        """The call eventfd every queue shares once the kernel injects the interrupt."""
+        if self.irqfd < 0:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                self.platform.assign_irqfd(self.params.domid, self.params.irq, efd)
+            except Exception:
+                os.close(efd)
+                raise
+            self.irqfd = efd
+            self.state.vring_sticky = True
+        return self.irqfd
+
+    def _release_irqfd(self) -> None:
+        if self.irqfd < 0:
+            return
+        try:
+            self.platform.assign_irqfd(
+                self.params.domid, self.params.irq, self.irqfd, deassign=True
+            )
+        except XvfError as exc:  # the guest may be gone already
+            log.debug("%s: deassigning irqfd: %s", self.label, exc)
+        os.close(self.irqfd)
+        self.irqfd = -1
+        self.state.vring_sticky = False
+
+    def _close_live(self, index: int, live: _LiveQueue) -> None:
+        """Forget a queue on xvf's side (the backend is stopped or gone)."""
+        self.state.set_kick_fd(index, -1)
+        self.loop.remove_fd(live.call_fd)
+        if live.relay is not None:
+            self.loop.remove_fd(live.relay.guest_kick_fd)
+            live.relay.stop()
+        if live.ioeventfd:
+            try:
+                self.platform.assign_ioeventfd(
+                    self.server,
+                    self.ports,
+                    self.params.base + V.QUEUE_NOTIFY,
+                    live.kick_fd,
+                    index,
+                    deassign=True,
+                )
+            except XvfError as exc:
+                log.debug("%s: deassigning ioeventfd of queue %d: %s", self.label, index, exc)
+        os.close(live.kick_fd)
+        os.close(live.call_fd)
+        if not self.live:
+            self._release_irqfd()
 
     def queue_reset(self, index: int) -> None:
         live = self.live.pop(index, None)
         if live is None:
             return
         self.state.set_kick_fd(index, -1)
-        self.loop.remove_fd(live.call_fd)
-        if live.relay is not None:
-            self.loop.remove_fd(live.relay.guest_kick_fd)
         if self.vhost is not None:
             try:
                 self.vhost.set_vring_enable(index, False)
                 self.vhost.get_vring_base(index)
             except VhostUserError as exc:
                 log.warning("%s: stopping queue %d: %s", self.label, index, exc)
-        if live.relay is not None:  # the backend no longer touches the shadow ring
-            live.relay.stop()
-        os.close(live.kick_fd)
-        os.close(live.call_fd)
+        # only now does the backend no longer touch the rings (and a relay's shadow)
+        self._close_live(index, live)
 
     def device_reset(self) -> None:
         for index in list(self.live):
@@ -324,14 +408,7 @@ class VhostDevice:
 
     def _drop_backend(self) -> None:
         for index in list(self.live):
-            live = self.live.pop(index)
-            self.state.set_kick_fd(index, -1)
-            self.loop.remove_fd(live.call_fd)
-            if live.relay is not None:
-                self.loop.remove_fd(live.relay.guest_kick_fd)
-                live.relay.stop()
-            os.close(live.kick_fd)
-            os.close(live.call_fd)
+            self._close_live(index, self.live.pop(index))
         if self.vhost is not None:
             self.loop.remove_fd(self.vhost.fileno())
             self.vhost.close()

@@ -29,6 +29,13 @@ OP_EVTCHN_UNBIND = 6  # u32 handle, u32 port
 OP_GNT_MAP = 7
 OP_GNT_UNMAP = 8  # u16 domid, u16 pad, u32 count, count * u32 ref
 
+# Linux privcmd's eventfd offloads (6.7+), each carrying the eventfd in the request:
+# OP_IOEVENTFD: u16 domid, u16 pad, u32 flags, u64 addr, u32 addr_len, u32 vq, + eventfd
+OP_IOEVENTFD = 9
+# OP_IRQFD: u16 domid, u16 pad, u32 flags, u32 irq, + eventfd
+OP_IRQFD = 10
+FLAG_DEASSIGN = 1
+
 HEADER = struct.Struct("<II")
 RC = struct.Struct("<i")
 DM_OP_PREFIX = struct.Struct("<HHI")
@@ -86,9 +93,9 @@ class ControlClient:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def call(self, op: int, payload: bytes = b"") -> tuple[bytes, list[int]]:
+    def call(self, op: int, payload: bytes = b"", fds: list[int] = ()) -> tuple[bytes, list[int]]:
         """Returns the reply payload and fds; raises OSError(errno) when rc < 0."""
-        send_message(self.sock, HEADER.pack(op, len(payload)), payload)
+        send_message(self.sock, HEADER.pack(op, len(payload)), payload, list(fds))
         data, fds = recv_message(self.sock)
         if len(data) < RC.size:
             raise SimulatorError("the software Xen closed the control connection")

@@ -21,6 +21,7 @@ from xvf.sim import control as C
 from xvf.sim.evtchn import EventChannels
 from xvf.sim.grant_table import GrantTable
 from xvf.sim.ioreq import GuestDataAbort, IoreqServer, MmioRange, VcpuChannel, issue
+from xvf.sim.irqfd import IrqfdWatcher
 from xvf.sim.memory import GuestRam
 
 log = logging.getLogger("xvf.sim")
@@ -56,6 +57,10 @@ class Domain:
     virtio: list = field(default_factory=list)  # toolstack VirtioSpec list
     alive: bool = True
     access_timeout: float = 10.0
+    irq_pending: set[int] = field(default_factory=set)
+    # privcmd ioeventfd: (addr, addr_len, vq) -> eventfd the Dom0 kernel signals
+    ioeventfds: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    ioeventfd_hits: int = 0
 
     # -- what a vCPU does ---------------------------------------------------
     def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> int:
@@ -66,6 +71,14 @@ class Domain:
             raise SimulatorError(f"domain {self.domid} has no vCPU {vcpu}")
         if size not in (1, 2, 4, 8):
             raise SimulatorError(f"an Arm load/store has no size {size}")
+        if is_write and self.ioeventfds:
+            efd = self.ioeventfds.get((addr, size, value))
+            if efd is not None:
+                # Completed in the Dom0 kernel (privcmd ioeventfd): the device
+                # model never sees this QueueNotify.
+                self.ioeventfd_hits += 1
+                os.eventfd_write(efd, 1)
+                return 0
         with self.hv.lock:
             server = next((s for s in self.servers.values() if s.claims(addr, size)), None)
         if server is None:
@@ -86,21 +99,36 @@ class Domain:
         return self.irq_levels.get(irq, 0)
 
     def wait_irq(self, irq: int, timeout: float) -> bool:
-        """Block until SPI `irq` is asserted (level high); False on timeout."""
+        """Block until SPI `irq` is asserted; False on timeout.
+
+        An assertion is pending until a wait takes it (the vGIC delivers it once),
+        and the line stays asserted while the level is high.
+        """
         with self.irq_cond:
-            return self.irq_cond.wait_for(lambda: self.irq_levels.get(irq, 0), timeout)
+            ok = self.irq_cond.wait_for(
+                lambda: self.irq_levels.get(irq, 0) or irq in self.irq_pending, timeout
+            )
+            self.irq_pending.discard(irq)
+            return bool(ok)
 
     def set_irq(self, irq: int, level: int) -> None:
         with self.irq_cond:
             self.irq_levels[irq] = 1 if level else 0
+            if level:
+                self.irq_pending.add(irq)
             self.irq_cond.notify_all()
 
 
 class Hypervisor:
     """One simulated host. `start()` opens the sockets; `close()` tears everything down."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, kernel_eventfds: bool = False) -> None:
+        """`kernel_eventfds`: the simulated Dom0 kernel has privcmd ioeventfd and
+        irqfd (Linux 6.7+); without them those requests fail with ENOTTY, as on
+        Debian 12's 6.1 kernel."""
         self.run_dir = run_dir
+        self.kernel_eventfds = kernel_eventfds
+        self.irqfds = IrqfdWatcher()
         self.control_path = os.path.join(run_dir, "privcmd.sock")
         self.xenstore_path = os.path.join(run_dir, "xenstored.sock")
         self.lock = threading.RLock()
@@ -165,6 +193,7 @@ class Hypervisor:
         for t in self._threads:
             t.join(timeout=2)
         self.evtchn.close()
+        self.irqfds.close()
         self.xenstored.stop()
         for path in (self.control_path,):
             if os.path.exists(path):
@@ -248,6 +277,9 @@ class Hypervisor:
         except Exception as exc:  # xenstored may already be gone at shutdown
             log.debug("removing xenstore nodes of domain %d: %s", domid, exc)
         self.xenstored.release_domain(domid)
+        for fd in dom.ioeventfds.values():
+            os.close(fd)
+        dom.ioeventfds.clear()
         with self.lock:
             for server in dom.servers.values():
                 server.close()
@@ -284,9 +316,7 @@ class Hypervisor:
                     return
                 if not data:
                     return
-                for fd in fds:  # requests never carry fds
-                    os.close(fd)
-                reply, out_fds = session.handle(data)
+                reply, out_fds = session.handle(data, fds)
                 try:
                     C.send_message(conn, b"", reply, out_fds)
                 except OSError:
@@ -308,6 +338,8 @@ class _Session:
         self.hv = hv
         self.handles: list[int] = []
         self.mapped_grants: list[tuple[int, int, bool]] = []
+        self.irqfds: dict[tuple[int, int], int] = {}
+        self.ioeventfds: list[tuple[int, tuple[int, int, int]]] = []
 
     def close(self) -> None:
         # Like closing /dev/xen/gntdev: mappings go away. IOREQ servers stay, as in Xen.
@@ -316,8 +348,25 @@ class _Session:
             if dom is not None:
                 dom.grants.mark_unmapped(ref)
         self.mapped_grants.clear()
+        for efd in self.irqfds.values():  # closing privcmd drops its eventfd offloads
+            self.hv.irqfds.remove(efd)
+        self.irqfds.clear()
+        for domid, key in self.ioeventfds:
+            dom = self.hv.domains.get(domid)
+            efd = dom.ioeventfds.pop(key, None) if dom is not None else None
+            if efd is not None:
+                os.close(efd)
+        self.ioeventfds.clear()
 
-    def handle(self, data: bytes) -> tuple[bytes, list[int]]:
+    def handle(self, data: bytes, fds: list[int] = ()) -> tuple[bytes, list[int]]:
+        fds = list(fds)
+        try:
+            return self._handle(data, fds)
+        finally:
+            for fd in fds:  # whatever a handler did not keep
+                os.close(fd)
+
+    def _handle(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         if len(data) < C.HEADER.size:
             return C.RC.pack(-errno.EINVAL), []
         op, length = C.HEADER.unpack_from(data)
@@ -333,6 +382,8 @@ class _Session:
             C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
             C.OP_GNT_MAP: self._gnt_map,
             C.OP_GNT_UNMAP: self._gnt_unmap,
+            C.OP_IOEVENTFD: lambda p: self._ioeventfd(p, fds),
+            C.OP_IRQFD: lambda p: self._irqfd(p, fds),
         }.get(op)
         if handler is None:
             return C.RC.pack(-errno.ENOSYS), []
@@ -477,6 +528,55 @@ class _Session:
             raise
         self.mapped_grants.extend((domid, ref, bool(writable)) for ref in refs)
         return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
+
+    def _require_kernel_eventfds(self) -> None:
+        if not self.hv.kernel_eventfds:  # the ioctl does not exist before Linux 6.7
+            raise OSError(errno.ENOTTY, "this Dom0 kernel has no privcmd eventfd offload")
+
+    def _take_eventfd(self, fds: list[int]) -> int:
+        if len(fds) != 1:
+            raise OSError(errno.EBADF, "one eventfd expected")
+        return fds.pop()
+
+    def _ioeventfd(self, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._require_kernel_eventfds()
+        domid, _, flags, addr, addr_len, vq = struct.unpack_from("<HHIQII", payload)
+        dom = self.hv.domain(domid)
+        key = (addr, addr_len, vq)
+        if flags & C.FLAG_DEASSIGN:
+            old = dom.ioeventfds.pop(key, None)
+            if old is None:
+                raise OSError(errno.ENOENT, "no such ioeventfd")
+            os.close(old)
+            if (domid, key) in self.ioeventfds:
+                self.ioeventfds.remove((domid, key))
+            return b"", []
+        if addr_len not in (1, 2, 4, 8):
+            raise OSError(errno.EINVAL, "bad ioeventfd length")
+        efd = self._take_eventfd(fds)
+        if key in dom.ioeventfds:
+            os.close(efd)
+            raise OSError(errno.EEXIST, "ioeventfd already assigned")
+        dom.ioeventfds[key] = efd
+        self.ioeventfds.append((domid, key))
+        return b"", []
+
+    def _irqfd(self, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._require_kernel_eventfds()
+        domid, _, flags, irq = struct.unpack_from("<HHII", payload)
+        dom = self.hv.domain(domid)
+        if flags & C.FLAG_DEASSIGN:
+            key = self.irqfds.pop((domid, irq), None)
+            if key is None:
+                raise OSError(errno.ENOENT, "no such irqfd")
+            self.hv.irqfds.remove(key)
+            return b"", []
+        if not 32 <= irq < 1020:
+            raise OSError(errno.EINVAL, f"irq {irq} is not an SPI")
+        efd = self._take_eventfd(fds)
+        self.hv.irqfds.add(efd, lambda: dom.set_irq(irq, 1))
+        self.irqfds[(domid, irq)] = efd
+        return b"", []
 
     def _gnt_unmap(self, payload: bytes) -> tuple[bytes, list[int]]:
         domid, _, count = struct.unpack_from("<HHI", payload)

@@ -7,6 +7,7 @@ mapping, grant mappings, and IrqLine objects issuing real xen_dm_op structures.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import socket
@@ -183,6 +184,7 @@ class SimPlatform:
             )
         self.ctl = C.ControlClient(path)
         self._irq_sock: socket.socket | None = None
+        self.supports_irqfd = self.supports_ioeventfd = self._probe_eventfds()
 
     def dm_op(self, domid: int, op: bytes) -> bytes:
         try:
@@ -190,6 +192,44 @@ class SimPlatform:
         except OSError as exc:
             raise HypercallError(f"dm_op {op[0]} for domain {domid}", exc.errno) from None
         return reply
+
+    # -- privcmd eventfd offloads (Linux 6.7+), probed like on a real Dom0 --------
+    def _probe_eventfds(self) -> bool:
+        try:
+            self.ctl.call(C.OP_IRQFD, struct.pack("<HHII", 0, 0, C.FLAG_DEASSIGN, 32))
+        except OSError as exc:
+            return exc.errno != errno.ENOTTY
+        return True
+
+    def assign_irqfd(self, domid: int, irq: int, eventfd: int, deassign: bool = False) -> None:
+        flags = C.FLAG_DEASSIGN if deassign else 0
+        try:
+            self.ctl.call(
+                C.OP_IRQFD,
+                struct.pack("<HHII", domid, 0, flags, irq),
+                [] if deassign else [eventfd],
+            )
+        except OSError as exc:
+            raise HypercallError(f"irqfd for irq {irq} of domain {domid}", exc.errno) from None
+
+    def assign_ioeventfd(
+        self,
+        server: SimIoreqServer,
+        ports: list[int],
+        addr: int,
+        eventfd: int,
+        vq: int,
+        addr_len: int = 4,
+        deassign: bool = False,
+    ) -> None:
+        flags = C.FLAG_DEASSIGN if deassign else 0
+        payload = struct.pack("<HHIQII", server.domid, 0, flags, addr, addr_len, vq)
+        try:
+            self.ctl.call(C.OP_IOEVENTFD, payload, [] if deassign else [eventfd])
+        except OSError as exc:
+            raise HypercallError(
+                f"ioeventfd at {addr:#x} for domain {server.domid}", exc.errno
+            ) from None
 
     def xenstore_path(self) -> str:
         return os.path.join(self.run_dir, "xenstored.sock")
