@@ -52,14 +52,25 @@ def watch_paths(backend_domid: int) -> list[str]:
     return [backend_dir(backend_domid), "@releaseDomain"]
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _ascii_digits(t: str) -> bool:
+    # str.isdigit() alone also accepts "\u00b2" or Arabic-Indic digits.
+    return t.isascii() and t.isdigit()
+
+
 def _strtoul(text: str) -> int:
-    """strtoul(text, NULL, 0) without its silent acceptance of trailing junk."""
+    """strtoul(text, NULL, 0) without its silent acceptance of trailing junk.
+
+    Only ASCII digits: Python's int() would also take "_", signs and
+    whitespace inside the number, and non-ASCII digits."""
     t = text.strip()
-    if t.lower().startswith("0x") and len(t) > 2:
+    if t.lower().startswith("0x") and len(t) > 2 and all(c in _HEX for c in t[2:]):
         return int(t[2:], 16)
-    if len(t) > 1 and t.startswith("0") and t.isdigit():
+    if len(t) > 1 and t.startswith("0") and _ascii_digits(t):
         return int(t, 8)
-    if t.isdigit():
+    if _ascii_digits(t):
         return int(t)
     raise ValueError(text)
 
@@ -136,7 +147,7 @@ def parse_device(
 
 
 def _number(name: str) -> int | None:
-    return int(name) if name.isdigit() and len(name) <= 9 else None
+    return int(name) if _ascii_digits(name) and len(name) <= 9 else None
 
 
 def read_virtio_devices(

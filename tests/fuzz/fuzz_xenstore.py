@@ -16,6 +16,7 @@ Three harnesses, one oracle each:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -163,12 +164,19 @@ def assert_valid_device(dev: D.VirtioDeviceNode) -> None:
     assert dev.transport == "mmio"
 
 
+# What libxl writes and strtoul(3) reads: ASCII decimal, octal or 0x-hex.
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+", re.ASCII)
+
+
 def check_discovery(values: dict[str, str | None], backend_domid: int = 0) -> None:
     try:
         dev = D.parse_device("/p", 1, 0, values, backend_domid)
     except ConfigError:
         return
     assert_valid_device(dev)
+    for key in ("base", "irq"):
+        raw = (values[key] or "").strip()
+        assert _NUMBER.fullmatch(raw), f"{key} {raw!r} accepted as a number"
 
 
 _daemon: DaemonHarness | None = None

@@ -116,6 +116,8 @@ def reply(draw) -> bytes:
 @SETTINGS
 @example(stream=HEADER.pack(XsType.GET_DOMAIN_PATH, 1, 0, 0), calls=[5])
 @example(stream=HEADER.pack(XsType.DIRECTORY_PART, 1, 0, 3) + b"\xff\0\0", calls=[10])
+# a device directory entry "\u00b2" (isdigit, but int() refuses it) crashed discovery
+@example(stream=HEADER.pack(XsType.DIRECTORY, 1, 0, 3) + "\u00b2\0".encode(), calls=[11])
 @given(
     stream=st.one_of(st.lists(reply(), max_size=6).map(b"".join), st.binary(max_size=200)),
     calls=st.lists(st.integers(0, N_CLIENT_CALLS - 1), min_size=1, max_size=3),
@@ -134,7 +136,14 @@ values = st.one_of(
 )  # fmt: skip
 
 
+GOOD = {"type": "virtio,device22", "transport": "mmio", "base": "0x2000000", "irq": "33"}
+
+
+# accepted before as numbers: Arabic-Indic digits, underscores, signs inside hex
 @settings(max_examples=300, deadline=None)
+@example(vals={**GOOD, "irq": "\u0663\u0663", "grant_usage": None}, backend=0)
+@example(vals={**GOOD, "base": "0x2_000_000", "grant_usage": None}, backend=0)
+@example(vals={**GOOD, "base": "0x+2000000", "grant_usage": None}, backend=0)
 @given(vals=st.fixed_dictionaries({k: values for k in KEYS}), backend=st.integers(0, 2))
 def test_device_nodes_parse_or_config_error(vals, backend):
     check_discovery(vals, backend)
