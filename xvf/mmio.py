@@ -19,6 +19,15 @@ from xvf._ioreq import MmioState
 log = logging.getLogger("xvf.mmio")
 
 U32 = 0xFFFFFFFF
+# Each 64-bit ring address is two registers; bit 2 of the offset picks the half.
+_QUEUE_ADDR_FIELDS = {
+    R.QUEUE_DESC_LOW: "desc",
+    R.QUEUE_DESC_HIGH: "desc",
+    R.QUEUE_DRIVER_LOW: "driver",
+    R.QUEUE_DRIVER_HIGH: "driver",
+    R.QUEUE_DEVICE_LOW: "device",
+    R.QUEUE_DEVICE_HIGH: "device",
+}
 
 
 @dataclass
@@ -186,14 +195,7 @@ class VirtioMmioRegisters:
     def _queue_field_read(q: QueueRegisters, offset: int) -> int:
         if offset == R.QUEUE_NUM:
             return q.num
-        field = {
-            R.QUEUE_DESC_LOW: "desc",
-            R.QUEUE_DESC_HIGH: "desc",
-            R.QUEUE_DRIVER_LOW: "driver",
-            R.QUEUE_DRIVER_HIGH: "driver",
-            R.QUEUE_DEVICE_LOW: "device",
-            R.QUEUE_DEVICE_HIGH: "device",
-        }[offset]
+        field = _QUEUE_ADDR_FIELDS[offset]
         value = getattr(q, field)
         return (value >> 32) & U32 if offset & 4 else value & U32
 
@@ -256,14 +258,7 @@ class VirtioMmioRegisters:
         q = self._queue_for_setup(f"queue address register {offset:#x}")
         if q is None:
             return
-        field = {
-            R.QUEUE_DESC_LOW: "desc",
-            R.QUEUE_DESC_HIGH: "desc",
-            R.QUEUE_DRIVER_LOW: "driver",
-            R.QUEUE_DRIVER_HIGH: "driver",
-            R.QUEUE_DEVICE_LOW: "device",
-            R.QUEUE_DEVICE_HIGH: "device",
-        }[offset]
+        field = _QUEUE_ADDR_FIELDS[offset]
         setattr(q, field, _set_half(getattr(q, field), 1 if offset & 4 else 0, value))
 
     def _w_queue_ready(self, value: int) -> None:

@@ -8,31 +8,16 @@ serves guests is the same on both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from xvf._evtchn import EventChannel
 from xvf._gnttab import GrantMapping
 from xvf._ioreq import IrqLine
+from xvf.vhost_user_wire import VhostUserRegion
 
-
-@dataclass(frozen=True)
-class MemoryRegion:
-    """One region of guest RAM as the frontend maps it and hands it to a backend.
-
-    `fd` is the file the backend mmaps (memfd on the simulator); `fd_offset` is
-    where `gpa` lives in it; `uva` is where the frontend itself mapped it (the
-    address space of SET_VRING_ADDR); `xen_mmap_flags` is non-zero when the
-    region is described with the vhost-user Xen mmap extension instead.
-    """
-
-    gpa: int
-    size: int
-    uva: int
-    fd: int
-    fd_offset: int
-    xen_mmap_flags: int = 0
-    domid: int = 0
+# One region of guest RAM as the frontend maps it and hands it to a backend:
+# exactly what SET_MEM_TABLE describes (xvf.vhost_user_wire.VhostUserRegion).
+MemoryRegion = VhostUserRegion
 
 
 class EventChannelHandle(Protocol):

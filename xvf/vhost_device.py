@@ -20,7 +20,7 @@ from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import EventChannelHandle, Platform
-from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
+from xvf.vhost_user import VhostUserFrontend
 
 log = logging.getLogger("xvf.device")
 
@@ -206,18 +206,7 @@ class VhostDevice:
             return
         if self.memory is None:
             self.memory = self.platform.map_guest_memory(self.params.domid)
-        regions = [
-            VhostUserRegion(
-                gpa=r.gpa,
-                size=r.size,
-                uva=r.uva,
-                fd=r.fd,
-                fd_offset=r.fd_offset,
-                xen_mmap_flags=r.xen_mmap_flags,
-                domid=r.domid,
-            )
-            for r in self.memory.regions
-        ]
+        regions = list(self.memory.regions)  # already SET_MEM_TABLE regions
         self._backend().set_mem_table(regions)
         self.mem_table_sent = True
 
