@@ -142,3 +142,28 @@ def wait_served(dom, index: int, timeout: float = 20.0) -> None:
             if time.monotonic() > deadline:
                 raise AssertionError(f"xvf never served device {index} of {dom.domid}") from None
             time.sleep(0.02)
+
+
+@pytest.fixture
+def xsd():
+    """The simulator's xenstored on a short socket path (unix paths max 108 bytes)."""
+    import tempfile
+
+    from xvf.sim.xenstored import XenStored
+
+    d = tempfile.mkdtemp(prefix="xvf-xsd-")
+    daemon = XenStored(os.path.join(d, "xs.sock")).start()
+    yield daemon
+    daemon.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    assert daemon.internal_errors == []
+
+
+@pytest.fixture
+def xs(xsd):
+    """A client connected to `xsd`."""
+    from xvf.xenstore import XenStore
+
+    c = XenStore(xsd.path, timeout=5)
+    yield c
+    c.close()

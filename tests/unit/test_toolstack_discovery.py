@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import pytest
 
 from xvf.discovery import VirtioDeviceNode, read_virtio_devices, watch_paths
@@ -18,29 +14,11 @@ from xvf.sim.toolstack import (
     parse_virtio_line,
     remove_virtio_devices,
 )
-from xvf.sim.xenstored import XenStored
 from xvf.xenstore import XenStore
 
 I2C_GPIO = (
     'virtio = [ "type=virtio,device22, transport=mmio, grant_usage=1", "type=virtio,device29" ]'
 )
-
-
-@pytest.fixture
-def xsd():
-    d = tempfile.mkdtemp(prefix="xvf-xst-")
-    daemon = XenStored(os.path.join(d, "xs.sock")).start()
-    yield daemon
-    daemon.stop()
-    shutil.rmtree(d, ignore_errors=True)
-    assert daemon.internal_errors == []
-
-
-@pytest.fixture
-def xs(xsd):
-    c = XenStore(xsd.path, timeout=5)
-    yield c
-    c.close()
 
 
 # -- parsing -----------------------------------------------------------------------

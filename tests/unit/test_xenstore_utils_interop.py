@@ -10,35 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 
 import pytest
-
-from xvf.sim.xenstored import XenStored
-from xvf.xenstore import XenStore
 
 TOOLS = ("xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm")
 pytestmark = pytest.mark.skipif(
     any(shutil.which(t) is None for t in TOOLS),
     reason="xenstore-utils not installed (apt-get install xenstore-utils)",
 )
-
-
-@pytest.fixture
-def xsd():
-    d = tempfile.mkdtemp(prefix="xvf-xsi-")
-    daemon = XenStored(os.path.join(d, "xs.sock")).start()
-    yield daemon
-    daemon.stop()
-    shutil.rmtree(d, ignore_errors=True)
-    assert daemon.internal_errors == []
-
-
-@pytest.fixture
-def xs(xsd):
-    c = XenStore(xsd.path, timeout=5)
-    yield c
-    c.close()
 
 
 def tool(xsd, *args: str, ok: bool = True) -> subprocess.CompletedProcess:

@@ -27,23 +27,6 @@ from xvf.xenstore import (
 )
 
 
-@pytest.fixture
-def xsd():
-    d = tempfile.mkdtemp(prefix="xvf-xsd-")  # short: unix socket paths max 108 bytes
-    daemon = XenStored(os.path.join(d, "xs.sock")).start()
-    yield daemon
-    daemon.stop()
-    shutil.rmtree(d, ignore_errors=True)
-    assert daemon.internal_errors == []
-
-
-@pytest.fixture
-def xs(xsd):
-    c = XenStore(xsd.path, timeout=5)
-    yield c
-    c.close()
-
-
 def events_until(client: XenStore, n: int) -> list[tuple[str, str]]:
     got: list[tuple[str, str]] = []
     while len(got) < n:
