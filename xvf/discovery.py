@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xvf.devices import parse_compatible
 from xvf.errors import ConfigError
 from xvf.xenstore import XenStore, XenStoreRequestError
 
@@ -87,14 +88,10 @@ def parse_device(
     compatible = values.get("type")
     if compatible is None:
         raise _bad(path, "type", None, "required")
-    hexid = compatible[len(COMPATIBLE_PREFIX) :]
-    if (
-        not compatible.startswith(COMPATIBLE_PREFIX)
-        or not hexid
-        or len(hexid) > 8
-        or any(c not in "0123456789abcdef" for c in hexid)
-    ):
-        raise _bad(path, "type", compatible, "expected virtio,device<lower-case hex id>")
+    try:
+        device_id = parse_compatible(compatible)
+    except ConfigError:
+        raise _bad(path, "type", compatible, "expected virtio,device<lower-case hex id>") from None
     transport = values.get("transport")
     if transport is None:
         raise _bad(path, "transport", None, "required")
@@ -137,7 +134,7 @@ def parse_device(
         domid=domid,
         devid=devid,
         compatible=compatible,
-        device_id=int(hexid, 16),
+        device_id=device_id,
         base=base,
         irq=irq,
         transport=transport,

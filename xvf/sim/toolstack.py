@@ -47,6 +47,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from xvf.devices import parse_compatible
 from xvf.errors import ConfigError, XenStoreError
 from xvf.xenstore import XenStore, XenStoreRequestError
 
@@ -59,7 +60,6 @@ XENBUS_STATE_INITIALISING = 1
 TOOLSTACK_DOMID = 0
 TRANSPORTS = ("mmio",)
 VIRTIO_DEVICE_TYPE_GENERIC = "virtio,device"
-_TYPE_RE = re.compile(r"virtio,device([0-9a-f]+)\Z")
 _TX_RETRIES = 100
 
 
@@ -83,17 +83,6 @@ class VirtioSpec:
         if self.grant_usage is None:
             return self.backend_domid != TOOLSTACK_DOMID
         return self.grant_usage
-
-
-def parse_compatible(compatible: str) -> int:
-    """Virtio device id of a DT compatible "virtio,device<hex>"; ConfigError otherwise."""
-    m = _TYPE_RE.match(compatible)
-    if not m or len(m.group(1)) > 8:
-        raise ConfigError(
-            f"virtio type {compatible!r} is not 'virtio,device<id>' with the id in "
-            "lower-case hex without 0x (e.g. virtio,device22 for I2C)"
-        )
-    return int(m.group(1), 16)
 
 
 def _parse_bool(key: str, value: str) -> bool:
