@@ -118,7 +118,7 @@ def run_demo(args) -> int:
             secs = _blk_io(blk, images.get(i), total)
             print(
                 f"  wrote, flushed and read back {args.io_mib} MiB in {secs:.2f}s "
-                f"({2 * args.io_mib / secs:.0f} MiB/s through the ioreq path)"
+                f"({2 * args.io_mib / secs:.0f} MiB/s through xvf)"
             )
             blk.close()
         hv.destroy_domain(dom.domid)
