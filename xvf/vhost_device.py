@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from xvf import virtio_consts as V
 from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.devices import DeviceType
-from xvf.errors import ConfigError, VhostUserError, XvfError
+from xvf.errors import VhostUserError, XvfError
+from xvf.grant_layout import grant_regions, ring_spans
 from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import EventChannelHandle, Platform
@@ -152,8 +153,9 @@ class VhostDevice:
         guest_features |= 1 << V.F_VERSION_1
         if not self.foreign_mapping:
             guest_features |= 1 << V.F_ACCESS_PLATFORM
-            # The shadow relay completes in the backend's order: no IN_ORDER.
-            guest_features = relay_guest_features(guest_features)
+            if not self.backend_maps_grants:
+                # The shadow relay completes in the backend's order: no IN_ORDER.
+                guest_features = relay_guest_features(guest_features)
         if self.regs is None:
             self.regs = VirtioMmioRegisters(
                 self.label,
@@ -193,35 +195,57 @@ class VhostDevice:
         if self.backend_features & F_PROTOCOL_FEATURES:
             backend_bits |= F_PROTOCOL_FEATURES
         vhost.set_features(backend_bits)
-        self._send_mem_table()
+        self._send_mem_table(queues)
         for index, q in enumerate(queues):
             if q.ready:
                 self.queue_ready(index, q)
 
-    def _send_mem_table(self) -> None:
+    @property
+    def backend_maps_grants(self) -> bool:
+        """Grant mode with a Xen-aware backend: it maps the guest's grants itself."""
+        return (
+            not self.foreign_mapping
+            and self.vhost is not None
+            and bool(self.vhost.protocol_features & PROTOCOL_F_XEN_MMAP)
+        )
+
+    def _send_mem_table(self, queues: list[QueueRegisters]) -> None:
         if self.mem_table_sent:
             return
-        if not self.foreign_mapping:
+        if self.backend_maps_grants:
+            self._send_grant_mem_table(queues)
+        elif not self.foreign_mapping:
             self._send_shadow_mem_table()
-            return
-        if self.memory is None:
-            self.memory = self.platform.map_guest_memory(self.params.domid)
-        regions = list(self.memory.regions)  # already SET_MEM_TABLE regions
-        self._backend().set_mem_table(regions)
+        else:
+            if self.memory is None:
+                self.memory = self.platform.map_guest_memory(self.params.domid)
+            regions = list(self.memory.regions)  # already SET_MEM_TABLE regions
+            self._backend().set_mem_table(regions)
         self.mem_table_sent = True
 
+    def _send_grant_mem_table(self, queues: list[QueueRegisters]) -> None:
+        rings = [
+            span
+            for q in queues
+            if q.ready
+            for span in ring_spans(q.desc, q.driver, q.device, q.num)
+        ]
+        if self.grant_mapper is None:
+            self.grant_mapper = self.platform.open_grant_mapper(self.params.domid)
+        regions = grant_regions(
+            rings,
+            self.platform.guest_memory_bytes(self.params.domid),
+            self.params.domid,
+            self.grant_mapper.fileno(),
+        )
+        self._backend().set_mem_table(regions)
+
     def _send_shadow_mem_table(self) -> None:
-        # Grant mode: the backend sees only xvf's shadow memory; rings and buffers
-        # are relayed there (xvf.grant_relay).
-        vhost = self._backend()
-        if vhost.protocol_features & PROTOCOL_F_XEN_MMAP:
-            # TODO: send the guest's grant region (XEN_MMAP_GRANT + domid) instead;
-            # the backend then maps grants itself and needs no relay.
-            raise ConfigError(f"{self.label}: XEN_MMAP grant regions are not implemented yet")
+        # Grant mode, backend without Xen mmap: it sees only xvf's shadow memory;
+        # rings and buffers are relayed there (xvf.grant_relay).
         self.shadow = ShadowMemory()
         self.grant_mapper = self.platform.open_grant_mapper(self.params.domid)
-        vhost.set_mem_table([self.shadow.region()])
-        self.mem_table_sent = True
+        self._backend().set_mem_table([self.shadow.region()])
 
     def _relay_queue_ready(self, index: int, q: QueueRegisters) -> None:
         vhost = self._backend()
@@ -248,6 +272,8 @@ class VhostDevice:
         self.state.set_kick_fd(index, relay.guest_kick_fd)
 
     def _uva(self, gpa: int, length: int) -> int:
+        if self.backend_maps_grants:
+            return gpa  # grant regions are described with userspace_addr == address
         t = self.memory.translate(gpa, length)
         if t is None:
             raise XvfError(f"{self.label}: ring at {gpa:#x} is not in guest RAM")
@@ -256,7 +282,7 @@ class VhostDevice:
     def queue_ready(self, index: int, q: QueueRegisters) -> None:
         if index in self.live:
             return
-        if not self.foreign_mapping:
+        if not self.foreign_mapping and not self.backend_maps_grants:
             self._relay_queue_ready(index, q)
             return
         vhost = self._backend()

@@ -159,6 +159,10 @@ class SimGrantMapper:
         finally:
             os.close(fds[0])
 
+    def fileno(self) -> int:
+        # No backend here maps grants itself: the simulator never acks Xen mmap.
+        return -1
+
     def unmap(self, refs: list[int]) -> None:
         payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
             f"<{len(refs)}I", *refs
@@ -251,6 +255,13 @@ class SimPlatform:
             sock.connect(os.path.join(self.run_dir, "privcmd.sock"))
             self._irq_sock = sock
         return IrqLine(self._irq_sock.fileno(), domid, irq, True)
+
+    def guest_memory_bytes(self, domid: int) -> int:
+        reply, fds = self.ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
+        for fd in fds:
+            os.close(fd)
+        (count,) = struct.unpack_from("<I", reply)
+        return sum(struct.unpack_from("<QQQ", reply, 4 + 24 * i)[1] for i in range(count))
 
     def map_guest_memory(self, domid: int) -> SimGuestMemory:
         return SimGuestMemory(self.ctl, domid)

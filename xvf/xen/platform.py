@@ -190,6 +190,10 @@ class XenGrantMapper:
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         return self.gntdev.map(self.domid, refs, writable)
 
+    def fileno(self) -> int:
+        """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
+        return self.gntdev.fd
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
