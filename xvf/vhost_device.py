@@ -16,24 +16,21 @@ from dataclasses import dataclass
 from xvf import virtio_consts as V
 from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.devices import DeviceType
-from xvf.errors import VhostUserError, XvfError
+from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.grant_layout import grant_regions, ring_spans
 from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import EventChannelHandle, Platform
 from xvf.vhost_user import VhostUserFrontend
+from xvf.vhost_user_wire import ProtocolFeature as PF
 
 log = logging.getLogger("xvf.device")
 
 MMIO_WINDOW = 0x200  # libxl gives every virtio-mmio device 0x200 bytes
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
-PROTOCOL_F_MQ = 1 << 0
-PROTOCOL_F_REPLY_ACK = 1 << 3
-PROTOCOL_F_CONFIG = 1 << 9
-PROTOCOL_F_XEN_MMAP = 1 << 17
-# What xvf can use. XEN_MMAP only on real Xen: the simulator's guest RAM is a
-# plain shareable fd, which is what a backend maps when XEN_MMAP is not acked.
-WANTED_PROTOCOL = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIG
+# What xvf uses when a backend offers it. XEN_MMAP when the platform can describe
+# guest memory that way (always on Xen, where backends must map guests themselves).
+WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG
 
 
 @dataclass(frozen=True)
@@ -138,11 +135,11 @@ class VhostDevice:
             features = vhost.get_features()
             if features & F_PROTOCOL_FEATURES:
                 wanted = WANTED_PROTOCOL
-                if not self.platform.simulated:
-                    wanted |= PROTOCOL_F_XEN_MMAP
+                if getattr(self.platform, "xen_mmap", True):
+                    wanted |= PF.XEN_MMAP
                 acked = vhost.get_protocol_features() & wanted
                 vhost.set_protocol_features(acked)
-                self.config_supported = bool(acked & PROTOCOL_F_CONFIG)
+                self.config_supported = bool(acked & PF.CONFIG)
             self.backend_features = features
         except Exception:
             vhost.close()
@@ -206,7 +203,7 @@ class VhostDevice:
         return (
             not self.foreign_mapping
             and self.vhost is not None
-            and bool(self.vhost.protocol_features & PROTOCOL_F_XEN_MMAP)
+            and bool(self.vhost.protocol_features & PF.XEN_MMAP)
         )
 
     def _send_mem_table(self, queues: list[QueueRegisters]) -> None:
@@ -217,11 +214,21 @@ class VhostDevice:
         elif not self.foreign_mapping:
             self._send_shadow_mem_table()
         else:
-            if self.memory is None:
-                self.memory = self.platform.map_guest_memory(self.params.domid)
-            regions = list(self.memory.regions)  # already SET_MEM_TABLE regions
-            self._backend().set_mem_table(regions)
+            self._backend().set_mem_table(self._foreign_regions())
         self.mem_table_sent = True
+
+    def _foreign_regions(self) -> list:
+        if self.memory is None:
+            self.memory = self.platform.map_guest_memory(self.params.domid)
+        vhost = self._backend()
+        if vhost.protocol_features & PF.XEN_MMAP:
+            return self.memory.xen_regions()
+        if any(r.xen_mmap_flags for r in self.memory.regions):
+            raise ConfigError(
+                f"{self.label}: backend {self.params.socket_path} does not offer the vhost-user "
+                "Xen mmap extension (XEN_MMAP), which it needs to map a Xen guest's memory"
+            )
+        return list(self.memory.regions)  # plain shareable fds (the simulator's memfd)
 
     def _send_grant_mem_table(self, queues: list[QueueRegisters]) -> None:
         rings = [

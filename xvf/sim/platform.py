@@ -7,6 +7,7 @@ mapping, grant mappings, and IrqLine objects issuing real xen_dm_op structures.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -19,9 +20,16 @@ from xvf._ioreq import IrqLine
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.platform import MemoryRegion
 from xvf.sim import control as C
+from xvf.vhost_user_wire import XEN_MMAP_FOREIGN
 
 XENMEM_RESOURCE_IOREQ_SERVER = 0
 FRAME_IOREQ = 1
+
+
+def _control_connection(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.connect(path)
+    return sock
 
 
 def _dm_op(op: int, body: bytes) -> bytes:
@@ -93,7 +101,7 @@ class SimIoreqServer:
 
 
 class SimGuestMemory:
-    def __init__(self, ctl: C.ControlClient, domid: int) -> None:
+    def __init__(self, ctl: C.ControlClient, domid: int, control_path: str) -> None:
         reply, fds = ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
         self.fd = fds[0]
         (count,) = struct.unpack_from("<I", reply)
@@ -104,11 +112,13 @@ class SimGuestMemory:
             )
         )
         self._mmap = mmap.mmap(self.fd, total)
-        base = memoryview(self._mmap)
-        self._base = base
-        import ctypes
-
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        self._base = memoryview(self._mmap)
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        addr = ctypes.addressof(anchor)
+        del anchor  # release the export, or the mapping could never be closed
+        self.domid = domid
+        self.control_path = control_path
+        self._xen_fd: socket.socket | None = None
         self.regions = []
         for i in range(count):
             gpa, size, off = struct.unpack_from("<QQQ", reply, 4 + 24 * i)
@@ -130,19 +140,39 @@ class SimGuestMemory:
             raise GrantError(f"guest range {gpa:#x}+{length:#x} is not RAM")
         return self._base[t[0] : t[0] + length]
 
+    def xen_regions(self) -> list[MemoryRegion]:
+        """The same RAM described with the vhost-user Xen mmap extension: FOREIGN
+        regions whose fd is, as /dev/xen/privcmd is on a Dom0, the handle a Xen-aware
+        backend maps the guest with (here: a connection to the software Xen)."""
+        if self._xen_fd is None:
+            self._xen_fd = _control_connection(self.control_path)
+        return [
+            MemoryRegion(
+                gpa=r.gpa,
+                size=r.size,
+                uva=r.uva,
+                fd=self._xen_fd.fileno(),
+                fd_offset=0,
+                xen_mmap_flags=XEN_MMAP_FOREIGN,
+                domid=self.domid,
+            )
+            for r in self.regions
+        ]
+
     def close(self) -> None:
         self._base.release()
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # a view is still exported; the mapping goes with the process
+        self._mmap.close()
         os.close(self.fd)
+        if self._xen_fd is not None:
+            self._xen_fd.close()
 
 
 class SimGrantMapper:
-    def __init__(self, ctl: C.ControlClient, domid: int) -> None:
+    def __init__(self, ctl: C.ControlClient, domid: int, control_path: str) -> None:
         self._ctl = ctl
         self.domid = domid
+        self.control_path = control_path
+        self._xen_fd: socket.socket | None = None
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         payload = struct.pack("<HBBI", self.domid, int(writable), 0, len(refs))
@@ -160,8 +190,11 @@ class SimGrantMapper:
             os.close(fds[0])
 
     def fileno(self) -> int:
-        # No backend here maps grants itself: the simulator never acks Xen mmap.
-        return -1
+        """What a Xen-aware backend maps this guest's grants through (gntdev on a
+        Dom0; a connection to the software Xen here)."""
+        if self._xen_fd is None:
+            self._xen_fd = _control_connection(self.control_path)
+        return self._xen_fd.fileno()
 
     def unmap(self, refs: list[int]) -> None:
         payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
@@ -170,7 +203,9 @@ class SimGrantMapper:
         self._ctl.call(C.OP_GNT_UNMAP, payload)
 
     def close(self) -> None:
-        pass
+        if self._xen_fd is not None:
+            self._xen_fd.close()
+            self._xen_fd = None
 
 
 class SimPlatform:
@@ -179,9 +214,13 @@ class SimPlatform:
     name = "sim"
     simulated = True
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, xen_mmap: bool = False) -> None:
+        """`xen_mmap`: offer backends the vhost-user Xen mmap extension (they then map
+        the guest through the software Xen, as Xen-aware backends do through
+        /dev/xen/privcmd and gntdev); otherwise guest RAM is a plain shared memfd."""
         self.run_dir = run_dir
-        path = os.path.join(run_dir, "privcmd.sock")
+        self.xen_mmap = xen_mmap
+        path = self.control_path = os.path.join(run_dir, "privcmd.sock")
         if not os.path.exists(path):
             raise PlatformUnavailable(
                 f"no software Xen at {run_dir} (missing {path}); start one with `xvf sim`"
@@ -251,9 +290,7 @@ class SimPlatform:
         # The hot path sends dm_ops itself; it gets a connection of its own so
         # its replies never interleave with Python-level calls.
         if self._irq_sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            sock.connect(os.path.join(self.run_dir, "privcmd.sock"))
-            self._irq_sock = sock
+            self._irq_sock = _control_connection(self.control_path)
         return IrqLine(self._irq_sock.fileno(), domid, irq, True)
 
     def guest_memory_bytes(self, domid: int) -> int:
@@ -264,10 +301,10 @@ class SimPlatform:
         return sum(struct.unpack_from("<QQQ", reply, 4 + 24 * i)[1] for i in range(count))
 
     def map_guest_memory(self, domid: int) -> SimGuestMemory:
-        return SimGuestMemory(self.ctl, domid)
+        return SimGuestMemory(self.ctl, domid, self.control_path)
 
     def open_grant_mapper(self, domid: int) -> SimGrantMapper:
-        return SimGrantMapper(self.ctl, domid)
+        return SimGrantMapper(self.ctl, domid, self.control_path)
 
     def close(self) -> None:
         if self._irq_sock is not None:

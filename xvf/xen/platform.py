@@ -155,6 +155,10 @@ class XenGuestMemory:
             len(self._maps),
         )
 
+    def xen_regions(self) -> list[MemoryRegion]:
+        """On Xen the regions always carry the Xen mmap description."""
+        return list(self.regions)
+
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
         """(offset in the bank's mapping, frontend address) of a RAM range, or None."""
         for base, m in self._maps:
@@ -204,6 +208,7 @@ class XenPlatform:
     """`Platform` over /dev/xen on a Dom0 (or a driver domain with `own_domid`)."""
 
     name = "xen"
+    xen_mmap = True  # backends must map Xen guests themselves (vhost-user XEN_MMAP)
     simulated = False
 
     def __init__(
