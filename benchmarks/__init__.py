@@ -1,0 +1,1 @@
+"""xvf benchmarks: `python benchmarks/run.py` (see benchmarks/README.md)."""

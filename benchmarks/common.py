@@ -1,0 +1,124 @@
+"""Shared pieces of the benchmarks: building the C helpers, processes, statistics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+C_DIR = os.path.join(HERE, "c")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (missing compiler, a helper failed)."""
+
+
+def build_dir() -> str:
+    path = os.environ.get("XVF_BENCH_BUILD") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xvf-bench"
+    )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def build_c(name: str, extra: Sequence[str] = ()) -> str:
+    """Compile benchmarks/c/<name>.c with the system cc (once per source change)."""
+    src = os.path.join(C_DIR, name + ".c")
+    exe = os.path.join(build_dir(), name)
+    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(src):
+        return exe
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise BenchError("no C compiler (cc) to build the C baseline; apt-get install gcc")
+    tmp = f"{exe}.{os.getpid()}"
+    argv = [cc, "-O2", "-Wall", "-pthread", "-o", tmp, src, *extra]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"building {src} failed:\n{proc.stderr}")
+    os.replace(tmp, exe)
+    return exe
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time the process's main thread has used, in ns (/proc/<pid>/schedstat,
+    falling back to utime+stime in clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])
+        return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def summarize(lat_ns: np.ndarray) -> dict:
+    """Median and p99 in microseconds, plus the sample count."""
+    if lat_ns.size == 0:
+        return {"n": 0, "median_us": float("nan"), "p99_us": float("nan")}
+    med, p99 = np.percentile(lat_ns, [50, 99])
+    return {"n": int(lat_ns.size), "median_us": float(med) / 1e3, "p99_us": float(p99) / 1e3}
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a) / float(b) if b else float("nan")
+
+
+def read_u32(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint32).astype(np.float64)
+
+
+def pin(pid: int, cpu: int | None) -> None:
+    if cpu is not None and cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(pid, {cpu})
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Wait for the child's 'ready' line on stdout."""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise BenchError(f"helper {proc.args!r} did not start: {line!r} {err}")
+    if time.monotonic() > deadline:
+        raise BenchError("helper took too long to start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    return e
