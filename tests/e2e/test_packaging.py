@@ -1,0 +1,40 @@
+"""`pip install .` gives users what they were promised: three compiled modules,
+two console commands and a generated man page under share/man/man1."""
+
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_contents(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), REPO],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    (wheel,) = glob.glob(str(tmp_path / "xvf-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        for mod in ("_evtchn", "_ioreq", "_gnttab"):
+            assert any(n.startswith(f"xvf/{mod}.") and n.endswith(".so") for n in names), mod
+        assert "xvf/sim/drivers/blk.py" in names
+        (man,) = [n for n in names if n.endswith("share/man/man1/xen-vhost-frontend.1")]
+        page = z.read(man).decode()
+        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+        scripts = z.read(entry_points).decode()
+    assert "xen-vhost-frontend = xvf.cli:main" in scripts
+    assert "xvf = xvf.cli:main" in scripts
+    assert ".TH" in page
+    for option in ("socket\\-path", "foreign\\-mapping", "log\\-level"):
+        assert option in page, option
