@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable
@@ -49,7 +50,9 @@ def run_atheris(one_input: Callable[[bytes], None]) -> None:
     import atheris  # only the command line needs it; the unit tests run without
 
     # Coverage feedback for the pure-Python code already imported (xvf.*); the
-    # Cython modules are compiled and stay opaque to atheris.
-    atheris.instrument_all()
+    # Cython modules are compiled and stay opaque to atheris. Instrumenting
+    # takes ~10 s, so the unit test's smoke run turns it off.
+    if os.environ.get("XVF_FUZZ_INSTRUMENT", "1") != "0":
+        atheris.instrument_all()
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()

@@ -152,14 +152,16 @@ _harness: IoreqHarness | None = None
 
 
 def one_input(data: bytes) -> None:
-    """First 4 KiB: the page. Then one byte per vCPU to serve (index, may be out of range)."""
+    """Byte 0: n; next n bytes: vCPUs to serve (>= 128 doubled: out of range, or all
+    slots when n is 0); the rest, repeated, is the page (so short inputs fill it)."""
     global _harness
     if _harness is None:
         _harness = IoreqHarness()
     b = Bytes(data)
-    page = b.take(PAGE)
-    order = list(b.rest()[:64]) or list(range(NR_SLOTS))
-    _harness.check_page(page, [v * 2 if v >= 128 else v for v in order])
+    n = b.u8() % 16
+    order = [v * 2 if v >= 128 else v for v in b.take(n)] or list(range(NR_SLOTS))
+    rest = b.rest() or bytes(1)
+    _harness.check_page((rest * (PAGE // len(rest) + 1))[:PAGE], order)
 
 
 if __name__ == "__main__":
