@@ -99,11 +99,18 @@ class VhostDevice:
     # -- bring-up --------------------------------------------------------------
     def start(self) -> None:
         p = self.params
+        # The guest's DMA addresses must be what the mapping mode can translate.
+        if self.foreign_mapping and p.grant_usage:
+            raise ConfigError(
+                f"{self.label}: the guest uses grants (grant_usage=1), so its descriptors "
+                "carry grant addresses that foreign mapping cannot resolve; run without "
+                "--foreign-mapping or set grant_usage=0 in the guest's virtio line"
+            )
         if not self.foreign_mapping and not p.grant_usage:
-            log.warning(
-                "%s: grant mapping requested but the guest has grant_usage=0; "
-                "its descriptors carry guest-physical addresses",
-                self.label,
+            raise ConfigError(
+                f"{self.label}: the guest does not use grants (grant_usage=0), so its "
+                "descriptors carry guest-physical addresses; run with --foreign-mapping "
+                "or set grant_usage=1 in the guest's virtio line"
             )
         self._connect_backend()
         try:

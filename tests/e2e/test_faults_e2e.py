@@ -126,3 +126,24 @@ def test_missing_backend_socket_times_out_and_others_are_served(
     with pytest.raises(GuestDataAbort):  # the unserved device's window stays unclaimed
         dom.mmio(0, dom.virtio[1].base, 4, False)
     blk.close()
+
+
+@pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
+def test_mapping_mode_that_cannot_work_is_refused_clearly(
+    hypervisor, run_dir, start_frontend, start_blk_backend, foreign
+):
+    sockets = os.path.join(run_dir, "sockets")
+    os.makedirs(sockets)
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=foreign)
+    usage = "enabled" if foreign else "disabled"  # the opposite of what the mode needs
+    dom = hypervisor.create_domain(
+        "mismatch",
+        memory_mib=32,
+        virtio=f'virtio = [ "type=virtio,device2, transport=mmio, grant_usage={usage}" ]',
+    )
+    fe.wait_log("cannot start")
+    assert ("--foreign-mapping" in fe.log()) and "grant_usage" in fe.log()
+    with pytest.raises(GuestDataAbort):  # not served rather than served wrongly
+        dom.mmio(0, dom.virtio[0].base, 4, False)
+    assert fe.proc.poll() is None
