@@ -45,6 +45,12 @@ class Bytes:
         return max(0, len(self.data) - self.pos)
 
 
+def tmp_root() -> str:
+    """Where harnesses put sockets: short paths (108-byte limit). libFuzzer exits
+    without running cleanups, so the smoke test points this at a dir it removes."""
+    return os.environ.get("XVF_FUZZ_TMPDIR", "/tmp")
+
+
 def run_atheris(one_input: Callable[[bytes], None]) -> None:
     """`python -m tests.fuzz.fuzz_x [libFuzzer flags] [corpus dirs]` from the repo root."""
     import atheris  # only the command line needs it; the unit tests run without

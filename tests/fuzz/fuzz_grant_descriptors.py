@@ -27,7 +27,7 @@ import tempfile
 
 from xvf._ioreq import MmioState
 
-from tests.fuzz._common import Bytes, run_atheris
+from tests.fuzz._common import Bytes, run_atheris, tmp_root
 from xvf.grant_relay import GrantRelayQueue, ShadowMemory
 from xvf.sim.dma import GrantDma
 from xvf.sim.grant_table import GTF_READING, GTF_WRITING
@@ -46,7 +46,7 @@ KINDS = ("w0", "w1", "r0", "table", "ref", "plain", "raw")
 
 class GrantRelayHarness:
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xvf-fzg-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="xvf-fzg-", dir=tmp_root())
         self.hv = Hypervisor(os.path.join(self.dir, "xen")).start()
         self.dom = self.hv.create_domain("fuzz", memory_mib=4, vcpus=1)
         self.platform = SimPlatform(self.hv.run_dir)

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 
-from tests.fuzz._common import Bytes, run_atheris
+from tests.fuzz._common import Bytes, run_atheris, tmp_root
 from xvf.errors import VhostUserError
 from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
 from xvf.vhost_user_wire import F_PROTOCOL_FEATURES
@@ -79,7 +79,7 @@ class VhostReplyHarness:
     """A listening socket in a temp dir; one connection per `check`."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xvf-fz-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="xvf-fz-", dir=tmp_root())
         self.path = os.path.join(self.dir, "be.sock")
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(self.path)

@@ -22,7 +22,7 @@ import socket
 import struct
 import tempfile
 
-from tests.fuzz._common import Bytes, run_atheris
+from tests.fuzz._common import Bytes, run_atheris, tmp_root
 from xvf import discovery as D
 from xvf.errors import ConfigError, XenStoreError
 from xvf.sim.xenstored import XenStored
@@ -33,7 +33,7 @@ HEADER = struct.Struct("=IIII")
 
 class DaemonHarness:
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xvf-fzxs-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="xvf-fzxs-", dir=tmp_root())
         self.path = os.path.join(self.dir, "xs.sock")
         self.daemon = XenStored(self.path).start()
         self.good = XenStore(self.path, timeout=5.0)
@@ -122,7 +122,7 @@ def client_call(xs: XenStore, which: int) -> None:
 
 class ClientHarness:
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xvf-fzxc-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="xvf-fzxc-", dir=tmp_root())
         self.path = os.path.join(self.dir, "xs.sock")
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(self.path)

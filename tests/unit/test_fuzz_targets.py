@@ -11,9 +11,11 @@ import importlib
 import importlib.util
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -70,12 +72,17 @@ def test_libfuzzer_smoke_run(name, tmp_path):
     seeds.mkdir()
     for i, data in enumerate(corpus(name)):  # mutated from these, not from nothing
         (seeds / f"seed{i}").write_bytes(data)
-    env = dict(os.environ, XVF_FUZZ_INSTRUMENT="0", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-m", f"tests.fuzz.{name}", f"-runs={TARGETS[name]}",
-         f"-artifact_prefix={tmp_path}/", "-max_len=4200", "-seed=1", str(seeds)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # libFuzzer exits without cleanups: the harnesses' sockets go where we remove them
+    sock_dir = tempfile.mkdtemp(prefix="xvf-fzs-", dir="/tmp")
+    env = dict(os.environ, XVF_FUZZ_INSTRUMENT="0", PYTHONPATH=REPO, XVF_FUZZ_TMPDIR=sock_dir)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"tests.fuzz.{name}", f"-runs={TARGETS[name]}",
+             f"-artifact_prefix={tmp_path}/", "-max_len=4200", "-seed=1", str(seeds)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
     tail = proc.stderr[-3000:]
     assert proc.returncode == 0, tail
     assert f"Done {TARGETS[name]} runs" in proc.stderr, tail
