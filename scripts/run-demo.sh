@@ -11,4 +11,4 @@ echo "== grant mapping (default)"
 .venv/bin/xvf sim --socket-path "$dir/grant" --start-backends "$@"
 echo "== foreign mapping"
 .venv/bin/xvf sim --socket-path "$dir/foreign" --start-backends --foreign-mapping \
-    --virtio 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]' "$@"
+    --virtio 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]' "$@"

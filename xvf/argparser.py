@@ -20,9 +20,9 @@ of that device name from 0 (i2c.sock0, i2c.sock1, gpio.sock0, ...)."""
 
 EPILOG = """\
 Guest memory is shared with the backend by grant mapping unless
---foreign-mapping is given. Grant mapping needs grant_usage=enabled (the
+--foreign-mapping is given. Grant mapping needs grant_usage=1 (the
 default for a backend in Dom0) in the guest's virtio line; foreign mapping maps
-the whole guest RAM and needs grant_usage=disabled.
+the whole guest RAM and needs grant_usage=0.
 
 The subcommand `sim` runs a software Xen (no hypervisor needed) with a guest
 doing real I/O through xvf to a vhost-user backend; see `xvf sim --help`."""
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--virtio",
         metavar="LINE",
-        default='virtio = [ "type=virtio,device2, transport=mmio, grant_usage=enabled" ]',
+        default='virtio = [ "type=virtio,device2, transport=mmio, grant_usage=1" ]',
         help="xl-style virtio line describing the guest's devices (default: one virtio-blk)",
     )
     sim.add_argument(

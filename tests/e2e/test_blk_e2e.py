@@ -21,7 +21,7 @@ CHUNK = 256 * 1024
 
 
 def blk_line(grants: bool) -> str:
-    usage = "enabled" if grants else "disabled"
+    usage = "1" if grants else "0"
     return f'virtio = [ "type=virtio,device2, transport=mmio, grant_usage={usage}" ]'
 
 

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.e2e, needs_qsd]
 
 MIB = 1 << 20
 TWO_BLK = (
-    'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled", '
-    '"type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+    'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0", '
+    '"type=virtio,device2, transport=mmio, grant_usage=0" ]'
 )
 
 
@@ -69,7 +69,7 @@ def test_sigterm_stops_cleanly_and_releases_the_guest(
         "term",
         memory_mib=32,
         vcpus=1,
-        virtio=TWO_BLK.replace(', "type=virtio,device2, transport=mmio, grant_usage=disabled"', ""),
+        virtio=TWO_BLK.replace(', "type=virtio,device2, transport=mmio, grant_usage=0"', ""),
     )
     fe.wait_log("serving virtio blk")
     blk = VirtioBlk(attach(dom, 0))
@@ -114,8 +114,8 @@ def test_missing_backend_socket_times_out_and_others_are_served(
     start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
     fe = start_frontend(sockets, foreign=True, extra=["--socket-timeout", "1"])
     line = (
-        'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled", '
-        '"type=virtio,device22, transport=mmio, grant_usage=disabled" ]'
+        'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0", '
+        '"type=virtio,device22, transport=mmio, grant_usage=0" ]'
     )
     dom = hypervisor.create_domain("nosock", memory_mib=32, virtio=line)
     fe.wait_log(f"no backend socket {os.path.join(sockets, 'i2c.sock0')}")
@@ -136,7 +136,7 @@ def test_mapping_mode_that_cannot_work_is_refused_clearly(
     os.makedirs(sockets)
     start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
     fe = start_frontend(sockets, foreign=foreign)
-    usage = "enabled" if foreign else "disabled"  # the opposite of what the mode needs
+    usage = "1" if foreign else "0"  # the opposite of what the mode needs
     dom = hypervisor.create_domain(
         "mismatch",
         memory_mib=32,

@@ -16,7 +16,7 @@ from xvf.sim.guest import attach
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
 MIB = 1 << 20
-ONE_BLK = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+ONE_BLK = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def backends(run_dir):
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
 def test_rtc_over_i2c_and_gpio_lines(hypervisor, backends, start_frontend, foreign):
-    usage = "disabled" if foreign else "enabled"
+    usage = "0" if foreign else "1"
     line = (
         f'virtio = [ "type=virtio,device22, transport=mmio, grant_usage={usage}", '
         f'"type=virtio,device29, transport=mmio, grant_usage={usage}" ]'

@@ -17,7 +17,7 @@ from xvf.sim.guest import attach
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
 MIB = 1 << 20
-LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
 
 
 def run_io(hypervisor, run_dir, start_frontend, start_blk_backend, extra=()):

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.e2e, needs_qsd]
 
 MIB = 1 << 20
 TWO_BLK = (
-    'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled", '
-    '"type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+    'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0", '
+    '"type=virtio,device2, transport=mmio, grant_usage=0" ]'
 )
 
 

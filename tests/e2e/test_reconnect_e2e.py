@@ -36,7 +36,7 @@ def test_backend_restart_during_write_stream(
     os.makedirs(sockets)
     qsd, image = start_blk_backend(sockets, "blk.sock0", size=16 * MIB)
     fe = start_frontend(sockets, foreign=foreign)
-    usage = "disabled" if foreign else "enabled"
+    usage = "0" if foreign else "1"
     dom = hypervisor.create_domain(
         "restart",
         memory_mib=64,

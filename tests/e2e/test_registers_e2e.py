@@ -13,7 +13,7 @@ from xvf.sim.ioreq import GuestDataAbort
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
-BLK_LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=disabled" ]'
+BLK_LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
 
 
 def test_guest_probes_blk_device_through_xvf(

@@ -89,7 +89,7 @@ def test_soak(hypervisor, run_dir, start_frontend, start_blk_backend, foreign):
     ]
     try:
         fe = start_frontend(sockets, foreign=foreign, extra=["--log-level", "warning"])
-        line = LINE.format(g="disabled" if foreign else "enabled")
+        line = LINE.format(g="0" if foreign else "1")
         doms = [
             hypervisor.create_domain(f"soak{g}", memory_mib=48, vcpus=2, virtio=line)
             for g in range(GUESTS)

@@ -45,7 +45,7 @@ def test_parse_full_line():
         ),
         ("[ 'type=virtio,device22' ]", VirtioSpec(type="virtio,device22")),
         (
-            "type=virtio,device22, transport=mmio, grant_usage=enabled",
+            "type=virtio,device22, transport=mmio, grant_usage=1",
             VirtioSpec(type="virtio,device22", grant_usage=True),
         ),
     ],
@@ -74,7 +74,9 @@ def test_empty_list_is_no_devices():
         ("transport=mmio", "no type"),
         ("type=virtio,device22,transport=pci", "only mmio"),
         ("type=virtio,device22,transport=ccw", "only mmio"),
-        ("type=virtio,device22,grant_usage=maybe", "expected 1 or 0"),
+        ("type=virtio,device22,grant_usage=maybe", "write grant_usage=1 or grant_usage=0"),
+        # xl would read these with strtoul as 0: refused rather than given a meaning
+        ("type=virtio,device22,grant_usage=enabled", "would mean 0 on a real host"),
         ("type=virtio,device22,irq=40", "unknown string"),
         ("type=virtio,device22,base=0x2000000", "unknown string"),
         ("type=virtio,device22,bogus", "unknown string"),
