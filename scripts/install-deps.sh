@@ -24,4 +24,4 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # Editable: the compiled extensions land in ./xvf, so tests and `python -m tests.backends.*` see one tree.
-.venv/bin/pip install -q -e ".[test]" "$@"
+.venv/bin/pip install -q -e ".[test,fuzz]" "$@"
