@@ -216,7 +216,7 @@ class Setup:
     def guest_blk(self, foreign: bool, name: str = "bench", memory_mib: int = 64) -> VirtioBlk:
         from xvf.sim.guest import attach
 
-        usage = "disabled" if foreign else "enabled"
+        usage = "0" if foreign else "1"
         line = f'virtio = [ "type=virtio,device2, transport=mmio, grant_usage={usage}" ]'
         dom = self.hv.create_domain(name, memory_mib=memory_mib, vcpus=1, virtio=line)
         return VirtioBlk(attach(dom, 0))
