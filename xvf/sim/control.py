@@ -90,6 +90,29 @@ class ControlClient:
             msg = f"cannot reach the software Xen at {path}: {exc.strerror}"
             raise SimulatorError(msg) from exc
 
+    @classmethod
+    def adopt(cls, fd: int) -> ControlClient:
+        """A client over an already-connected control socket (e.g. one received by
+        SCM_RIGHTS). Owns `fd` on success; on failure the caller still owns it."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise SimulatorError(f"fd {fd} is not a socket: {exc.strerror}") from exc
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+                raise SimulatorError(f"fd {fd} is not a unix SOCK_SEQPACKET socket")
+            peer = sock.getpeername()
+        except OSError as exc:
+            sock.detach()
+            raise SimulatorError(f"fd {fd} is not a connected socket: {exc.strerror}") from exc
+        except SimulatorError:
+            sock.detach()
+            raise
+        client = cls.__new__(cls)
+        client.path = peer if isinstance(peer, str) else ""
+        client.sock = sock
+        return client
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
