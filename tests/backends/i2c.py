@@ -85,7 +85,7 @@ class Ds1307(I2cTarget):
     def time_registers(self) -> bytearray:
         if self.raw_time is not None:
             return bytearray(self.raw_time)
-        t = dt.datetime.fromtimestamp(int(self._now()), dt.timezone.utc)
+        t = dt.datetime.fromtimestamp(int(self._now()), dt.UTC)
         if self.mode12:
             h12 = t.hour % 12 or 12
             hours = 0x40 | (0x20 if t.hour >= 12 else 0) | _bcd(h12)
@@ -114,7 +114,7 @@ class Ds1307(I2cTarget):
                 hour,
                 _from_bcd(regs[1] & 0x7F),
                 _from_bcd(regs[0] & 0x7F),
-                tzinfo=dt.timezone.utc,
+                tzinfo=dt.UTC,
             )
             if not 1 <= regs[3] <= 7:
                 raise ValueError("day of week out of range")
