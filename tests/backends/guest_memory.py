@@ -1,7 +1,19 @@
-"""Guest memory as a backend sees it: the regions of SET_MEM_TABLE, mmapped from the passed fds.
+"""Guest memory as a backend sees it: the regions of SET_MEM_TABLE, mapped from the passed fds.
 
 Guest-physical addresses (descriptor addresses) and front-end virtual addresses (SET_VRING_ADDR)
 are both translated through the region table; anything not wholly inside one region is refused.
+
+With XEN_MMAP negotiated, regions are mapped the way rust-vmm's vm-memory maps them on Xen, but
+against the software Xen: the fd of a FOREIGN or GRANT region is a connection to the simulator's
+control socket (its privcmd/gntdev stand-in, xvf.sim.control), not a device node.
+
+- FOREIGN: OP_FOREIGN_MAP(domid) returns the guest's RAM banks and memfd; [gpa, gpa + size) is
+  mapped from it (the region must lie in one bank).
+- GRANT: the region's addresses are grant addresses (bit 63 | ref << 12 | offset); the refs that
+  cover it are mapped writable with OP_GNT_MAP at SET_MEM_TABLE (the rings).
+- GRANT | NO_ADVANCE_MAP: nothing is mapped up front. Each descriptor buffer is mapped when its
+  chain is walked (writable or read-only, as the descriptor says) and unmapped when the chain is
+  completed, before the used entry is published, because the guest revokes the grants then.
 """
 
 from __future__ import annotations
@@ -10,9 +22,13 @@ import logging
 import mmap
 import os
 import stat
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable
 
-from xvf.errors import GuestError, VhostUserError
+from xvf._gnttab import GrantMapping, map_file_pages
+
+from xvf.errors import GuestError, SimulatorError, VhostUserError, XvfError
+from xvf.sim import control as C
 
 log = logging.getLogger(__name__)
 
@@ -24,76 +40,321 @@ XEN_MMAP_GRANT = 0x2
 XEN_MMAP_NO_ADVANCE_MAP = 0x8
 _XEN_MMAP_KNOWN = XEN_MMAP_FOREIGN | XEN_MMAP_GRANT | XEN_MMAP_NO_ADVANCE_MAP
 
+# What check_xen_mmap decides a region is.
+MAP_FD = "fd"
+MAP_FOREIGN = "foreign"
+MAP_GRANT = "grant"
+MAP_GRANT_ON_DEMAND = "grant on demand"
+
+GRANT_ADDR_BIT = 1 << 63  # XEN_GRANT_DMA_ADDR_OFF: grant addresses in rings and descriptors
+PAGE_SHIFT = 12
+PAGE = 1 << PAGE_SHIFT
+DOMID_FIRST_RESERVED = 0x7FF0
+MAX_GRANTS_PER_MAP = 4096  # what one software-Xen OP_GNT_MAP takes
+CONTROL_TIMEOUT = 5.0  # a peer that is not a software Xen may never answer
+
 
 class GuestMemoryError(GuestError):
-    """A guest address range is not (wholly) inside the mapped guest memory."""
+    """A guest address range is not (wholly) inside the mapped guest memory, or cannot be mapped."""
 
 
-def check_xen_mmap(flags: int, domid: int) -> None:
-    """The one place that decides whether a region with a Xen mmap description can be mapped here.
+def check_xen_mmap(flags: int, domid: int) -> str:
+    """The one place that decides whether a region with a Xen mmap description is valid, and how
+    it is mapped: MAP_FD, MAP_FOREIGN, MAP_GRANT or MAP_GRANT_ON_DEMAND.
 
     rust-vmm accepts: UNIX (0: plain mmap of the fd), FOREIGN without NO_ADVANCE_MAP (privcmd
-    foreign mapping of the whole region) and GRANT with or without NO_ADVANCE_MAP (gntdev). This
-    process cannot do privcmd or gntdev mappings, so only UNIX (plain fd semantics) is mapped;
-    valid Xen mappings are refused as unsupported and invalid combinations as invalid.
+    foreign mapping of the whole region) and GRANT with or without NO_ADVANCE_MAP (gntdev).
+    Everything else is refused as invalid.
     """
     if flags & ~_XEN_MMAP_KNOWN:
         raise VhostUserError(f"xen mmap flags {flags:#x}: unknown bits")
-    foreign, grant = bool(flags & XEN_MMAP_FOREIGN), bool(flags & XEN_MMAP_GRANT)
-    in_advance = not flags & XEN_MMAP_NO_ADVANCE_MAP
     if flags == XEN_MMAP_UNIX:
-        return
+        return MAP_FD
+    foreign, grant = bool(flags & XEN_MMAP_FOREIGN), bool(flags & XEN_MMAP_GRANT)
+    on_demand = bool(flags & XEN_MMAP_NO_ADVANCE_MAP)
     if grant and not foreign:
-        what = "grant mapping (gntdev)"
-    elif foreign and not grant and in_advance:
-        what = "foreign mapping (privcmd)"
+        kind = MAP_GRANT_ON_DEMAND if on_demand else MAP_GRANT
+    elif foreign and not grant and not on_demand:
+        kind = MAP_FOREIGN
     else:
         raise VhostUserError(f"xen mmap flags {flags:#x}: invalid combination")
-    raise VhostUserError(
-        f"xen mmap flags {flags:#x} ask for a {what} of domain {domid}; this reference backend "
-        "can only map plain fds (flags 0)"
-    )
+    if not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise VhostUserError(f"xen mmap flags {flags:#x}: domain id {domid} is not a guest")
+    return kind
 
 
-@dataclass
+def _run_closers(closers: list[Callable[[], object]]) -> None:
+    # Every step runs even if an earlier one fails: a leaked mapping must not leak the grants.
+    for close in closers:
+        try:
+            close()
+        except (BufferError, OSError, XvfError) as e:
+            log.warning("releasing guest memory: %s", e)
+
+
 class Region:
-    gpa: int
-    size: int
-    uva: int
-    offset: int
-    map: mmap.mmap
-    view: memoryview  # the guest-visible part: map[offset:offset + size]
+    """One region of the table. `view` is [gpa, gpa + size); None for an on-demand region."""
+
+    kind = MAP_FD
+
+    def __init__(
+        self,
+        gpa: int,
+        size: int,
+        uva: int,
+        view: memoryview | None,
+        closers: list[Callable[[], object]] | None = None,
+    ) -> None:
+        self.gpa, self.size, self.uva, self.view = gpa, size, uva, view
+        self._closers = closers or []
 
     def close(self) -> None:
-        self.view.release()
-        try:
-            self.map.close()
-        except BufferError:
-            # A slice handed out earlier is still alive; the mapping goes when it does.
-            pass
+        if self.view is not None:
+            self.view.release()
+        closers, self._closers = self._closers, []
+        _run_closers(closers)
 
 
-def map_region(fd: int, gpa: int, size: int, uva: int, offset: int) -> Region:
-    """mmap `fd` from file offset 0 for offset + size bytes (offsets need no page alignment)."""
+def _check_bounds(gpa: int, size: int, uva: int, offset: int) -> None:
     if size == 0:
         raise VhostUserError("memory region of size 0")
     for name, value in (("guest_phys_addr", gpa), ("userspace_addr", uva), ("mmap_offset", offset)):
         if value + size > 1 << 64:
             raise VhostUserError(f"memory region {name} {value:#x} + size {size:#x} overflows")
+
+
+def _mmap_file(fd: int, file_offset: int, size: int) -> tuple[mmap.mmap, memoryview]:
+    """Shared read-write mapping of fd[file_offset, file_offset + size), any alignment."""
     st = os.fstat(fd)
     # A file shorter than the mapping would SIGBUS this process on first touch.
-    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+    if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
         raise VhostUserError(
-            f"memory region fd is {st.st_size:#x} bytes, region needs {offset + size:#x}"
+            f"memory region fd is {st.st_size:#x} bytes, region needs {file_offset + size:#x}"
         )
+    start = file_offset & ~(mmap.ALLOCATIONGRANULARITY - 1)
+    skip = file_offset - start
     try:
         m = mmap.mmap(
-            fd, offset + size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            fd,
+            skip + size,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
         )
     except (OSError, ValueError, OverflowError) as e:
         raise VhostUserError(f"cannot mmap memory region: {e}") from e
-    view = memoryview(m)[offset : offset + size]
-    return Region(gpa, size, uva, offset, m, view)
+    return m, memoryview(m)[skip : skip + size]
+
+
+def _close_mmap(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:
+        pass  # a slice handed out earlier is still alive; the mapping goes when it does
+
+
+def _mmap_region(gpa: int, size: int, uva: int, m: mmap.mmap, view: memoryview) -> Region:
+    return Region(gpa, size, uva, view, [lambda: _close_mmap(m)])
+
+
+def map_region(fd: int, gpa: int, size: int, uva: int, offset: int) -> Region:
+    """A plain region (no Xen mmap description, or flags 0): mmap `fd` as vhost-user says, from
+    file offset 0 for offset + size bytes (offsets need no page alignment)."""
+    _check_bounds(gpa, size, uva, offset)
+    m, view = _mmap_file(fd, offset, size)
+    return _mmap_region(gpa, size, uva, m, view)
+
+
+# ---- the software Xen's privcmd / gntdev, over the fd the front-end passed ---------------------
+
+
+def _adopt_control(fd: int, what: str) -> C.ControlClient:
+    """A client on a duplicate of `fd` (the caller keeps closing the original)."""
+    dup = os.dup(fd)
+    try:
+        client = C.ControlClient.adopt(dup)
+    except SimulatorError as e:
+        os.close(dup)
+        raise VhostUserError(
+            f"{what}: the region's fd is not a connection to a software Xen ({e}); this backend "
+            "maps Xen regions only through the simulator's control socket (privcmd.sock)"
+        ) from e
+    client.sock.settimeout(CONTROL_TIMEOUT)
+    return client
+
+
+def _call(client: C.ControlClient, op: int, payload: bytes, what: str) -> tuple[bytes, list[int]]:
+    try:
+        return client.call(op, payload)
+    except (OSError, SimulatorError) as e:  # socket.timeout is an OSError
+        raise GuestMemoryError(f"{what}: the software Xen refused or did not answer: {e}") from e
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def map_foreign(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
+    """A FOREIGN region: guest-physical [gpa, gpa + size) of `domid`, mapped from its RAM."""
+    _check_bounds(gpa, size, uva, 0)
+    what = f"foreign region {gpa:#x}+{size:#x} of domain {domid}"
+    client = _adopt_control(fd, what)
+    try:
+        reply, fds = _call(client, C.OP_FOREIGN_MAP, struct.pack("<H", domid), what)
+    finally:
+        client.close()  # privcmd mappings outlive the fd they were made through
+    try:
+        if len(fds) != 1 or len(reply) < 4:
+            raise GuestMemoryError(f"{what}: malformed OP_FOREIGN_MAP reply")
+        (count,) = struct.unpack_from("<I", reply)
+        if len(reply) != 4 + 24 * count:
+            raise GuestMemoryError(f"{what}: malformed OP_FOREIGN_MAP reply")
+        banks = [struct.unpack_from("<QQQ", reply, 4 + 24 * i) for i in range(count)]
+        for bank_gpa, bank_size, bank_offset in banks:
+            if bank_gpa <= gpa and gpa + size <= bank_gpa + bank_size:
+                m, view = _mmap_file(fds[0], bank_offset + gpa - bank_gpa, size)
+                return _mmap_region(gpa, size, uva, m, view)
+        listed = ", ".join(f"{g:#x}+{s:#x}" for g, s, _ in banks)
+        raise GuestMemoryError(f"{what} is not inside one RAM bank of the guest ({listed})")
+    finally:
+        _close_fds(fds)
+
+
+def grant_span(addr: int, length: int) -> tuple[int, int, int]:
+    """(first ref, number of refs, offset in the first page) of grant range [addr, addr+length)."""
+    if not addr & GRANT_ADDR_BIT:
+        raise GuestMemoryError(f"{addr:#x} is not a grant address (bit 63 clear)")
+    if length <= 0:
+        raise GuestMemoryError(f"grant range {addr:#x} of length {length}")
+    a = addr & ~GRANT_ADDR_BIT
+    first, last = a >> PAGE_SHIFT, (a + length - 1) >> PAGE_SHIFT
+    if last > 0xFFFFFFFF:
+        raise GuestMemoryError(f"grant range {addr:#x}+{length:#x} runs past grant ref 2**32")
+    return first, last - first + 1, a & (PAGE - 1)
+
+
+class GrantMapper:
+    """gntdev for one domain: maps consecutive refs through a software-Xen connection."""
+
+    def __init__(self, client: C.ControlClient, domid: int) -> None:
+        self.client, self.domid = client, domid
+
+    def map(self, first: int, count: int, writable: bool) -> GrantMapping:
+        what = f"grant refs {first}..{first + count - 1} of domain {self.domid}"
+        if count > MAX_GRANTS_PER_MAP:
+            raise GuestMemoryError(f"{what}: more than {MAX_GRANTS_PER_MAP} pages at once")
+        refs = struct.pack(f"<{count}I", *range(first, first + count))
+        head = struct.pack("<HBBI", self.domid, int(writable), 0, count)
+        reply, fds = _call(self.client, C.OP_GNT_MAP, head + refs, what)
+        try:
+            if len(fds) != 1 or len(reply) != 8 * count:
+                raise GuestMemoryError(f"{what}: malformed OP_GNT_MAP reply")
+            return map_file_pages(fds[0], struct.unpack(f"<{count}Q", reply), writable)
+        except Exception:
+            self.unmap(first, count)
+            raise
+        finally:
+            _close_fds(fds)
+
+    def unmap(self, first: int, count: int) -> None:
+        refs = struct.pack(f"<{count}I", *range(first, first + count))
+        what = f"unmapping grant refs {first}..{first + count - 1} of domain {self.domid}"
+        _call(self.client, C.OP_GNT_UNMAP, struct.pack("<HHI", self.domid, 0, count) + refs, what)
+
+    def close(self) -> None:
+        self.client.close()  # like closing gntdev: whatever is still mapped goes
+
+
+def _close_grant_mapping(mapping: GrantMapping) -> None:
+    mapping.close()
+
+
+def map_grant(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
+    """A GRANT region mapped in advance (the rings): every ref it covers, writable."""
+    _check_bounds(gpa, size, uva, 0)
+    first, count, skip = grant_span(gpa, size)
+    mapper = GrantMapper(_adopt_control(fd, f"grant region {gpa:#x}+{size:#x}"), domid)
+    try:
+        mapping = mapper.map(first, count, writable=True)
+    except Exception:
+        mapper.close()
+        raise
+    whole = memoryview(mapping)
+    view = whole[skip : skip + size]
+    closers = [
+        whole.release,
+        lambda: _close_grant_mapping(mapping),
+        lambda: mapper.unmap(first, count),
+        mapper.close,
+    ]
+    return Region(gpa, size, uva, view, closers)
+
+
+class HeldBuffer:
+    """A descriptor buffer of an on-demand grant region, mapped while its chain is in flight.
+
+    The device works on a copy (`view`): a device-readable buffer is read once when mapped, a
+    device-writable one is copied back at release. So no view into the grant mapping outlives
+    it, and the grants can always be unmapped before the used entry is published.
+    """
+
+    def __init__(self, mapper: GrantMapper, addr: int, length: int, writable: bool) -> None:
+        self.mapper = mapper
+        self.first, self.count, self.skip = grant_span(addr, length)
+        self.length, self.writable = length, writable
+        self.mapping: GrantMapping | None = mapper.map(self.first, self.count, writable)
+        with memoryview(self.mapping) as mv:
+            data = bytes(mv[self.skip : self.skip + length])
+        self._data = bytearray(data) if writable else data
+        self.view = memoryview(self._data)
+
+    def release(self, write_back: bool = True) -> None:
+        """Copy what the device wrote back into guest memory, then unmap the grants."""
+        mapping, self.mapping = self.mapping, None
+        if mapping is None:
+            return
+
+        def copy_back() -> None:
+            if write_back and self.writable:
+                with memoryview(mapping) as mv:
+                    mv[self.skip : self.skip + self.length] = self._data
+
+        _run_closers([copy_back, mapping.close, lambda: self.mapper.unmap(self.first, self.count)])
+
+
+class OnDemandGrantRegion(Region):
+    """A GRANT | NO_ADVANCE_MAP region: nothing is mapped until a buffer in it is used."""
+
+    kind = MAP_GRANT_ON_DEMAND
+
+    def __init__(self, fd: int, gpa: int, size: int, uva: int, domid: int) -> None:
+        _check_bounds(gpa, size, uva, 0)
+        grant_span(gpa, size)  # the region must be grant space
+        self.mapper = GrantMapper(_adopt_control(fd, f"grant region {gpa:#x}+{size:#x}"), domid)
+        super().__init__(gpa, size, uva, None, [self.mapper.close])
+
+    def hold(self, addr: int, length: int, writable: bool) -> HeldBuffer:
+        return HeldBuffer(self.mapper, addr, length, writable)
+
+
+def map_xen_region(
+    kind: str, fd: int, gpa: int, size: int, uva: int, offset: int, domid: int
+) -> Region:
+    """The region as `check_xen_mmap` classified it."""
+    if kind == MAP_FD:
+        return map_region(fd, gpa, size, uva, offset)
+    if offset:
+        # The software Xen's handle has no file offsets; the front-end sends 0.
+        raise VhostUserError(f"{kind} region at {gpa:#x}: mmap_offset {offset:#x} is not 0")
+    if kind == MAP_FOREIGN:
+        return map_foreign(fd, gpa, size, uva, domid)
+    if kind == MAP_GRANT:
+        return map_grant(fd, gpa, size, uva, domid)
+    return OnDemandGrantRegion(fd, gpa, size, uva, domid)
 
 
 class GuestMemory:
@@ -113,22 +374,50 @@ class GuestMemory:
             r.close()
         self.regions = []
 
-    def slice(self, gpa: int, length: int) -> memoryview:
-        """A writable view of guest-physical [gpa, gpa + length), which must lie in one region."""
+    def _find(self, gpa: int, length: int) -> Region:
         if gpa < 0 or length < 0 or gpa + length > 1 << 64:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} overflows")
         for r in self.regions:
             if r.gpa <= gpa < r.gpa + r.size or (length == 0 and gpa == r.gpa + r.size):
-                start = gpa - r.gpa
-                if start + length > r.size:
+                if gpa - r.gpa + length > r.size:
                     raise GuestMemoryError(
                         f"guest range {gpa:#x}+{length:#x} runs past the region ending at "
                         f"{r.gpa + r.size:#x}"
                     )
-                return r.view[start : start + length]
+                return r
         raise GuestMemoryError(f"guest address {gpa:#x} is outside guest memory")
 
+    def slice(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest [gpa, gpa + length), which must lie in one region that is
+        mapped (not on demand: rings and the like must be mapped in advance)."""
+        r = self._find(gpa, length)
+        if r.view is None:
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{length:#x} is in a region mapped only on demand"
+            )
+        start = gpa - r.gpa
+        return r.view[start : start + length]
+
+    def buffer(self, gpa: int, length: int, writable: bool, held: list[HeldBuffer]) -> memoryview:
+        """A descriptor buffer. In an on-demand grant region its grants are mapped (writable or
+        read-only) and the HeldBuffer is appended to `held`, to be released at completion."""
+        r = self._find(gpa, length)
+        if not isinstance(r, OnDemandGrantRegion):
+            return self.slice(gpa, length)
+        if length == 0:
+            return memoryview(bytearray() if writable else b"")
+        hb = r.hold(gpa, length, writable)
+        held.append(hb)
+        return hb.view
+
     def read(self, gpa: int, length: int) -> bytes:
+        r = self._find(gpa, length)
+        if isinstance(r, OnDemandGrantRegion) and length:
+            hb = r.hold(gpa, length, writable=False)  # e.g. an indirect table: read once
+            try:
+                return bytes(hb.view)
+            finally:
+                hb.release()
         return bytes(self.slice(gpa, length))
 
     def write(self, gpa: int, data: bytes) -> None:

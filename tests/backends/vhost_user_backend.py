@@ -23,7 +23,7 @@ from collections.abc import Callable
 from xvf.errors import GuestError, VhostUserError
 
 from . import protocol as p
-from .guest_memory import GuestMemory, check_xen_mmap, map_region
+from .guest_memory import MAP_FD, GuestMemory, check_xen_mmap, map_xen_region
 from .virtqueue import BadChain, Chain, RingError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -346,9 +346,10 @@ class Server:
             for i in range(nregions):
                 fields = layout.unpack_from(payload, p.MEMORY_HEADER.size + i * layout.size)
                 gpa, size, uva, offset = fields[:4]
+                kind, domid = MAP_FD, 0
                 if xen:
-                    check_xen_mmap(fields[4], fields[5])
-                regions.append(map_region(fds[i], gpa, size, uva, offset))
+                    kind, domid = check_xen_mmap(fields[4], fields[5]), fields[5]
+                regions.append(map_xen_region(kind, fds[i], gpa, size, uva, offset, domid))
             new = GuestMemory(regions)
         except Exception:
             for r in regions:
@@ -358,12 +359,14 @@ class Server:
             for fd in fds:
                 _close_quietly(fd)
             fds.clear()
+        for vq in self.queues:  # their mappings go with the old table
+            vq.release_held()
         self.mem.close()
         self.mem = new
         log.info(
             "%s: mem table: %s",
             self.device.name,
-            ", ".join(f"gpa {r.gpa:#x}+{r.size:#x}" for r in new.regions),
+            ", ".join(f"gpa {r.gpa:#x}+{r.size:#x} ({r.kind})" for r in new.regions),
         )
 
     def _set_vring_num(self, request: int, payload: bytes, fds: list[int]) -> None:
@@ -383,9 +386,12 @@ class Server:
         if not self.mem:
             raise VhostUserError(f"SET_VRING_ADDR {index}: no memory table yet")
         n = vq.size
+        vq.release_held(write_back=False)  # chains of the old rings are abandoned
         vq.desc = self.mem.uva_to_gpa(desc, 16 * n)
         vq.avail = self.mem.uva_to_gpa(avail, 6 + 2 * n)
         vq.used = self.mem.uva_to_gpa(used, 6 + 8 * n)
+        for gpa, length in ((vq.desc, 16 * n), (vq.avail, 6 + 2 * n), (vq.used, 6 + 8 * n)):
+            self.mem.slice(gpa, length)  # rings must be mapped, not on demand
         # Like rust-vmm: the used index restarts from what the ring holds now.
         vq.next_used = vq.used_idx(self.mem)
         vq.signalled_used = None

@@ -4,6 +4,10 @@ Chains are validated before a device sees them: head and next indices inside the
 loops (more descriptors than the table holds), indirect tables well formed and not nested,
 every buffer wholly inside guest memory, readable buffers before writable ones, total length
 under 4 GiB. A chain that fails is reported as a BadChain so the device can hand it back.
+
+Buffers in an on-demand grant region are mapped while their chain is walked and held until the
+chain is completed: push_used releases them (unmapping the grants) before it publishes the used
+entry, since the guest revokes the grants as soon as it sees the entry.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from xvf.errors import GuestError
 
 from . import protocol as p
-from .guest_memory import GuestMemory, GuestMemoryError
+from .guest_memory import GuestMemory, GuestMemoryError, HeldBuffer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class Chain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    held: list[HeldBuffer] = field(default_factory=list)  # on-demand grant mappings
 
     @property
     def count(self) -> int:
@@ -57,6 +62,7 @@ class Virtqueue:
         self.reset()
 
     def reset(self) -> None:
+        self.release_held(write_back=False)
         self.size = self.max_size
         self.desc = self.avail = self.used = None  # guest-physical, set by SET_VRING_ADDR
         self.next_avail = 0
@@ -70,6 +76,23 @@ class Virtqueue:
         self.broken = False
         self.event_idx = False
         self.indirect = False
+        # head -> held buffers of the chains in flight with that head (oldest first)
+        self.held: dict[int, list[list[HeldBuffer]]] = {}
+
+    def release_held(self, write_back: bool = True) -> None:
+        """Unmap every on-demand buffer still held (the rings or the memory table go away)."""
+        held = getattr(self, "held", {})
+        self.held = {}
+        for lists in held.values():
+            for buffers in lists:
+                _release(buffers, write_back)
+
+    def _complete_held(self, head: int) -> None:
+        lists = self.held.get(head)
+        if lists:
+            _release(lists.pop(0), True)
+            if not lists:
+                del self.held[head]
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -119,10 +142,16 @@ class Virtqueue:
             slot = self.avail + 4 + 2 * (self.next_avail % self.size)
             head = self._u16(mem, slot)
             self.next_avail = (self.next_avail + 1) & 0xFFFF
+            chain = Chain(head)
             try:
-                chains.append(self._walk(mem, head))
+                self._walk(mem, chain)
             except (ChainError, GuestMemoryError) as e:
+                _release(chain.held, False)
                 chains.append(BadChain(head, str(e)))
+                continue
+            if chain.held:
+                self.held.setdefault(head, []).append(chain.held)
+            chains.append(chain)
         if self.event_idx:
             # avail_event: ask for a kick as soon as anything new arrives.
             self._set_u16(mem, self.used + 4 + 8 * self.size, self.next_avail)
@@ -131,11 +160,12 @@ class Virtqueue:
     def more_available(self, mem: GuestMemory) -> bool:
         return self._u16(mem, self.avail + 2) != self.next_avail
 
-    def _walk(self, mem: GuestMemory, head: int) -> Chain:
+    def _walk(self, mem: GuestMemory, chain: Chain) -> None:
+        head = chain.head
         if head >= self.size:
             raise ChainError(f"head index {head} outside a queue of {self.size}")
-        chain = Chain(head)
         table, count = self.desc, self.size
+        indirect_table = b""  # read once: the driver may not change it under us
         idx, seen, in_indirect, total = head, 0, False, 0
         while True:
             if idx >= count:
@@ -143,7 +173,11 @@ class Virtqueue:
             seen += 1
             if seen > count:
                 raise ChainError(f"descriptor loop: more than {count} descriptors in the chain")
-            addr, length, flags, nxt = p.DESC.unpack(mem.read(table + 16 * idx, 16))
+            if in_indirect:
+                raw = indirect_table[16 * idx : 16 * idx + 16]
+            else:
+                raw = mem.read(table + 16 * idx, 16)
+            addr, length, flags, nxt = p.DESC.unpack(raw)
             if flags & p.DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError("indirect descriptor but INDIRECT_DESC was not negotiated")
@@ -153,10 +187,10 @@ class Virtqueue:
                     raise ChainError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % 16:
                     raise ChainError(f"indirect table length {length} is not a multiple of 16")
-                mem.slice(addr, length)  # the whole table must be in guest memory
+                indirect_table = mem.read(addr, length)  # wholly in guest memory
                 table, count, idx, seen, in_indirect = addr, length // 16, 0, 0, True
                 continue
-            buf = mem.slice(addr, length)
+            buf = mem.buffer(addr, length, bool(flags & p.DESC_F_WRITE), chain.held)
             total += length
             if total > 0xFFFFFFFF:
                 raise ChainError("chain is longer than 4 GiB in total")
@@ -167,10 +201,11 @@ class Virtqueue:
             else:
                 chain.readable.append(buf)
             if not flags & p.DESC_F_NEXT:
-                return chain
+                return
             idx = nxt
 
     def push_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        self._complete_held(head)  # grants unmapped before the guest can see the entry
         slot = self.used + 4 + 8 * (self.next_used % self.size)
         mem.write(slot, p.USED_ELEM.pack(head, length))
         self.next_used = (self.next_used + 1) & 0xFFFF
@@ -187,3 +222,8 @@ class Virtqueue:
             if old is not None and not _need_event(used_event, self.next_used, old):
                 return
         os.eventfd_write(self.call_fd, 1)
+
+
+def _release(buffers: list[HeldBuffer], write_back: bool) -> None:
+    for hb in buffers:
+        hb.release(write_back)
