@@ -71,6 +71,20 @@ class GuestRam:
 
 
 @dataclass
+class XenRegion:
+    """One region of a Xen-mmap memory table; `fd` is sent with it (plain fd, or on the
+    simulator a connection to the software Xen's privcmd.sock)."""
+
+    gpa: int
+    size: int
+    uva: int
+    fd: int
+    flags: int
+    domid: int
+    offset: int = 0
+
+
+@dataclass
 class Used:
     head: int
     length: int
@@ -229,17 +243,41 @@ class Frontend:
         body = p.MEM_REGION_XEN.pack(*region, *xen) if xen else p.MEM_REGION.pack(*region)
         self.set(p.SET_MEM_TABLE, p.MEMORY_HEADER.pack(1, 0) + body, [ram.fd])
 
+    def set_mem_table_xen(self, regions: list[XenRegion]) -> None:
+        """SET_MEM_TABLE with the 40-byte Xen mmap layout (XEN_MMAP must be acked)."""
+        body = b"".join(
+            p.MEM_REGION_XEN.pack(r.gpa, r.size, r.uva, r.offset, r.flags, r.domid) for r in regions
+        )
+        header = p.MEMORY_HEADER.pack(len(regions), 0)
+        self.set(p.SET_MEM_TABLE, header + body, [r.fd for r in regions])
+
+    def handshake(self, want_features: int, want_protocol: int) -> tuple[int, int]:
+        """SET_OWNER .. SET_FEATURES, acking XEN_MMAP; returns the acked (features, protocol)."""
+        self.send(p.SET_OWNER)
+        features = self.get_u64(p.GET_FEATURES) & want_features
+        proto = self.get_u64(p.GET_PROTOCOL_FEATURES)
+        acked_proto = (proto & want_protocol) | p.bit(p.PF_XEN_MMAP)
+        self.send(p.SET_PROTOCOL_FEATURES, p.U64.pack(acked_proto))
+        self.reply_ack = bool(acked_proto & p.bit(p.PF_REPLY_ACK))
+        self.set(p.SET_FEATURES, p.U64.pack(features))
+        return features, acked_proto
+
+    def setup_ring(
+        self, index: int, size: int, desc: int, avail: int, used: int, kick: int, call: int
+    ) -> None:
+        """SET_VRING_* for one queue; desc/avail/used are front-end (userspace) addresses."""
+        self.set(p.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
+        self.set(p.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
+        self.set(p.SET_VRING_ADDR, p.VRING_ADDR.pack(index, 0, desc, used, avail, 0))
+        self.set(p.SET_VRING_KICK, p.U64.pack(index), [kick])
+        self.set(p.SET_VRING_CALL, p.U64.pack(index), [call])
+        self.set(p.SET_VRING_ENABLE, p.VRING_STATE.pack(index, 1))
+
     def setup_queue(self, q: DriverQueue) -> None:
         ram = q.ram
-        self.set(p.SET_VRING_NUM, p.VRING_STATE.pack(q.index, q.size))
-        self.set(p.SET_VRING_BASE, p.VRING_STATE.pack(q.index, 0))
-        self.set(
-            p.SET_VRING_ADDR,
-            p.VRING_ADDR.pack(q.index, 0, ram.uva(q.desc), ram.uva(q.used), ram.uva(q.avail), 0),
+        self.setup_ring(
+            q.index, q.size, ram.uva(q.desc), ram.uva(q.avail), ram.uva(q.used), q.kick, q.call
         )
-        self.set(p.SET_VRING_KICK, p.U64.pack(q.index), [q.kick])
-        self.set(p.SET_VRING_CALL, p.U64.pack(q.index), [q.call])
-        self.set(p.SET_VRING_ENABLE, p.VRING_STATE.pack(q.index, 1))
 
 
 @dataclass

@@ -261,6 +261,7 @@ class GrantMapper:
             _close_fds(fds)
 
     def unmap(self, first: int, count: int) -> None:
+        """OP_GNT_UNMAP of refs first..first+count-1 (count 0: a no-op that the peer answers)."""
         refs = struct.pack(f"<{count}I", *range(first, first + count))
         what = f"unmapping grant refs {first}..{first + count - 1} of domain {self.domid}"
         _call(self.client, C.OP_GNT_UNMAP, struct.pack("<HHI", self.domid, 0, count) + refs, what)
@@ -336,6 +337,11 @@ class OnDemandGrantRegion(Region):
         grant_span(gpa, size)  # the region must be grant space
         self.mapper = GrantMapper(_adopt_control(fd, f"grant region {gpa:#x}+{size:#x}"), domid)
         super().__init__(gpa, size, uva, None, [self.mapper.close])
+        try:  # an empty unmap: does a software Xen answer on this fd at all?
+            self.mapper.unmap(0, 0)
+        except GuestMemoryError:
+            self.close()
+            raise
 
     def hold(self, addr: int, length: int, writable: bool) -> HeldBuffer:
         return HeldBuffer(self.mapper, addr, length, writable)
