@@ -143,7 +143,9 @@ cdef class IrqLine:
         return 0
 
     def set(self, int level) -> None:
-        cdef int rc = self.c_set(level)
+        cdef int rc
+        with nogil:
+            rc = self.c_set(level)
         if rc < 0:
             raise HypercallError(f"set_irq_level(irq {self.irq}, {level}) for domain {self.domid}", -rc)
 
@@ -195,8 +197,18 @@ cdef class MmioState:
         self.int_status = old | bits
         self.interrupts += 1
         if old == 0 and self.irq is not None:
-            if self.irq.c_set(1) < 0:
-                log.error("raising irq %d failed", self.irq.irq)
+            self._drive_line(1)
+
+    cdef void _drive_line(self, int level) noexcept:
+        # The dm_op blocks until Xen (or the software Xen, which may live in this
+        # very process in tests) answers: never hold the GIL across it.
+        cdef IrqLine line = self.irq
+        cdef int rc
+        with nogil:
+            rc = line.c_set(level)
+        if rc < 0:
+            log.error("%s irq %d failed: errno %d", "raising" if level else "lowering",
+                      line.irq, -rc)
 
     def raise_interrupt(self, uint32_t bits) -> None:
         """Set InterruptStatus bits and assert the line (used-buffer or config change)."""
@@ -205,8 +217,7 @@ cdef class MmioState:
     cdef void c_ack(self, uint32_t bits) noexcept:
         self.int_status &= ~bits
         if self.int_status == 0 and self.irq is not None and self.irq.level:
-            if self.irq.c_set(0) < 0:
-                log.error("lowering irq %d failed", self.irq.irq)
+            self._drive_line(0)
 
     def ack_interrupt(self, uint32_t bits) -> None:
         self.c_ack(bits)
