@@ -244,7 +244,9 @@ def run_on_simulator(hypervisor, mod) -> list:
     py_fd = os.eventfd(0, os.EFD_NONBLOCK)
     loop.add_reader(py_fd, lambda: fired.append(os.eventfd_read(py_fd)))
     stop = threading.Event()
-    thread = threading.Thread(target=lambda: [loop.run_once(20) for _ in iter(stop.is_set, True)])
+    thread = threading.Thread(
+        target=lambda: [loop.run_once(20) for _ in iter(stop.is_set, True)], daemon=True
+    )
     thread.start()
     out: list = []
     try:
@@ -271,7 +273,8 @@ def run_on_simulator(hypervisor, mod) -> list:
         out.append((ioreq.requests, ioreq.bad_requests, counters(state), regs.log))
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the service loop is stuck"
         ioreq.release()
         server.destroy()
         evtchn.close()
@@ -287,6 +290,9 @@ def control_socket(hypervisor) -> socket.socket:
     """A connection to the simulator's control socket, as SimPlatform.irq_line makes."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.connect(hypervisor.control_path)
+    # The Cython IrqLine waits for the dm_op reply holding the GIL; with the simulator
+    # in this process that can deadlock. A receive timeout turns it into a failure.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
     return sock
 
 
