@@ -290,8 +290,8 @@ def control_socket(hypervisor) -> socket.socket:
     """A connection to the simulator's control socket, as SimPlatform.irq_line makes."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.connect(hypervisor.control_path)
-    # The Cython IrqLine waits for the dm_op reply holding the GIL; with the simulator
-    # in this process that can deadlock. A receive timeout turns it into a failure.
+    # A dm_op reply that never comes (the simulator runs in this process) must
+    # fail the test, not hang it.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
     return sock
 
