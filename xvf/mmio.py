@@ -166,15 +166,7 @@ class VirtioMmioRegisters:
             return U32  # no shared memory regions: length and base read as -1
         if offset == R.QUEUE_RESET:
             return 0  # resets complete synchronously
-        if offset in (
-            R.QUEUE_DESC_LOW,
-            R.QUEUE_DESC_HIGH,
-            R.QUEUE_DRIVER_LOW,
-            R.QUEUE_DRIVER_HIGH,
-            R.QUEUE_DEVICE_LOW,
-            R.QUEUE_DEVICE_HIGH,
-            R.QUEUE_NUM,
-        ):
+        if offset in _QUEUE_ADDR_FIELDS or offset == R.QUEUE_NUM:
             if q is None:
                 return 0
             return self._queue_field_read(q, offset)
@@ -355,14 +347,6 @@ class VirtioMmioRegisters:
         R.SHM_SEL: _w_shm_sel,
         R.QUEUE_RESET: _w_queue_reset,
         **{
-            off: (lambda self, v, off=off: self._w_queue_addr(off, v))
-            for off in (
-                R.QUEUE_DESC_LOW,
-                R.QUEUE_DESC_HIGH,
-                R.QUEUE_DRIVER_LOW,
-                R.QUEUE_DRIVER_HIGH,
-                R.QUEUE_DEVICE_LOW,
-                R.QUEUE_DEVICE_HIGH,
-            )
+            off: (lambda self, v, off=off: self._w_queue_addr(off, v)) for off in _QUEUE_ADDR_FIELDS
         },
     }
