@@ -216,12 +216,28 @@ class VhostDevice:
     def _send_mem_table(self, queues: list[QueueRegisters]) -> None:
         if self.mem_table_sent:
             return
+        xen = bool(self._backend().protocol_features & PF.XEN_MMAP)
+        log.info(
+            "%s: guest memory for the backend: %s",
+            self.label,
+            "grant regions (Xen mmap), mapped by the backend"
+            if self.backend_maps_grants
+            else "shadow rings relayed by xvf (backend cannot map grants)"
+            if not self.foreign_mapping
+            else "foreign regions (Xen mmap), mapped by the backend"
+            if xen
+            else "guest RAM as a shared fd",
+        )
         if self.backend_maps_grants:
             self._send_grant_mem_table(queues)
         elif not self.foreign_mapping:
             self._send_shadow_mem_table()
         else:
-            self._backend().set_mem_table(self._foreign_regions())
+            regions = self._foreign_regions()
+            try:
+                self._backend().set_mem_table(regions)
+            finally:
+                self.memory.after_mem_table()
         self.mem_table_sent = True
 
     def _foreign_regions(self) -> list:
@@ -252,7 +268,10 @@ class VhostDevice:
             self.params.domid,
             self.grant_mapper.fileno(),
         )
-        self._backend().set_mem_table(regions)
+        try:
+            self._backend().set_mem_table(regions)
+        finally:
+            self.grant_mapper.after_mem_table()
 
     def _send_shadow_mem_table(self) -> None:
         # Grant mode, backend without Xen mmap: it sees only xvf's shadow memory;

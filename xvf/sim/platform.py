@@ -118,7 +118,7 @@ class SimGuestMemory:
         del anchor  # release the export, or the mapping could never be closed
         self.domid = domid
         self.control_path = control_path
-        self._xen_fd: socket.socket | None = None
+        self._sent: list[socket.socket] = []
         self.regions = []
         for i in range(count):
             gpa, size, off = struct.unpack_from("<QQQ", reply, 4 + 24 * i)
@@ -143,15 +143,16 @@ class SimGuestMemory:
     def xen_regions(self) -> list[MemoryRegion]:
         """The same RAM described with the vhost-user Xen mmap extension: FOREIGN
         regions whose fd is, as /dev/xen/privcmd is on a Dom0, the handle a Xen-aware
-        backend maps the guest with (here: a connection to the software Xen)."""
-        if self._xen_fd is None:
-            self._xen_fd = _control_connection(self.control_path)
+        backend maps the guest with (here: a fresh connection to the software Xen,
+        which the backend alone uses once it has it; see `after_mem_table`)."""
+        handle = _control_connection(self.control_path)
+        self._sent.append(handle)
         return [
             MemoryRegion(
                 gpa=r.gpa,
                 size=r.size,
                 uva=r.uva,
-                fd=self._xen_fd.fileno(),
+                fd=handle.fileno(),
                 fd_offset=0,
                 xen_mmap_flags=XEN_MMAP_FOREIGN,
                 domid=self.domid,
@@ -159,12 +160,18 @@ class SimGuestMemory:
             for r in self.regions
         ]
 
+    def after_mem_table(self) -> None:
+        """The backend holds its copies of the handles now; ours would keep its
+        mappings alive after it is gone."""
+        for handle in self._sent:
+            handle.close()
+        self._sent.clear()
+
     def close(self) -> None:
         self._base.release()
         self._mmap.close()
         os.close(self.fd)
-        if self._xen_fd is not None:
-            self._xen_fd.close()
+        self.after_mem_table()
 
 
 class SimGrantMapper:
@@ -172,7 +179,7 @@ class SimGrantMapper:
         self._ctl = ctl
         self.domid = domid
         self.control_path = control_path
-        self._xen_fd: socket.socket | None = None
+        self._sent: list[socket.socket] = []
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         payload = struct.pack("<HBBI", self.domid, int(writable), 0, len(refs))
@@ -191,10 +198,16 @@ class SimGrantMapper:
 
     def fileno(self) -> int:
         """What a Xen-aware backend maps this guest's grants through (gntdev on a
-        Dom0; a connection to the software Xen here)."""
-        if self._xen_fd is None:
-            self._xen_fd = _control_connection(self.control_path)
-        return self._xen_fd.fileno()
+        Dom0; a fresh connection to the software Xen here, closed by
+        `after_mem_table` once the backend has its copy)."""
+        handle = _control_connection(self.control_path)
+        self._sent.append(handle)
+        return handle.fileno()
+
+    def after_mem_table(self) -> None:
+        for handle in self._sent:
+            handle.close()
+        self._sent.clear()
 
     def unmap(self, refs: list[int]) -> None:
         payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
@@ -203,9 +216,7 @@ class SimGrantMapper:
         self._ctl.call(C.OP_GNT_UNMAP, payload)
 
     def close(self) -> None:
-        if self._xen_fd is not None:
-            self._xen_fd.close()
-            self._xen_fd = None
+        self.after_mem_table()
 
 
 class SimPlatform:
@@ -214,7 +225,7 @@ class SimPlatform:
     name = "sim"
     simulated = True
 
-    def __init__(self, run_dir: str, xen_mmap: bool = False) -> None:
+    def __init__(self, run_dir: str, xen_mmap: bool = True) -> None:
         """`xen_mmap`: offer backends the vhost-user Xen mmap extension (they then map
         the guest through the software Xen, as Xen-aware backends do through
         /dev/xen/privcmd and gntdev); otherwise guest RAM is a plain shared memfd."""

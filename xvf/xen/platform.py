@@ -159,6 +159,9 @@ class XenGuestMemory:
         """On Xen the regions always carry the Xen mmap description."""
         return list(self.regions)
 
+    def after_mem_table(self) -> None:
+        """Nothing to drop: the fd sent is xvf's own privcmd, which stays open."""
+
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
         """(offset in the bank's mapping, frontend address) of a RAM range, or None."""
         for base, m in self._maps:
@@ -197,6 +200,9 @@ class XenGrantMapper:
     def fileno(self) -> int:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
         return self.gntdev.fd
+
+    def after_mem_table(self) -> None:
+        """Nothing to drop: the gntdev fd stays xvf's."""
 
     def close(self) -> None:
         if self.fd >= 0:
