@@ -93,6 +93,7 @@ class VhostDevice:
         self.regs: VirtioMmioRegisters | None = None
         self.live: dict[int, _LiveQueue] = {}
         self.mem_table_sent = False
+        self.grant_rings: set[tuple[int, int]] = set()  # ring spans the grant table names
         self.backend_features = 0
         self.config_supported = False
 
@@ -272,6 +273,7 @@ class VhostDevice:
             self._backend().set_mem_table(regions)
         finally:
             self.grant_mapper.after_mem_table()
+        self.grant_rings = set(rings)
 
     def _send_shadow_mem_table(self) -> None:
         # Grant mode, backend without Xen mmap: it sees only xvf's shadow memory;
@@ -319,6 +321,13 @@ class VhostDevice:
             self._relay_queue_ready(index, q)
             return
         vhost = self._backend()
+        if (
+            self.backend_maps_grants
+            and not set(ring_spans(q.desc, q.driver, q.device, q.num)) <= self.grant_rings
+        ):
+            # Rings are mapped in advance: a ring the table does not name yet (a
+            # queue enabled after DRIVER_OK) needs a new table first.
+            self._send_grant_mem_table([*self.regs.queues])
         desc = self._uva(q.desc, 16 * q.num)
         avail = self._uva(q.driver, 6 + 2 * q.num)
         used = self._uva(q.device, 6 + 8 * q.num)
@@ -426,6 +435,9 @@ class VhostDevice:
     def device_reset(self) -> None:
         for index in list(self.live):
             self.queue_reset(index)
+        if self.backend_maps_grants:
+            # The table names the rings, which a re-initialised driver allocates anew.
+            self.mem_table_sent = False
 
     def config_read(self, offset: int, size: int) -> int:
         cfg_size = self.params.dev_type.config_size
