@@ -83,9 +83,9 @@ class FrontendProcess:
                 raise AssertionError(f"xvf never logged {text!r}:\n{self.log()}")
             time.sleep(0.05)
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -58,8 +59,9 @@ def test_backend_crash_marks_only_its_device(
     survivor.close()
 
 
-def test_sigterm_stops_cleanly_and_releases_the_guest(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_and_releases_the_guest(
+    hypervisor, run_dir, start_frontend, start_blk_backend, sig
 ):
     sockets = os.path.join(run_dir, "sockets")
     os.makedirs(sockets)
@@ -76,7 +78,8 @@ def test_sigterm_stops_cleanly_and_releases_the_guest(
     blk.start()
     blk.write(0, b"\xaa" * 4096)
     assert dom.servers, "xvf registered an IOREQ server"
-    assert fe.stop() == 0
+    assert fe.stop(getattr(signal, sig)) == 0
+    assert f"received {sig}, shutting down" in fe.log()
     assert "xvf stopped" in fe.log()
     # IOREQ servers destroyed: the window is unclaimed, no vCPU can block on it
     assert not dom.servers
@@ -85,7 +88,6 @@ def test_sigterm_stops_cleanly_and_releases_the_guest(
 
 
 def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend):
-    import signal
 
     sockets = os.path.join(run_dir, "sockets")
     os.makedirs(sockets)
