@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ class VhostDevice:
         self.grant_rings: set[tuple[int, int]] = set()  # ring spans the grant table names
         self.backend_features = 0
         self.config_supported = False
+        self._reconnect_delay = 0.0
+        self._next_reconnect = 0.0
 
     # -- bring-up --------------------------------------------------------------
     def start(self) -> None:
@@ -489,15 +492,28 @@ class VhostDevice:
         """Reconnect to a backend that went away, once its socket is back.
 
         The guest was told DEVICE_NEEDS_RESET when the backend left; its reset
-        and re-initialisation then run against the new connection.
+        and re-initialisation then run against the new connection. A socket
+        that is there but refuses us is retried with a growing delay (to 5 s).
         """
-        if self.vhost is not None or not os.path.exists(self.params.socket_path):
-            return self.vhost is not None
+        if self.vhost is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_reconnect or not os.path.exists(self.params.socket_path):
+            return False
         try:
             self._connect_backend()
         except (XvfError, OSError) as exc:
-            log.debug("%s: reconnect to %s failed: %s", self.label, self.params.socket_path, exc)
+            self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))
+            self._next_reconnect = now + self._reconnect_delay
+            log.warning(
+                "%s: reconnect to %s failed (next try in %.1fs): %s",
+                self.label,
+                self.params.socket_path,
+                self._reconnect_delay,
+                exc,
+            )
             return False
+        self._reconnect_delay = 0.0
         log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
         return True
 
