@@ -59,8 +59,10 @@ def test_quick_run_writes_every_result(tmp_path):
     assert {r["via"] for r in bench["notify"]["rows"]} == {"xvf", "direct eventfd"}
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
-        assert paths == {(p, qd) for p in ("direct", "foreign", "grant") for qd in (1, 32)}
+        modes = ("direct", "foreign", "foreign+offload", "grant")
+        assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        assert "foreign+offload/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
     assert [r["devices"] for r in bench["scale"]["rows"]] == [1, 2]
     # the PNG exists exactly when matplotlib does
     try:
