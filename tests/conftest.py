@@ -112,6 +112,40 @@ def start_frontend(hypervisor, run_dir):
 
 
 @pytest.fixture
+def sockets(run_dir) -> str:
+    """The directory xvf is pointed at with --socket-path."""
+    path = os.path.join(run_dir, "sockets")
+    os.makedirs(path)
+    return path
+
+
+@pytest.fixture
+def start_ref_backend():
+    """start(kind, socket_path, *args): an in-tree reference backend (tests/backends)
+    as its own process, like the daemons it stands in for; stopped at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(kind: str, socket_path: str, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"tests.backends.{kind}", "--socket-path", socket_path, *args],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(socket_path):
+            assert proc.poll() is None, f"{kind} backend exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{kind} backend never listened on {socket_path}"
+            time.sleep(0.02)
+        return proc
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+@pytest.fixture
 def start_blk_backend(run_dir):
     """start(name, size) -> (BackendProcess, image path); the socket is <dir>/<name>."""
     procs: list[BackendProcess] = []
@@ -126,22 +160,6 @@ def start_blk_backend(run_dir):
     yield start
     for p in procs:
         p.stop()
-
-
-def wait_served(dom, index: int, timeout: float = 20.0) -> None:
-    """Wait until xvf serves the guest's `index`-th device (its window stops aborting)."""
-    from xvf.sim.ioreq import GuestDataAbort
-
-    base = dom.virtio[index].base
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            dom.mmio(0, base, 4, False)
-            return
-        except GuestDataAbort:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"xvf never served device {index} of {dom.domid}") from None
-            time.sleep(0.02)
 
 
 @pytest.fixture

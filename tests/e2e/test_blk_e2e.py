@@ -5,7 +5,6 @@ The data is checked where it lands: the backend's disk image on the host.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -57,10 +56,8 @@ def write_read_verify(blk: VirtioBlk, image: str, total: int, depth: int, seed: 
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
 def test_guest_writes_64mib_through_xvf_to_qsd(
-    hypervisor, run_dir, start_frontend, start_blk_backend, foreign
+    hypervisor, start_frontend, start_blk_backend, foreign, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     _, image = start_blk_backend(sockets, "blk.sock0", size=80 * MIB)
     fe = start_frontend(sockets, foreign=foreign)
     dom = hypervisor.create_domain("blk", memory_mib=96, vcpus=2, virtio=blk_line(not foreign))

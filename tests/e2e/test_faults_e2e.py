@@ -25,10 +25,8 @@ TWO_BLK = (
 
 
 def test_backend_crash_marks_only_its_device(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+    hypervisor, start_frontend, start_blk_backend, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     image0 = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)[1]
     victim, _ = start_blk_backend(sockets, "blk.sock1", size=8 * MIB)
     fe = start_frontend(sockets, foreign=True)
@@ -61,10 +59,8 @@ def test_backend_crash_marks_only_its_device(
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly_and_releases_the_guest(
-    hypervisor, run_dir, start_frontend, start_blk_backend, sig
+    hypervisor, start_frontend, start_blk_backend, sig, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
     fe = start_frontend(sockets, foreign=True)
     dom = hypervisor.create_domain(
@@ -87,10 +83,8 @@ def test_signal_stops_cleanly_and_releases_the_guest(
         dom.mmio(0, dom.virtio[0].base, 4, False)
 
 
-def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend):
+def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend, sockets):
 
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     cfg = os.path.join(run_dir, "xvf.toml")
     with open(cfg, "w") as f:
         f.write('log_level = "info"\n')
@@ -109,10 +103,8 @@ def test_sighup_reloads_the_log_level(hypervisor, run_dir, start_frontend):
 
 
 def test_missing_backend_socket_times_out_and_others_are_served(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+    hypervisor, start_frontend, start_blk_backend, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
     fe = start_frontend(sockets, foreign=True, extra=["--socket-timeout", "1"])
     line = (
@@ -132,10 +124,8 @@ def test_missing_backend_socket_times_out_and_others_are_served(
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
 def test_mapping_mode_that_cannot_work_is_refused_clearly(
-    hypervisor, run_dir, start_frontend, start_blk_backend, foreign
+    hypervisor, start_frontend, start_blk_backend, foreign, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
     fe = start_frontend(sockets, foreign=foreign)
     usage = "1" if foreign else "0"  # the opposite of what the mode needs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 
@@ -17,13 +16,6 @@ pytestmark = [pytest.mark.e2e, needs_qsd]
 
 MIB = 1 << 20
 ONE_BLK = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
-
-
-@pytest.fixture
-def sockets(run_dir):
-    path = os.path.join(run_dir, "sockets")
-    os.makedirs(path)
-    return path
 
 
 def test_reset_and_renegotiate_fewer_features(

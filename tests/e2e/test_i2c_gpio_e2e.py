@@ -9,13 +9,9 @@ daemons; tests/backends/README.md says where they differ from vhost-device.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO
 from xvf.sim.drivers.gpio import VIRTIO_GPIO_DIRECTION_OUT, VirtioGpio
 from xvf.sim.drivers.i2c import I2cMsg, VirtioI2c
 from xvf.sim.guest import attach
@@ -26,33 +22,11 @@ RTC = 0x68  # DS1307-style RTC on the reference i2c backend
 EEPROM = 0x50
 
 
-def start_backend(kind: str, path: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", f"tests.backends.{kind}", "--socket-path", path],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None, f"{kind} backend exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{kind} backend never listened on {path}"
-        time.sleep(0.02)
-    return proc
-
-
 @pytest.fixture
-def backends(run_dir):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
-    procs = [
-        start_backend("i2c", os.path.join(sockets, "i2c.sock0")),
-        start_backend("gpio", os.path.join(sockets, "gpio.sock0")),
-    ]
-    yield sockets
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=10)
+def backends(sockets, start_ref_backend):
+    start_ref_backend("i2c", os.path.join(sockets, "i2c.sock0"))
+    start_ref_backend("gpio", os.path.join(sockets, "gpio.sock0"))
+    return sockets
 
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])

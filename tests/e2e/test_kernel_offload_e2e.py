@@ -4,7 +4,6 @@ ioreq path as the fallback and a log line saying which is used."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -20,9 +19,7 @@ MIB = 1 << 20
 LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
 
 
-def run_io(hypervisor, run_dir, start_frontend, start_blk_backend, extra=()):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
+def run_io(hypervisor, sockets, start_frontend, start_blk_backend, extra=()):
     _, image = start_blk_backend(sockets, "blk.sock0", size=16 * MIB)
     fe = start_frontend(sockets, foreign=True, extra=list(extra))
     dom = hypervisor.create_domain("offload", memory_mib=48, vcpus=2, virtio=LINE)
@@ -41,9 +38,9 @@ def run_io(hypervisor, run_dir, start_frontend, start_blk_backend, extra=()):
 
 @pytest.mark.kernel_eventfds
 def test_kernel_takes_notifies_and_interrupts(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+    hypervisor, sockets, start_frontend, start_blk_backend
 ):
-    fe, dom, blk = run_io(hypervisor, run_dir, start_frontend, start_blk_backend)
+    fe, dom, blk = run_io(hypervisor, sockets, start_frontend, start_blk_backend)
     assert "QueueNotify handled by the kernel (privcmd ioeventfd)" in fe.log()
     assert "interrupts injected by the kernel (privcmd irqfd)" in fe.log()
     assert dom.ioeventfd_hits > 0  # notifies completed without an ioreq to xvf
@@ -60,17 +57,17 @@ def test_kernel_takes_notifies_and_interrupts(
 
 
 @pytest.mark.kernel_eventfds
-def test_ioreq_only_keeps_everything_in_xvf(hypervisor, run_dir, start_frontend, start_blk_backend):
+def test_ioreq_only_keeps_everything_in_xvf(hypervisor, sockets, start_frontend, start_blk_backend):
     fe, dom, blk = run_io(
-        hypervisor, run_dir, start_frontend, start_blk_backend, extra=["--ioreq-only"]
+        hypervisor, sockets, start_frontend, start_blk_backend, extra=["--ioreq-only"]
     )
     assert "QueueNotify handled by xvf (ioreq service loop)" in fe.log()
     assert dom.ioeventfd_hits == 0
     blk.close()
 
 
-def test_fallback_without_kernel_support(hypervisor, run_dir, start_frontend, start_blk_backend):
-    fe, dom, blk = run_io(hypervisor, run_dir, start_frontend, start_blk_backend)
+def test_fallback_without_kernel_support(hypervisor, sockets, start_frontend, start_blk_backend):
+    fe, dom, blk = run_io(hypervisor, sockets, start_frontend, start_blk_backend)
     assert "interrupts injected by xvf (dm_op set_irq_level)" in fe.log()
     assert dom.ioeventfd_hits == 0
     blk.close()

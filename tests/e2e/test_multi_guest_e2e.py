@@ -35,9 +35,7 @@ def _exercise(blk: VirtioBlk, image: str, seed: int, errors: list) -> None:
         errors.append(exc)
 
 
-def test_two_guests_two_devices_each(hypervisor, run_dir, start_frontend, start_blk_backend):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
+def test_two_guests_two_devices_each(hypervisor, start_frontend, start_blk_backend, sockets):
     images = [start_blk_backend(sockets, f"blk.sock{n}", size=8 * MIB)[1] for n in range(4)]
     fe = start_frontend(sockets, foreign=True)
     doms = [
@@ -66,10 +64,8 @@ def test_two_guests_two_devices_each(hypervisor, run_dir, start_frontend, start_
 
 
 def test_hostile_guest_gets_spec_behaviour_and_others_keep_working(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+    hypervisor, start_frontend, start_blk_backend, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     image0 = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)[1]
     start_blk_backend(sockets, "blk.sock1", size=8 * MIB)
     fe = start_frontend(sockets, foreign=True)

@@ -30,10 +30,8 @@ CHUNK = 64 * 1024
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
 def test_backend_restart_during_write_stream(
-    hypervisor, run_dir, start_frontend, start_blk_backend, foreign, request
+    hypervisor, start_frontend, start_blk_backend, foreign, request, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     qsd, image = start_blk_backend(sockets, "blk.sock0", size=16 * MIB)
     fe = start_frontend(sockets, foreign=foreign)
     usage = "0" if foreign else "1"

@@ -17,10 +17,8 @@ BLK_LINE = 'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0" ]'
 
 
 def test_guest_probes_blk_device_through_xvf(
-    hypervisor, run_dir, start_frontend, start_blk_backend
+    hypervisor, start_frontend, start_blk_backend, sockets
 ):
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     _, image = start_blk_backend(sockets, "blk.sock0", size=32 << 20)
     fe = start_frontend(sockets, foreign=True)
     dom = hypervisor.create_domain("probe", memory_mib=32, vcpus=2, virtio=BLK_LINE)

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.conftest import REPO, needs_qsd, wait_served
+from tests.conftest import needs_qsd
 from xvf.sim.drivers.blk import VirtioBlk
 from xvf.sim.drivers.i2c import VirtioI2c
-from xvf.sim.guest import attach
+from xvf.sim.guest import attach, wait_served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_qsd]
 
@@ -69,73 +67,55 @@ def guest_workload(dom, seed: int, deadline: float, image: str, errors: list, st
 
 
 @pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
-def test_soak(hypervisor, run_dir, start_frontend, start_blk_backend, foreign):
+def test_soak(hypervisor, start_frontend, start_blk_backend, start_ref_backend, foreign, sockets):
     seconds = float(os.environ.get("XVF_SOAK_SECONDS", "20"))
-    sockets = os.path.join(run_dir, "sockets")
-    os.makedirs(sockets)
     images = [start_blk_backend(sockets, f"blk.sock{n}", size=8 * MIB)[1] for n in range(GUESTS)]
-    i2cs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.backends.i2c",
-                "--socket-path",
-                os.path.join(sockets, f"i2c.sock{n}"),
-            ],
-            cwd=REPO,
-        )
-        for n in range(GUESTS)
+    for n in range(GUESTS):
+        start_ref_backend("i2c", os.path.join(sockets, f"i2c.sock{n}"))
+    fe = start_frontend(sockets, foreign=foreign, extra=["--log-level", "warning"])
+    line = LINE.format(g="0" if foreign else "1")
+    doms = [
+        hypervisor.create_domain(f"soak{g}", memory_mib=48, vcpus=2, virtio=line)
+        for g in range(GUESTS)
     ]
-    try:
-        fe = start_frontend(sockets, foreign=foreign, extra=["--log-level", "warning"])
-        line = LINE.format(g="0" if foreign else "1")
-        doms = [
-            hypervisor.create_domain(f"soak{g}", memory_mib=48, vcpus=2, virtio=line)
-            for g in range(GUESTS)
-        ]
-        # warm-up: every device served once, then the baseline is taken
-        for g, dom in enumerate(doms):
-            wait_served(dom, 0)
-            wait_served(dom, 1)
-            # one burst and reset per guest: the state every workload loop ends in
-            guest_workload(dom, g, 0, images[g], [], {"ops": 0, "resets": 0})
-        base_fds, base_rss = fd_count(fe.proc.pid), rss_kib(fe.proc.pid)
+    # warm-up: every device served once, then the baseline is taken
+    for g, dom in enumerate(doms):
+        wait_served(dom, 0)
+        wait_served(dom, 1)
+        # one burst and reset per guest: the state every workload loop ends in
+        guest_workload(dom, g, 0, images[g], [], {"ops": 0, "resets": 0})
+    base_fds, base_rss = fd_count(fe.proc.pid), rss_kib(fe.proc.pid)
 
-        deadline = time.monotonic() + seconds
-        errors: list[BaseException] = []
-        stats = [{"ops": 0, "resets": 0} for _ in doms]
-        threads = [
-            threading.Thread(
-                target=guest_workload, args=(dom, 100 + g, deadline, images[g], errors, stats[g])
-            )
-            for g, dom in enumerate(doms)
-        ]
-        for t in threads:
-            t.start()
-        # meanwhile one extra guest comes and goes
-        churn = 0
-        while time.monotonic() < deadline:
-            extra = hypervisor.create_domain("churn", memory_mib=16, virtio=line)
-            time.sleep(0.3)
-            hypervisor.destroy_domain(extra.domid)
-            churn += 1
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors, errors
-        assert all(s["ops"] > 0 for s in stats), stats
-        time.sleep(1)  # let xvf finish tearing the last churn guest down
-        fds, rss = fd_count(fe.proc.pid), rss_kib(fe.proc.pid)
-        print(
-            f"soak {seconds:.0f}s: {sum(s['ops'] for s in stats)} ops, "
-            f"{sum(s['resets'] for s in stats)} device resets, {churn} guests churned; "
-            f"fds {base_fds} -> {fds}, RSS {base_rss} -> {rss} KiB"
+    deadline = time.monotonic() + seconds
+    errors: list[BaseException] = []
+    stats = [{"ops": 0, "resets": 0} for _ in doms]
+    threads = [
+        threading.Thread(
+            target=guest_workload, args=(dom, 100 + g, deadline, images[g], errors, stats[g])
         )
-        assert fds == base_fds, f"xvf leaks file descriptors: {base_fds} -> {fds}"
-        assert rss - base_rss < 16 * 1024, f"xvf memory grew {rss - base_rss} KiB"
-        assert fe.proc.poll() is None
-        assert "Traceback" not in fe.log()
-    finally:
-        for p in i2cs:
-            p.terminate()
-            p.wait(timeout=10)
+        for g, dom in enumerate(doms)
+    ]
+    for t in threads:
+        t.start()
+    # meanwhile one extra guest comes and goes
+    churn = 0
+    while time.monotonic() < deadline:
+        extra = hypervisor.create_domain("churn", memory_mib=16, virtio=line)
+        time.sleep(0.3)
+        hypervisor.destroy_domain(extra.domid)
+        churn += 1
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert all(s["ops"] > 0 for s in stats), stats
+    time.sleep(1)  # let xvf finish tearing the last churn guest down
+    fds, rss = fd_count(fe.proc.pid), rss_kib(fe.proc.pid)
+    print(
+        f"soak {seconds:.0f}s: {sum(s['ops'] for s in stats)} ops, "
+        f"{sum(s['resets'] for s in stats)} device resets, {churn} guests churned; "
+        f"fds {base_fds} -> {fds}, RSS {base_rss} -> {rss} KiB"
+    )
+    assert fds == base_fds, f"xvf leaks file descriptors: {base_fds} -> {fds}"
+    assert rss - base_rss < 16 * 1024, f"xvf memory grew {rss - base_rss} KiB"
+    assert fe.proc.poll() is None
+    assert "Traceback" not in fe.log()

@@ -8,10 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -196,25 +193,12 @@ def test_missing_socket_names_the_path(export: QsdExport):
 
 
 @pytest.fixture
-def xen_backend() -> Iterator[str]:
+def xen_backend(start_ref_backend) -> Iterator[str]:
     run_dir = tempfile.mkdtemp(prefix="xvf-vux-", dir="/tmp")
     sock = os.path.join(run_dir, "i2c.sock")
-    argv = [sys.executable, "-m", "tests.backends.i2c", "--socket-path", sock]
-    proc = subprocess.Popen(
-        [*argv, "--require-xen-mmap"], cwd=REPO, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert proc.poll() is None, "the i2c stand-in backend exited"
-            assert time.monotonic() < deadline, "the i2c stand-in backend never listened"
-            time.sleep(0.02)
-        yield sock
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    start_ref_backend("i2c", sock, "--require-xen-mmap")
+    yield sock
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_xen_mmap_regions_accepted(xen_backend: str):

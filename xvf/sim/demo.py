@@ -66,7 +66,7 @@ def run_demo(args) -> int:
     from xvf.sim import toolstack
     from xvf.sim.backends import make_disk_image, start_qsd
     from xvf.sim.drivers.blk import VirtioBlk
-    from xvf.sim.guest import attach
+    from xvf.sim.guest import attach, wait_served
     from xvf.sim.hypervisor import Hypervisor
 
     os.makedirs(args.socket_path, exist_ok=True)
@@ -112,7 +112,7 @@ def run_demo(args) -> int:
                 continue
             driver = attach(dom, i, timeout=args.socket_timeout + 10)
             blk = VirtioBlk(driver)
-            _wait_for_device(driver, args.socket_timeout + 5)
+            wait_served(dom, i, args.socket_timeout + 5)
             blk.start()
             print(f"  capacity {blk.capacity * 512 // MIB} MiB, id {blk.get_id()!r}")
             secs = _blk_io(blk, images.get(i), total)
@@ -134,18 +134,3 @@ def run_demo(args) -> int:
         for b in backends:
             b.stop()
         hv.close()
-
-
-def _wait_for_device(driver, timeout: float) -> None:
-    """xvf serves the window once it found the backend; until then accesses abort."""
-    from xvf.sim.ioreq import GuestDataAbort
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            driver.probe()
-            return
-        except GuestDataAbort:
-            if time.monotonic() > deadline:
-                raise SimulatorError("xvf never started serving the device") from None
-            time.sleep(0.05)
