@@ -13,7 +13,6 @@ import random
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -22,7 +21,7 @@ import numpy as np
 from benchmarks.common import REPO, BenchError, ratio, summarize
 from xvf import virtio_consts as R
 from xvf.errors import SimulatorError
-from xvf.sim.backends import make_disk_image, start_qsd
+from xvf.sim.backends import make_disk_image, start_qsd, xvf_command
 from xvf.sim.dma import DirectDma
 from xvf.sim.drivers.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlk
 from xvf.sim.memory import GuestRam
@@ -196,9 +195,7 @@ class Setup:
         # (Linux 6.7+), so QueueNotify and interrupts bypass xvf.
         self.hv = Hypervisor(os.path.join(self.dir, "xen"), kernel_eventfds=kernel_eventfds).start()
         self.log = os.path.join(self.dir, "xvf.log")
-        argv = [sys.executable, "-m", "xvf", "--log-level", "info", "--sim", self.hv.run_dir]
-        argv += ["--socket-path", self.sockets, "--socket-timeout", "20"]
-        argv += ["--foreign-mapping"] if foreign else []
+        argv = xvf_command(self.hv.run_dir, self.sockets, foreign)
         with open(self.log, "wb") as log:
             self.xvf = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         return self.xvf

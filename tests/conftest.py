@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd
+from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd, xvf_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,22 +49,7 @@ class FrontendProcess:
     def __init__(
         self, hv, socket_dir: str, foreign: bool, log_path: str, extra: list[str] | None = None
     ) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "xvf",
-            "--log-level",
-            "debug",
-            "--sim",
-            hv.run_dir,
-            "--socket-path",
-            socket_dir,
-            "--socket-timeout",
-            "20",
-        ]
-        if foreign:
-            argv.append("--foreign-mapping")
-        argv += extra or []
+        argv = xvf_command(hv.run_dir, socket_dir, foreign, "debug", 20, extra or [])
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 from xvf.errors import SimulatorError
@@ -101,3 +102,30 @@ def start_qsd(image: str, socket_path: str, num_queues: int = 1) -> BackendProce
         return qemu_storage_daemon(image, socket_path, num_queues, "io_uring").start()
     except SimulatorError:
         return qemu_storage_daemon(image, socket_path, num_queues, "threads").start()
+
+
+def xvf_command(
+    sim_dir: str,
+    socket_path: str,
+    foreign: bool,
+    log_level: str = "info",
+    socket_timeout: float = 20.0,
+    extra: list[str] | tuple = (),
+) -> list[str]:
+    """The command line of xvf serving the software Xen in `sim_dir`, as a user runs it."""
+    argv = [
+        sys.executable,
+        "-m",
+        "xvf",
+        "--log-level",
+        log_level,
+        "--sim",
+        sim_dir,
+        "--socket-path",
+        socket_path,
+        "--socket-timeout",
+        str(socket_timeout),
+    ]
+    if foreign:
+        argv.append("--foreign-mapping")
+    return [*argv, *extra]

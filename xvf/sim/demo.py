@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -26,22 +25,13 @@ CHUNK = 256 * 1024
 
 
 def _start_frontend(run_dir: str, args) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "xvf",
-        "--log-level",
-        args.log_level,
-        "--sim",
-        run_dir,
-        "--socket-path",
-        args.socket_path,
-        "--socket-timeout",
-        str(args.socket_timeout),
-    ]
-    if args.foreign_mapping:
-        argv.append("--foreign-mapping")
-    return subprocess.Popen(argv)
+    from xvf.sim.backends import xvf_command
+
+    return subprocess.Popen(
+        xvf_command(
+            run_dir, args.socket_path, args.foreign_mapping, args.log_level, args.socket_timeout
+        )
+    )
 
 
 def _blk_io(blk, image: str | None, total: int) -> float:
