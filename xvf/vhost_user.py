@@ -103,14 +103,6 @@ class VhostUserFrontend:
         return f"VhostUserFrontend({self.socket_path!r})"
 
     # -- handshake --------------------------------------------------------------------
-    @staticmethod
-    def supported_protocol_features(xen: bool = True) -> int:
-        """Protocol features xvf can use. XEN_MMAP is in it on both platforms:
-        rust-vmm backends built for Xen insist on it, and regions without Xen mmap
-        flags are plain fd mappings to them. `xen` is kept for callers' clarity."""
-        del xen
-        return int(DEFAULT_PROTOCOL_FEATURES)
-
     def negotiate(
         self, wanted_features: int, *, want_protocol: int = DEFAULT_PROTOCOL_FEATURES
     ) -> None:

@@ -54,7 +54,6 @@ def test_numbers_match_the_spec():
 def test_default_protocol_features():
     want = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.XEN_MMAP | PF.RESET_DEVICE | PF.STATUS
     assert W.DEFAULT_PROTOCOL_FEATURES == want
-    assert VhostUserFrontend.supported_protocol_features(xen=False) == want
     # never acked: features whose messages xvf does not implement
     for f in (PF.BACKEND_REQ, PF.INBAND_NOTIFICATIONS, PF.CONFIGURE_MEM_SLOTS, PF.PAGEFAULT):
         assert not W.DEFAULT_PROTOCOL_FEATURES & f
