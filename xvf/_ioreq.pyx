@@ -74,6 +74,7 @@ from xvf.errors import HypercallError, XvfError
 log = logging.getLogger("xvf.ioreq")
 
 DEF MAX_QUEUES = 64
+DEF MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
 DEF DM_OP_SIZE = 32   # sizeof(xvf_dm_op_t), asserted in xen_dmop.h
 DEF MAX_EVENTS = 64
 DEF KIND_EVTCHN = 1
@@ -272,32 +273,76 @@ cdef class MmioState:
 
 
 cdef class IoreqServer:
-    """A mapped synchronous ioreq page and the MMIO window it serves."""
+    """A guest's mapped synchronous ioreq page and the MMIO windows served through it.
+
+    Xen allows at most 8 IOREQ servers per domain and libxl gives a guest up to 11
+    virtio devices, so one server serves all of a guest's devices: each device is a
+    window (base, size, MmioState) and an access is routed by its address.
+    """
 
     cdef Py_buffer view
     cdef bint have_view
     cdef xvf_ioreq_t *slots
     cdef readonly uint32_t nr_vcpus
-    cdef readonly uint64_t base
-    cdef readonly uint64_t size
-    cdef public MmioState device
+    cdef uint64_t win_base[MAX_WINDOWS]
+    cdef uint64_t win_size[MAX_WINDOWS]
+    cdef list _win_dev      # MmioState of each window, same index as win_base
+    cdef uint32_t nr_windows
+    cdef uint32_t last_hit  # the window of the previous access: usually the next one's too
     cdef readonly uint64_t requests
     cdef readonly uint64_t bad_requests
 
-    def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base, uint64_t size, MmioState device):
+    def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base=0, uint64_t size=0,
+                  MmioState device=None):
         PyObject_GetBuffer(page, &self.view, PyBUF_WRITABLE)
         self.have_view = True
         if <size_t>self.view.len < nr_vcpus * XVF_IOREQ_SIZE:
             raise XvfError(f"ioreq page of {self.view.len} bytes cannot hold {nr_vcpus} vCPU slots")
         self.slots = <xvf_ioreq_t *>self.view.buf
         self.nr_vcpus = nr_vcpus
-        self.base = base
-        self.size = size
-        self.device = device
+        self._win_dev = []
+        self.nr_windows = 0
+        self.last_hit = 0
+        if device is not None:
+            self.add_window(base, size, device)
 
     def __dealloc__(self):
         if self.have_view:
             PyBuffer_Release(&self.view)
+
+    def add_window(self, uint64_t base, uint64_t size, MmioState device) -> None:
+        """Route accesses to [base, base + size) to `device`."""
+        cdef uint32_t i
+        if size == 0 or base + size < base:
+            raise XvfError(f"MMIO window {base:#x}+{size:#x} is empty or wraps")
+        for i in range(self.nr_windows):
+            if base < self.win_base[i] + self.win_size[i] and self.win_base[i] < base + size:
+                raise XvfError(f"MMIO window {base:#x}+{size:#x} overlaps {self.win_base[i]:#x}")
+        if self.nr_windows >= MAX_WINDOWS:
+            raise XvfError(f"one IOREQ server serves at most {MAX_WINDOWS} devices")
+        self.win_base[self.nr_windows] = base
+        self.win_size[self.nr_windows] = size
+        self._win_dev.append(device)
+        self.nr_windows += 1
+
+    def remove_window(self, uint64_t base) -> None:
+        cdef uint32_t i, j
+        for i in range(self.nr_windows):
+            if self.win_base[i] == base:
+                for j in range(i, self.nr_windows - 1):
+                    self.win_base[j] = self.win_base[j + 1]
+                    self.win_size[j] = self.win_size[j + 1]
+                del self._win_dev[i]
+                self.nr_windows -= 1
+                self.last_hit = 0
+                return
+        raise XvfError(f"no MMIO window at {base:#x}")
+
+    @property
+    def windows(self) -> list:
+        """[(base, size, MmioState)] in the order they were added."""
+        return [(self.win_base[i], self.win_size[i], self._win_dev[i])
+                for i in range(self.nr_windows)]
 
     def release(self) -> None:
         """Drop the reference to the page so the caller can unmap it."""
@@ -307,16 +352,34 @@ cdef class IoreqServer:
             self.have_view = False
 
     def vp_eport(self, uint32_t vcpu) -> int:
-        """The guest-side event channel Xen wrote into this vCPU's slot."""
+        """The guest-side event channel Xen wrote into this vCPU's slot.
+
+        Xen writes it when the server is ENABLED (ioreq_server_enable), not when the
+        page is created: read it only after enabling.
+        """
         if vcpu >= self.nr_vcpus or self.slots == NULL:
             raise XvfError(f"no vCPU {vcpu}")
         return self.slots[vcpu].vp_eport
+
+    cdef int c_window(self, uint64_t addr) noexcept:
+        """Index of the window holding `addr`, or -1."""
+        cdef uint32_t i = self.last_hit
+        if i < self.nr_windows and addr - self.win_base[i] < self.win_size[i] \
+                and addr >= self.win_base[i]:
+            return i
+        for i in range(self.nr_windows):
+            if addr >= self.win_base[i] and addr - self.win_base[i] < self.win_size[i]:
+                self.last_hit = i
+                return i
+        return -1
 
     cdef bint c_service(self, uint32_t vcpu) noexcept:
         """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
         cdef xvf_ioreq_t *req
         cdef uint8_t flags
         cdef uint64_t offset, value
+        cdef int w = -1
+        cdef MmioState device
         if self.slots == NULL or vcpu >= self.nr_vcpus:
             return False
         req = &self.slots[vcpu]
@@ -326,17 +389,19 @@ cdef class IoreqServer:
         xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IOREQ_INPROCESS)
         self.requests += 1
         is_read = (flags & XVF_IOREQ_DIR_BIT) != 0
-        if (req.type != XVF_IOREQ_TYPE_COPY or (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
-                or req.count != 1 or req.size == 0 or req.size > 8
-                or req.addr < self.base or req.addr - self.base >= self.size):
+        if (req.type == XVF_IOREQ_TYPE_COPY and not (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
+                and req.count == 1 and req.size != 0 and req.size <= 8):
+            w = self.c_window(req.addr)
+        if w < 0:
             # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
             self.bad_requests += 1
             if is_read:
                 req.data = ~(<uint64_t>0)
         else:
-            offset = req.addr - self.base
+            device = <MmioState>self._win_dev[w]
+            offset = req.addr - self.win_base[w]
             if is_read:
-                value = self.device.c_read(offset, req.size)
+                value = device.c_read(offset, req.size)
                 if req.size < 8:
                     value &= (((<uint64_t>1) << (req.size * 8)) - 1)
                 req.data = value
@@ -344,7 +409,7 @@ cdef class IoreqServer:
                 value = req.data
                 if req.size < 8:
                     value &= (((<uint64_t>1) << (req.size * 8)) - 1)
-                self.device.c_write(offset, req.size, value)
+                device.c_write(offset, req.size, value)
         xvf_release()
         xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
         return True

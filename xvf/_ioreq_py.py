@@ -218,10 +218,20 @@ class MmioState:
         return self.c_read(offset, size)
 
 
-class IoreqServer:
-    """A mapped synchronous ioreq page and the MMIO window it serves."""
+MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
 
-    def __init__(self, page: Any, nr_vcpus: int, base: int, size: int, device: MmioState) -> None:
+
+class IoreqServer:
+    """A guest's mapped synchronous ioreq page and the MMIO windows served through it."""
+
+    def __init__(
+        self,
+        page: Any,
+        nr_vcpus: int,
+        base: int = 0,
+        size: int = 0,
+        device: MmioState | None = None,
+    ) -> None:
         view = memoryview(page)
         if view.readonly:
             view.release()
@@ -233,11 +243,38 @@ class IoreqServer:
             raise XvfError(f"ioreq page of {n} bytes cannot hold {nr_vcpus} vCPU slots")
         self._page: memoryview | None = view
         self.nr_vcpus = nr_vcpus
-        self.base = base
-        self.size = size
-        self.device = device
+        self._windows: list[tuple[int, int, MmioState]] = []
         self.requests = 0
         self.bad_requests = 0
+        if device is not None:
+            self.add_window(base, size, device)
+
+    def add_window(self, base: int, size: int, device: MmioState) -> None:
+        if size <= 0 or base + size > 1 << 64:
+            raise XvfError(f"MMIO window {base:#x}+{size:#x} is empty or wraps")
+        for b, s, _ in self._windows:
+            if base < b + s and b < base + size:
+                raise XvfError(f"MMIO window {base:#x}+{size:#x} overlaps {b:#x}")
+        if len(self._windows) >= MAX_WINDOWS:
+            raise XvfError(f"one IOREQ server serves at most {MAX_WINDOWS} devices")
+        self._windows.append((base, size, device))
+
+    def remove_window(self, base: int) -> None:
+        for i, (b, _, _) in enumerate(self._windows):
+            if b == base:
+                del self._windows[i]
+                return
+        raise XvfError(f"no MMIO window at {base:#x}")
+
+    @property
+    def windows(self) -> list[tuple[int, int, MmioState]]:
+        return list(self._windows)
+
+    def _window(self, addr: int) -> tuple[int, int, MmioState] | None:
+        for w in self._windows:
+            if 0 <= addr - w[0] < w[1]:
+                return w
+        return None
 
     def release(self) -> None:
         """Drop the reference to the page so the caller can unmap it."""
@@ -269,18 +306,17 @@ class IoreqServer:
             or count != 1
             or size == 0
             or size > 8
-            or addr < self.base
-            or addr - self.base >= self.size
+            or (window := self._window(addr)) is None
         ):
             # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
             self.bad_requests += 1
             if is_read:
                 _DATA.pack_into(page, base + 8, _U64_MAX)
         elif is_read:
-            value = self.device.c_read(addr - self.base, size) & _width_mask(size)
+            value = window[2].c_read(addr - window[0], size) & _width_mask(size)
             _DATA.pack_into(page, base + 8, value)
         else:
-            self.device.c_write(addr - self.base, size, data & _width_mask(size))
+            window[2].c_write(addr - window[0], size, data & _width_mask(size))
         # The flags byte is the publication point: one single-byte store, last.
         page[base + FLAGS_OFFSET] = (flags & ~STATE_MASK) | STATE_IORESP_READY
         return True

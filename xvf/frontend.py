@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 from xvf._ioreq import ServiceLoop
 from xvf.devices import device_type, socket_name
-from xvf.discovery import VirtioDeviceNode, read_virtio_devices, watch_paths
+from xvf.discovery import (
+    XENBUS_STATE_CLOSED,
+    XENBUS_STATE_CONNECTED,
+    VirtioDeviceNode,
+    publish_state,
+    read_virtio_devices,
+    watch_paths,
+)
 from xvf.errors import ConfigError, XvfError
+from xvf.guest import Guest
 from xvf.platform import Platform
 from xvf.vhost_device import DeviceParams, VhostDevice
 from xvf.xenstore import XenStore
@@ -52,8 +60,10 @@ class Frontend:
         self.loop = ServiceLoop(self.evtchn.channel)
         self.xs = XenStore(platform.xenstore_path())
         self.devices: dict[tuple[int, int], VhostDevice] = {}
+        self.guests: dict[int, Guest] = {}  # domid -> its one IOREQ server
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.failed: set[tuple[int, int]] = set()
+        self.nodes: dict[tuple[int, int], VirtioDeviceNode] = {}  # as last read
         self.instances: dict[tuple[int, int], int] = {}
         self.running = False
 
@@ -77,14 +87,21 @@ class Frontend:
         nodes, errors = read_virtio_devices(self.xs, self.own_domid)
         for err in errors:
             log.error("ignoring xenstore entry: %s", err)
-        present = {(n.domid, n.devid): n for n in nodes}
+        present = {(n.domid, n.devid): n for n in nodes if not n.closing}
+        closing = {(n.domid, n.devid): n for n in nodes if n.closing}
+        self.nodes = {**present, **closing}
         for key in list(self.devices):
-            if key not in present:
+            if key in closing:
+                self._remove(key, "the toolstack closes it (xenstore state Closing)")
+            elif key not in present:
                 self._remove(key, "its xenstore entry went away")
         for key in list(self.pending):
             if key not in present:
                 del self.pending[key]
                 self.instances.pop(key, None)
+        for node in closing.values():
+            # libxl waits for Closed before it removes the device (xl destroy).
+            self._publish(node, XENBUS_STATE_CLOSED)
         self.failed &= set(present)
         for key, node in sorted(present.items()):
             if key in self.devices or key in self.pending or key in self.failed:
@@ -94,6 +111,7 @@ class Frontend:
             except ConfigError as exc:
                 log.error("dom%d device %d: %s", node.domid, node.devid, exc)
                 self.failed.add(key)
+                self._publish(node, XENBUS_STATE_CLOSED)
                 continue
             n = self._instance(key, dev_type.name)
             params = DeviceParams(
@@ -130,24 +148,52 @@ class Frontend:
                     )
                     del self.pending[key]
                     self.failed.add(key)
+                    self._publish(item.node, XENBUS_STATE_CLOSED)
                 continue
             del self.pending[key]
-            device = VhostDevice(
-                item.params,
-                self.platform,
-                self.loop,
-                self.evtchn,
-                self.foreign_mapping,
-                on_backend_lost=self._backend_lost,
-                offload=self.offload,
-            )
             try:
+                guest = self._guest(item.params.domid)
+                device = VhostDevice(
+                    item.params,
+                    self.platform,
+                    self.loop,
+                    guest,
+                    self.foreign_mapping,
+                    on_backend_lost=self._backend_lost,
+                    offload=self.offload,
+                )
                 device.start()
             except (XvfError, OSError) as exc:
                 log.error("%s: cannot start: %s", item.params.label, exc)
                 self.failed.add(key)
+                self._release_guest(item.params.domid)
+                self._publish(item.node, XENBUS_STATE_CLOSED)
                 continue
             self.devices[key] = device
+            # Scripts (and the rig) wait for this before unpausing a guest.
+            self._publish(item.node, XENBUS_STATE_CONNECTED)
+
+    def _publish(self, node: VirtioDeviceNode, state: int) -> None:
+        try:
+            publish_state(self.xs, node, state)
+        except XvfError as exc:
+            log.warning("%s: cannot publish state %d: %s", node.backend_path, state, exc)
+
+    def _guest(self, domid: int) -> Guest:
+        """The guest's IOREQ server, created (and enabled) with its first device."""
+        guest = self.guests.get(domid)
+        if guest is None:
+            guest = Guest(domid, self.platform, self.loop, self.evtchn)
+            guest.start()
+            self.guests[domid] = guest
+        return guest
+
+    def _release_guest(self, domid: int) -> None:
+        """Destroy the guest's IOREQ server once no device of it is served."""
+        guest = self.guests.get(domid)
+        if guest is not None and guest.device_count == 0:
+            del self.guests[domid]
+            guest.stop()
 
     def _backend_lost(self, device: VhostDevice) -> None:
         log.warning(
@@ -162,6 +208,7 @@ class Frontend:
         if device is not None:
             log.info("%s: stopping (%s)", device.label, why)
             device.stop()
+            self._release_guest(device.params.domid)
 
     def _on_xenstore(self) -> None:
         try:
@@ -203,6 +250,11 @@ class Frontend:
     def close(self) -> None:
         for key in list(self.devices):
             self._remove(key, "shutting down")
+            node = self.nodes.get(key)
+            if node is not None:
+                self._publish(node, XENBUS_STATE_CLOSED)
+        for domid in list(self.guests):
+            self.guests.pop(domid).stop()
         try:
             self.xs.close()
         finally:

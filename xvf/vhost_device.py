@@ -1,8 +1,8 @@
 """One guest's virtio device served by a vhost-user backend.
 
-Ties together the IOREQ server for the device's MMIO window, its register
-file (xvf.mmio), the vhost-user connection and the guest memory the backend
-is given. It is the `DeviceModel` behind the registers: the guest's status
+Ties together the device's MMIO window on its guest's IOREQ server
+(xvf.guest), its register file (xvf.mmio), the vhost-user connection and the
+guest memory the backend is given. It is the `DeviceModel` behind the registers: the guest's status
 transitions drive the vhost-user handshake.
 """
 
@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xvf import virtio_consts as V
-from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
+from xvf._ioreq import MmioState, ServiceLoop
 from xvf.devices import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.grant_layout import grant_regions, ring_spans
 from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
+from xvf.guest import Guest
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
-from xvf.platform import EventChannelHandle, Platform
+from xvf.platform import Platform
 from xvf.vhost_user import VhostUserFrontend
 from xvf.vhost_user_wire import ProtocolFeature as PF
 
@@ -65,7 +66,7 @@ class VhostDevice:
         params: DeviceParams,
         platform: Platform,
         loop: ServiceLoop,
-        evtchn: EventChannelHandle,
+        guest: Guest,
         foreign_mapping: bool,
         on_backend_lost: Callable[[VhostDevice], None] | None = None,
         offload: bool = True,
@@ -73,14 +74,12 @@ class VhostDevice:
         self.params = params
         self.platform = platform
         self.loop = loop
-        self.evtchn = evtchn
+        self.guest = guest
         self.foreign_mapping = foreign_mapping
         self.on_backend_lost = on_backend_lost
         self.label = params.label
         self.vhost: VhostUserFrontend | None = None
-        self.server = None
-        self.ioreq: IoreqServer | None = None
-        self.ports: list[int] = []
+        self.attached = False  # the MMIO window is on the guest's IOREQ server
         self.memory = None
         self.shadow: ShadowMemory | None = None  # grant mode: the backend's only memory
         # Kernel offload of notifications (privcmd ioeventfd) and interrupts
@@ -118,7 +117,7 @@ class VhostDevice:
             )
         self._connect_backend()
         try:
-            self._create_ioreq_server()
+            self._attach()
         except Exception:
             self.stop()
             raise
@@ -176,17 +175,11 @@ class VhostDevice:
         else:
             self.regs.device_features = guest_features
 
-    def _create_ioreq_server(self) -> None:
+    def _attach(self) -> None:
         p = self.params
-        self.server = server = self.platform.create_ioreq_server(p.domid)
-        self.ioreq = IoreqServer(server.page, server.nr_vcpus, p.base, MMIO_WINDOW, self.state)
-        for vcpu in range(server.nr_vcpus):
-            port = self.evtchn.bind_interdomain(p.domid, self.ioreq.vp_eport(vcpu))
-            self.ports.append(port)
-            self.loop.add_route(port, self.ioreq, vcpu)
         self.state.irq = self.platform.irq_line(p.domid, p.irq)
-        server.map_mmio_range(p.base, p.base + MMIO_WINDOW - 1)
-        server.set_enabled(True)
+        self.guest.attach(p.base, MMIO_WINDOW, self.state)
+        self.attached = True
 
     # -- DeviceModel -------------------------------------------------------------
     def features_ok(self, driver_features: int) -> bool:
@@ -349,7 +342,11 @@ class VhostDevice:
         if self.use_ioeventfd:
             try:
                 self.platform.assign_ioeventfd(
-                    self.server, self.ports, self.params.base + V.QUEUE_NOTIFY, kick, index
+                    self.guest.server,
+                    self.guest.ports,
+                    self.params.base + V.QUEUE_NOTIFY,
+                    kick,
+                    index,
                 )
                 live.ioeventfd = True
             except XvfError as exc:
@@ -407,8 +404,8 @@ class VhostDevice:
         if live.ioeventfd:
             try:
                 self.platform.assign_ioeventfd(
-                    self.server,
-                    self.ports,
+                    self.guest.server,
+                    self.guest.ports,
                     self.params.base + V.QUEUE_NOTIFY,
                     live.kick_fd,
                     index,
@@ -517,46 +514,16 @@ class VhostDevice:
         log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
         return True
 
-    def _answer_pending_ioreqs(self) -> None:
-        # A vCPU already waiting in its slot must get an answer before the
-        # server goes away, or it would never run again.
-        if self.ioreq is None:
-            return
-        for vcpu, port in enumerate(self.ports):
-            try:
-                if self.ioreq.service(vcpu):
-                    self.evtchn.channel.notify(port)
-            except XvfError as exc:
-                log.debug("%s: answering vCPU %d: %s", self.label, vcpu, exc)
-
     def stop(self) -> None:
-        """Stop the rings, destroy the IOREQ server, unmap everything."""
-        if self.server is not None:
-            try:
-                self.server.set_enabled(False)
-            except Exception as exc:  # the guest may already be gone
-                log.debug("%s: disabling ioreq server: %s", self.label, exc)
-        self._answer_pending_ioreqs()
+        """Take the window off the guest's IOREQ server, stop the rings, unmap everything."""
+        if self.attached:
+            # Xen stops sending this window first; a vCPU already waiting is answered.
+            self.guest.detach(self.params.base, MMIO_WINDOW)
+            self.attached = False
         if self.vhost is not None:
             for index in list(self.live):
                 self.queue_reset(index)
         self._drop_backend()
-        for port in self.ports:
-            self.loop.remove_route(port)
-            try:
-                self.evtchn.unbind(port)
-            except Exception as exc:
-                log.debug("%s: unbinding port %d: %s", self.label, port, exc)
-        self.ports.clear()
-        if self.ioreq is not None:
-            self.ioreq.release()
-            self.ioreq = None
-        if self.server is not None:
-            try:
-                self.server.destroy()
-            except Exception as exc:  # the guest may already be gone
-                log.debug("%s: destroying ioreq server: %s", self.label, exc)
-            self.server = None
         if self.state.irq is not None and self.state.irq.level:
             try:
                 self.state.irq.set(0)

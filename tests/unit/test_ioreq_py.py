@@ -230,12 +230,12 @@ def run_on_simulator(hypervisor, mod) -> list:
     state.irq = mod.IrqLine(irq_sock.fileno(), dom.domid, 40, True)
     ioreq = mod.IoreqServer(server.page, server.nr_vcpus, BASE, WINDOW, state)
     ports = []
+    server.set_enabled(True)  # Xen writes vp_eport at enable
     for vcpu in range(2):
         port = evtchn.bind_interdomain(dom.domid, ioreq.vp_eport(vcpu))
         loop.add_route(port, ioreq, vcpu)
         ports.append(port)
     server.map_mmio_range(BASE, BASE + WINDOW - 1)
-    server.set_enabled(True)
     call = os.eventfd(0, os.EFD_NONBLOCK)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
     loop.add_call_fd(call, state)

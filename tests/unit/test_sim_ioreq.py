@@ -45,11 +45,12 @@ def served(hypervisor):
     state = MmioState()
     state.handler = scratch
     ioreq = IoreqServer(server.page, server.nr_vcpus, BASE, 0x200, state)
+    # Xen's order: enable (Xen writes vp_eport now), bind, then claim the range.
+    server.set_enabled(True)
     for vcpu in range(4):
         port = evtchn.bind_interdomain(dom.domid, ioreq.vp_eport(vcpu))
         loop.add_route(port, ioreq, vcpu)
     server.map_mmio_range(BASE, BASE + 0x1FF)
-    server.set_enabled(True)
     stop = threading.Event()
     thread = threading.Thread(target=lambda: [loop.run_once(50) for _ in iter(stop.is_set, True)])
     thread.start()
@@ -159,3 +160,83 @@ def test_bad_control_requests_get_errors(hypervisor):
     assert len(fds) == 1
     os.close(fds[0])
     client.close()
+
+
+def test_ports_are_written_only_when_the_server_is_enabled(hypervisor):
+    """Xen (ioreq_server_enable -> ioreq_server_update_evtchn) writes each vCPU's
+    vp_eport into a freshly cleared page only at enable: a device model that reads
+    the ports first reads 0, and binding port 0 fails (what xvf did before)."""
+    dom = hypervisor.create_domain("ports", memory_mib=4, vcpus=2)
+    plat = SimPlatform(hypervisor.run_dir)
+    evtchn = plat.open_event_channel()
+    server = plat.create_ioreq_server(dom.domid)
+    ioreq = IoreqServer(server.page, server.nr_vcpus)
+    try:
+        assert [ioreq.vp_eport(v) for v in range(2)] == [0, 0]
+        with pytest.raises(Exception, match=r"EINVAL|Invalid argument"):
+            evtchn.bind_interdomain(dom.domid, ioreq.vp_eport(0))
+        server.set_enabled(True)
+        ports = [ioreq.vp_eport(v) for v in range(2)]
+        assert all(ports) and len(set(ports)) == 2
+        for port in ports:
+            evtchn.unbind(evtchn.bind_interdomain(dom.domid, port))
+    finally:
+        ioreq.release()
+        server.destroy()
+        evtchn.close()
+        plat.close()
+
+
+def test_at_most_eight_ioreq_servers_per_domain(hypervisor):
+    dom = hypervisor.create_domain("eight", memory_mib=4, vcpus=1)
+    plat = SimPlatform(hypervisor.run_dir)
+    servers = [plat.create_ioreq_server(dom.domid) for _ in range(8)]
+    try:
+        with pytest.raises(Exception, match=r"ENOSPC|No space"):
+            plat.create_ioreq_server(dom.domid)
+    finally:
+        for server in servers:
+            server.destroy()
+    plat.create_ioreq_server(dom.domid).destroy()  # a slot is free again
+    plat.close()
+
+
+def test_one_guest_server_routes_eleven_devices_by_address(hypervisor):
+    """libxl gives a guest up to 11 virtio devices; xvf serves them all on ONE
+    IOREQ server (xvf.guest.Guest), each window answered by its own device."""
+    from xvf.guest import Guest
+
+    dom = hypervisor.create_domain("eleven", memory_mib=4, vcpus=2)
+    plat = SimPlatform(hypervisor.run_dir)
+    evtchn = plat.open_event_channel()
+    loop = ServiceLoop(evtchn.channel)
+    guest = Guest(dom.domid, plat, loop, evtchn)
+    guest.start()
+    scratches = []
+    for i in range(11):
+        scratch = Scratch()
+        state = MmioState()
+        state.handler = scratch
+        scratches.append((scratch, state))
+        guest.attach(BASE + i * 0x200, 0x200, state)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [loop.run_once(50) for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        assert len(dom.servers) == 1 and guest.device_count == 11
+        for i in range(11):
+            dom.mmio(i % 2, BASE + i * 0x200 + 0x10, 4, True, 0x1000 + i)
+        for i in range(11):
+            assert dom.mmio(0, BASE + i * 0x200 + 0x10, 4, False) == 0x1000 + i
+            assert scratches[i][0].accesses == [("w", 0x10, 4, 0x1000 + i), ("r", 0x10, 4)]
+        guest.detach(BASE + 5 * 0x200, 0x200)
+        with pytest.raises(GuestDataAbort):
+            dom.mmio(0, BASE + 5 * 0x200, 4, False)
+        assert dom.mmio(1, BASE + 6 * 0x200 + 0x10, 4, False) == 0x1006
+    finally:
+        stop.set()
+        thread.join()
+        guest.stop()
+        evtchn.close()
+        plat.close()
+    assert dom.servers == {}

@@ -20,7 +20,14 @@ from xvf.errors import GrantError, SimulatorError
 from xvf.sim import control as C
 from xvf.sim.evtchn import EventChannels
 from xvf.sim.grant_table import GrantTable
-from xvf.sim.ioreq import GuestDataAbort, IoreqServer, MmioRange, VcpuChannel, issue
+from xvf.sim.ioreq import (
+    MAX_SERVERS_PER_DOMAIN,
+    GuestDataAbort,
+    IoreqServer,
+    MmioRange,
+    VcpuChannel,
+    issue,
+)
 from xvf.sim.irqfd import IrqfdWatcher
 from xvf.sim.memory import GuestRam
 
@@ -122,12 +129,21 @@ class Domain:
 class Hypervisor:
     """One simulated host. `start()` opens the sockets; `close()` tears everything down."""
 
-    def __init__(self, run_dir: str, kernel_eventfds: bool = False) -> None:
+    def __init__(
+        self, run_dir: str, kernel_eventfds: bool = False, destroy_timeout: float | None = None
+    ) -> None:
         """`kernel_eventfds`: the simulated Dom0 kernel has privcmd ioeventfd and
         irqfd (Linux 6.7+); without them those requests fail with ENOTTY, as on
-        Debian 12's 6.1 kernel."""
+        Debian 12's 6.1 kernel. `destroy_timeout`: how long destroy waits for each
+        virtio backend to reach Closed, libxl's 10 s unless told otherwise."""
+        from xvf.sim.toolstack import LIBXL_DESTROY_TIMEOUT
+
         self.run_dir = run_dir
         self.kernel_eventfds = kernel_eventfds
+        self.destroy_timeout = LIBXL_DESTROY_TIMEOUT if destroy_timeout is None else destroy_timeout
+        # domid -> whether every backend answered Closing with Closed (as `xl destroy`
+        # waits for); tests read it to see the device model took part.
+        self.backends_closed: dict[int, bool] = {}
         self.irqfds = IrqfdWatcher()
         self.control_path = os.path.join(run_dir, "privcmd.sock")
         self.xenstore_path = os.path.join(run_dir, "xenstored.sock")
@@ -264,10 +280,24 @@ class Hypervisor:
         from xvf.xenstore import XenStore
 
         with self.lock:
-            dom = self.domains.pop(domid, None)
+            dom = self.domains.get(domid)
         if dom is None:
             return
+        # libxl pauses the domain, asks each backend to close and waits for it,
+        # then destroys the domain and removes the nodes.
         dom.alive = False
+        try:
+            xs = XenStore(self.xenstore_path)
+            try:
+                self.backends_closed[domid] = toolstack.close_virtio_devices(
+                    xs, domid, self.destroy_timeout
+                )
+            finally:
+                xs.close()
+        except Exception as exc:  # xenstored may already be gone at shutdown
+            log.debug("closing virtio devices of domain %d: %s", domid, exc)
+        with self.lock:
+            self.domains.pop(domid, None)
         try:
             xs = XenStore(self.xenstore_path)
             try:
@@ -410,6 +440,11 @@ class _Session:
         hv = self.hv
         if op == DMOP_CREATE_IOREQ_SERVER:
             with hv.lock:
+                if len(dom.servers) >= MAX_SERVERS_PER_DOMAIN:
+                    # Xen: ioreq_server_create finds no free slot -> -ENOSPC
+                    raise OSError(
+                        errno.ENOSPC, f"domain {domid} has {MAX_SERVERS_PER_DOMAIN} IOREQ servers"
+                    )
                 sid = hv._next_server
                 hv._next_server += 1
             ports = [
@@ -443,7 +478,9 @@ class _Session:
                         raise OSError(errno.ENOENT, "range not mapped")
         elif op == DMOP_SET_IOREQ_SERVER_STATE:
             sid, enabled = struct.unpack_from("<HB", op_bytes, u)
-            self._server(dom, sid).enabled = bool(enabled)
+            server = self._server(dom, sid)
+            with hv.lock:
+                server.set_enabled(bool(enabled))
         elif op == DMOP_DESTROY_IOREQ_SERVER:
             (sid,) = struct.unpack_from("<H", op_bytes, u)
             server = self._server(dom, sid)
@@ -478,6 +515,8 @@ class _Session:
         server = self._server(dom, rid)
         if idx + num > 2 or num == 0:
             raise OSError(errno.EINVAL, "frames out of range")
+        with self.hv.lock:
+            server.allocate_page()
         return struct.pack("<Q", idx * 4096), [os.dup(server.fd)]
 
     def _foreign_map(self, payload: bytes) -> tuple[bytes, list[int]]:

@@ -30,6 +30,7 @@ _REQ_HEAD = struct.Struct("<QQIII")
 FRAME_BUFIOREQ = 0
 FRAME_IOREQ = 1
 MAX_VCPUS = PAGE_SIZE // IOREQ_SIZE
+MAX_SERVERS_PER_DOMAIN = 8  # MAX_NR_IOREQ_SERVERS (xen/include/xen/ioreq.h)
 
 
 class GuestDataAbort(SimulatorError):
@@ -56,6 +57,7 @@ class IoreqServer:
     page: mmap.mmap
     ranges: list[MmioRange] = field(default_factory=list)
     enabled: bool = False
+    allocated: bool = False  # the page exists once acquire_resource asked for it
 
     @classmethod
     def create(cls, server_id: int, domid: int, ports: list[int]) -> IoreqServer:
@@ -64,9 +66,24 @@ class IoreqServer:
         fd = os.memfd_create(f"xvf-ioreq-d{domid}-s{server_id}", os.MFD_CLOEXEC)
         os.ftruncate(fd, 2 * PAGE_SIZE)
         page = mmap.mmap(fd, PAGE_SIZE, offset=FRAME_IOREQ * PAGE_SIZE)
-        for vcpu, port in enumerate(ports):
-            struct.pack_into("<I", page, vcpu * IOREQ_SIZE + 24, port)
         return cls(server_id, domid, len(ports), ports, fd, page)
+
+    def allocate_page(self) -> None:
+        """acquire_resource: Xen allocates the page on first use and clears it."""
+        if not self.allocated:
+            self.page[:] = bytes(PAGE_SIZE)
+            # Already enabled? Then this page gets no ports until the next enable,
+            # as in Xen, where ports are written only to a page that exists then.
+            self.allocated = True
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Like ioreq_server_enable(): the vCPUs' event channels are written into the
+        page only now, and only if the page exists; a device model that reads
+        vp_eport before enabling reads 0 (as on real Xen)."""
+        if enabled and not self.enabled and self.allocated:
+            for vcpu, port in enumerate(self.ports):
+                struct.pack_into("<I", self.page, vcpu * IOREQ_SIZE + 24, port)
+        self.enabled = enabled
 
     def claims(self, addr: int, size: int) -> bool:
         return self.enabled and any(
