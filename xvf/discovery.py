@@ -8,6 +8,12 @@ Layout (see xvf/sim/toolstack.py for where it comes from): for every guest
 absent before 4.18: then libxl's default, enabled iff b != 0), plus
 frontend, frontend-id, online and state.
 
+xvf publishes in `state` whether it serves the device (xenbus states):
+4 Connected once the device is served, 6 Closed when it is not (it failed, or
+xvf stopped). The toolstack asks for a device to go away, as `xl destroy`
+does, with online=0 and state 5 Closing; xvf then stops serving it and
+answers 6 Closed, which libxl waits for (up to 10 s per device).
+
 A bad entry never stops the walk: it becomes a ConfigError naming the node
 and the offending value, and the other devices are still returned.
 """
@@ -27,6 +33,9 @@ GUEST_VIRTIO_MMIO_SPI_FIRST = 33
 GUEST_VIRTIO_MMIO_SPI_LAST = 43
 COMPATIBLE_PREFIX = "virtio,device"
 TRANSPORTS = ("mmio",)
+XENBUS_STATE_CONNECTED = 4
+XENBUS_STATE_CLOSING = 5
+XENBUS_STATE_CLOSED = 6
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class VirtioDeviceNode:
     transport: str
     grant_usage: bool
     backend_path: str
+    # The toolstack asked the backend to let go (online=0 or state Closing).
+    closing: bool = False
 
 
 def backend_dir(backend_domid: int) -> str:
@@ -130,6 +141,9 @@ def parse_device(
         grant_usage = raw_grant.strip() == "1"
     else:
         raise _bad(path, "grant_usage", raw_grant, "expected 1 or 0")
+    online = (values.get("online") or "1").strip()
+    state = (values.get("state") or "").strip()
+    closing = online == "0" or state == str(XENBUS_STATE_CLOSING)
     return VirtioDeviceNode(
         domid=domid,
         devid=devid,
@@ -140,6 +154,7 @@ def parse_device(
         transport=transport,
         grant_usage=grant_usage,
         backend_path=path,
+        closing=closing,
     )
 
 
@@ -171,9 +186,9 @@ def read_virtio_devices(
                 # a missing type then just means "not there any more".
                 values = {
                     k: xs.read(f"{path}/{k}")
-                    for k in ("type", "transport", "base", "irq", "grant_usage")
+                    for k in ("type", "transport", "base", "irq", "grant_usage", "online", "state")
                 }
-                if all(v is None for v in values.values()) and xs.read(path) is None:
+                if values["type"] is None and xs.read(path) is None:
                     continue  # removed while we walked
                 devices.append(parse_device(path, domid, devid, values, backend_domid))
             except ConfigError as e:
@@ -183,3 +198,22 @@ def read_virtio_devices(
                 # connection (plain XenStoreError) propagates to the caller.
                 errors.append(ConfigError(f"{path}: cannot read: {e}"))
     return devices, errors
+
+
+def publish_state(xs: XenStore, node: VirtioDeviceNode, state: int) -> bool:
+    """Write the device's backend `state`, unless the node is gone (never re-create it:
+    a write would make the missing parents). False if it was gone."""
+    for _ in range(10):
+        tx = xs.transaction_start()
+        try:
+            if xs.read(f"{node.backend_path}/type", tx) is None:
+                xs.transaction_end(tx, commit=False)
+                return False
+            if xs.read(f"{node.backend_path}/state", tx) != str(state):
+                xs.write(f"{node.backend_path}/state", str(state), tx)
+        except BaseException:
+            xs.transaction_end(tx, commit=False)
+            raise
+        if xs.transaction_end(tx, commit=True):
+            return True
+    return False

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
 from tests.conftest import needs_qsd
 from xvf import virtio_consts as R
 from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.sim.guest import attach, wait_served
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -100,3 +101,48 @@ def test_guest_destroyed_mid_io_and_same_domid_recreated(
     assert "Traceback" not in fe.log(), fe.log()
     fresh.close()
     other.close()
+
+
+def _backend_state(hypervisor, dom, index: int) -> str | None:
+    from xvf.sim.toolstack import backend_path
+    from xvf.xenstore import XenStore
+
+    spec = dom.virtio[index]
+    with XenStore(hypervisor.xenstore_path) as xs:
+        return xs.read(f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state")
+
+
+def _wait_state(hypervisor, dom, index: int, want: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (state := _backend_state(hypervisor, dom, index)) != want:
+        assert time.monotonic() < deadline, f"device {index} state {state!r}, never {want!r}"
+        time.sleep(0.02)
+
+
+def test_xenstore_state_says_served_refused_and_closed(
+    hypervisor, sockets, start_frontend, start_blk_backend
+):
+    """xvf publishes each device's backend `state` (4 served, 6 not served) and answers
+    the toolstack's Closing (5) with Closed (6), which `xl destroy` waits for."""
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    line = (
+        'virtio = [ "type=virtio,device2, transport=mmio, grant_usage=0",'
+        ' "type=virtio,device7e, transport=mmio, grant_usage=0" ]'
+    )
+    dom = hypervisor.create_domain("states", memory_mib=32, virtio=line)
+    assert _backend_state(hypervisor, dom, 0) in ("1", "4")  # libxl writes 1
+    wait_served(dom, 0)
+    _wait_state(hypervisor, dom, 1, "6")  # unknown device type: refused, and said so
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    blk.write(0, b"\x5a" * 4096)
+    hypervisor.destroy_domain(dom.domid)
+    assert hypervisor.backends_closed[dom.domid] is True  # xvf answered Closing in time
+    fe.wait_log("the toolstack closes it (xenstore state Closing)")
+
+    again = hypervisor.create_domain("states2", memory_mib=32, virtio=ONE_BLK)
+    wait_served(again, 0)
+    assert fe.stop() == 0
+    assert _backend_state(hypervisor, again, 0) == "6"  # xvf gone: not served
+    assert "Traceback" not in fe.log(), fe.log()

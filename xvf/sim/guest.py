@@ -34,20 +34,34 @@ def attach(dom: Domain, index: int, vcpu: int = 0, timeout: float = 20.0) -> Vir
 
 
 def wait_served(dom: Domain, index: int, timeout: float = 20.0) -> None:
-    """Wait until a device model serves the guest's `index`-th device window.
+    """Wait until xvf serves the guest's `index`-th device, as a script on real Xen
+    would: its backend node's xenstore `state` becomes 4 (Connected); 6 (Closed)
+    means xvf gave up on it."""
+    from xvf.discovery import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
+    from xvf.sim.toolstack import backend_path
+    from xvf.xenstore import XenStore
 
-    xvf claims the window once it has found the backend; until then the guest's
-    accesses abort, as they would on Xen.
-    """
-    base = dom.virtio[index].base
+    spec = dom.virtio[index]
+    path = f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state"
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            dom.mmio(0, base, 4, False)
-            return
-        except GuestDataAbort:
+    with XenStore(dom.hv.xenstore_path) as xs:
+        while True:
+            state = (xs.read(path) or "").strip()
+            if state == str(XENBUS_STATE_CONNECTED):
+                break
+            if state == str(XENBUS_STATE_CLOSED):
+                raise SimulatorError(
+                    f"xvf refused device {index} of domain {dom.domid} ({path} = 6)"
+                )
             if time.monotonic() > deadline:
                 raise SimulatorError(
-                    f"no device model served device {index} of domain {dom.domid} within {timeout}s"
-                ) from None
+                    f"no device model served device {index} of domain {dom.domid} within "
+                    f"{timeout}s ({path} = {state!r})"
+                )
             time.sleep(0.02)
+    try:
+        dom.mmio(0, spec.base, 4, False)
+    except GuestDataAbort:
+        raise SimulatorError(
+            f"{path} says served, but nothing answers at {spec.base:#x} (domain {dom.domid})"
+        ) from None

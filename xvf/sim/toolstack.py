@@ -45,6 +45,7 @@ parents that became empty (libxl__xs_path_cleanup).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from xvf.devices import parse_compatible
@@ -57,6 +58,10 @@ VIRTIO_MMIO_DEV_SIZE = 0x200
 GUEST_VIRTIO_MMIO_SPI_FIRST = 33
 GUEST_VIRTIO_MMIO_SPI_LAST = 43
 XENBUS_STATE_INITIALISING = 1
+XENBUS_STATE_CLOSING = 5
+XENBUS_STATE_CLOSED = 6
+# libxl waits this long for a backend to reach Closed on destroy (LIBXL_DESTROY_TIMEOUT)
+LIBXL_DESTROY_TIMEOUT = 10.0
 TOOLSTACK_DOMID = 0
 TRANSPORTS = ("mmio",)
 VIRTIO_DEVICE_TYPE_GENERIC = "virtio,device"
@@ -300,6 +305,43 @@ def _path_cleanup(xs: XenStore, tx: int, path: str) -> None:
         if not path or xs.read(path, tx) is None or xs.directory(path, tx):
             return
         xs.rm(path, tx)
+
+
+def _backend_paths(xs: XenStore, domid: int, tx: int = 0) -> list[str]:
+    base = f"/libxl/{domid}/device/virtio"
+    paths = [xs.read(f"{base}/{devid}/backend", tx) for devid in xs.directory(base, tx)]
+    return [p for p in paths if p and p.startswith("/local/domain/")]
+
+
+def close_virtio_devices(xs: XenStore, domid: int, timeout: float = LIBXL_DESTROY_TIMEOUT) -> bool:
+    """What libxl__initiate_device_generic_remove does before removing a device:
+    online=0 and state=Closing (5) unless the backend is already Closed, then wait up
+    to `timeout` for every backend to write Closed (6). True if all did in time."""
+    waiting: list[str] = []
+
+    def body(tx: int) -> None:
+        waiting.clear()
+        for be in _backend_paths(xs, domid, tx):
+            state = xs.read(f"{be}/state", tx)
+            if state is None:
+                continue  # backend gone already
+            xs.write(f"{be}/online", "0", tx)
+            if state.strip() != str(XENBUS_STATE_CLOSED):
+                xs.write(f"{be}/state", str(XENBUS_STATE_CLOSING), tx)
+                waiting.append(be)
+
+    _in_transaction(xs, f"closing virtio devices of domain {domid}", body)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        waiting = [
+            be
+            for be in waiting
+            if (xs.read(f"{be}/state") or "").strip() not in ("", str(XENBUS_STATE_CLOSED))
+        ]
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    return not waiting
 
 
 def remove_virtio_devices(xs: XenStore, domid: int) -> None:
