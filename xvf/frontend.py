@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from xvf._ioreq import ServiceLoop
+from xvf._ioreq import MmioState, ServiceLoop
 from xvf.devices import device_type, socket_name
 from xvf.discovery import (
     XENBUS_STATE_CLOSED,
@@ -24,8 +24,9 @@ from xvf.discovery import (
 )
 from xvf.errors import ConfigError, XvfError
 from xvf.guest import Guest
+from xvf.mmio import PlaceholderRegisters
 from xvf.platform import Platform
-from xvf.vhost_device import DeviceParams, VhostDevice
+from xvf.vhost_device import MMIO_WINDOW, DeviceParams, VhostDevice
 from xvf.xenstore import XenStore
 
 log = logging.getLogger("xvf.frontend")
@@ -64,6 +65,8 @@ class Frontend:
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.failed: set[tuple[int, int]] = set()
         self.nodes: dict[tuple[int, int], VirtioDeviceNode] = {}  # as last read
+        # Refused devices whose window answers "no device here" (xvf.mmio.PlaceholderRegisters).
+        self.placeholders: dict[tuple[int, int], VirtioDeviceNode] = {}
         self.instances: dict[tuple[int, int], int] = {}
         self.running = False
 
@@ -99,6 +102,9 @@ class Frontend:
             if key not in present:
                 del self.pending[key]
                 self.instances.pop(key, None)
+        for key in list(self.placeholders):
+            if key not in present:
+                self._drop_placeholder(key)
         for node in closing.values():
             # libxl waits for Closed before it removes the device (xl destroy).
             self._publish(node, XENBUS_STATE_CLOSED)
@@ -110,8 +116,7 @@ class Frontend:
                 dev_type = device_type(node.device_id)
             except ConfigError as exc:
                 log.error("dom%d device %d: %s", node.domid, node.devid, exc)
-                self.failed.add(key)
-                self._publish(node, XENBUS_STATE_CLOSED)
+                self._refuse(key, node)
                 continue
             n = self._instance(key, dev_type.name)
             params = DeviceParams(
@@ -147,8 +152,7 @@ class Frontend:
                         self.socket_timeout,
                     )
                     del self.pending[key]
-                    self.failed.add(key)
-                    self._publish(item.node, XENBUS_STATE_CLOSED)
+                    self._refuse(key, item.node)
                 continue
             del self.pending[key]
             try:
@@ -165,13 +169,39 @@ class Frontend:
                 device.start()
             except (XvfError, OSError) as exc:
                 log.error("%s: cannot start: %s", item.params.label, exc)
-                self.failed.add(key)
-                self._release_guest(item.params.domid)
-                self._publish(item.node, XENBUS_STATE_CLOSED)
+                self._refuse(key, item.node)
                 continue
             self.devices[key] = device
             # Scripts (and the rig) wait for this before unpausing a guest.
             self._publish(item.node, XENBUS_STATE_CONNECTED)
+
+    def _refuse(self, key: tuple[int, int], node: VirtioDeviceNode) -> None:
+        """A device xvf will not serve: the guest finds "no device" there, not a data
+        abort, and xenstore says Closed."""
+        self.failed.add(key)
+        try:
+            guest = self._guest(node.domid)
+            state = MmioState()
+            state.handler = PlaceholderRegisters(f"dom{node.domid}/device{node.devid}")
+            guest.attach(node.base, MMIO_WINDOW, state)
+            self.placeholders[key] = node
+            log.info(
+                "dom%d device %d: its window %#x now reads as 'no device' (DeviceID 0)",
+                node.domid,
+                node.devid,
+                node.base,
+            )
+        except (XvfError, OSError) as exc:
+            log.error("dom%d device %d: cannot claim its window: %s", node.domid, node.devid, exc)
+            self._release_guest(node.domid)
+        self._publish(node, XENBUS_STATE_CLOSED)
+
+    def _drop_placeholder(self, key: tuple[int, int]) -> None:
+        node = self.placeholders.pop(key, None)
+        guest = self.guests.get(key[0])
+        if node is not None and guest is not None:
+            guest.detach(node.base, MMIO_WINDOW)
+            self._release_guest(key[0])
 
     def _publish(self, node: VirtioDeviceNode, state: int) -> None:
         try:
@@ -253,6 +283,8 @@ class Frontend:
             node = self.nodes.get(key)
             if node is not None:
                 self._publish(node, XENBUS_STATE_CLOSED)
+        for key in list(self.placeholders):
+            self._drop_placeholder(key)
         for domid in list(self.guests):
             self.guests.pop(domid).stop()
         try:

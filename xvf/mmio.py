@@ -350,3 +350,27 @@ class VirtioMmioRegisters:
             off: (lambda self, v, off=off: self._w_queue_addr(off, v)) for off in _QUEUE_ADDR_FIELDS
         },
     }
+
+
+class PlaceholderRegisters:
+    """The window of a device xvf refused: a virtio-mmio device with DeviceID 0.
+
+    virtio-mmio (spec 4.2.2) reserves DeviceID 0 for "no device here"; Linux's
+    virtio_mmio_probe then skips the device (-ENODEV). Without any server claiming
+    the window, the guest's probe would take a data abort (and Linux panics).
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        if offset == R.MAGIC_VALUE:
+            return R.MAGIC
+        if offset == R.VERSION:
+            return R.MMIO_VERSION_2
+        if offset == R.VENDOR_ID:
+            return R.VENDOR_XVF
+        return 0
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        """Nothing to drive: a guest that writes here learns nothing and breaks nothing."""

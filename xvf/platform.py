@@ -74,6 +74,9 @@ class Platform(Protocol):
     supports_irqfd: bool
     # Whether guest memory is offered with the vhost-user Xen mmap extension.
     xen_mmap: bool
+    # Whether guest RAM can be handed to a backend as a plain shared fd (only the
+    # simulator's memfd); on Xen a backend must map the guest itself (XEN_MMAP).
+    guest_ram_shareable: bool
 
     def xenstore_path(self) -> str: ...
     def own_domid(self) -> int: ...

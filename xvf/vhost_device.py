@@ -145,11 +145,23 @@ class VhostDevice:
             features = vhost.get_features()
             if features & F_PROTOCOL_FEATURES:
                 wanted = WANTED_PROTOCOL
-                if getattr(self.platform, "xen_mmap", True):
+                if self.platform.xen_mmap:
                     wanted |= PF.XEN_MMAP
                 acked = vhost.get_protocol_features() & wanted
                 vhost.set_protocol_features(acked)
                 self.config_supported = bool(acked & PF.CONFIG)
+            if (
+                self.foreign_mapping
+                and not self.platform.guest_ram_shareable
+                and not vhost.protocol_features & PF.XEN_MMAP
+            ):
+                # Refused now, before the guest can start a driver that would hang.
+                raise ConfigError(
+                    f"{self.label}: foreign mapping needs a backend that maps the guest "
+                    f"itself (vhost-user XEN_MMAP), and {p.socket_path} does not offer it; "
+                    "run xvf without --foreign-mapping (grant mapping relays for such "
+                    "backends) and give the guest grant_usage=1"
+                )
             self.backend_features = features
         except Exception:
             vhost.close()

@@ -117,8 +117,9 @@ def test_missing_backend_socket_times_out_and_others_are_served(
     blk.start()
     blk.write(0, b"\x01" * 4096)
     assert blk.read(0, 8) == b"\x01" * 4096
-    with pytest.raises(GuestDataAbort):  # the unserved device's window stays unclaimed
-        dom.mmio(0, dom.virtio[1].base, 4, False)
+    # the unserved device's window reads as "no device" (DeviceID 0): no abort, no hang
+    assert dom.mmio(0, dom.virtio[1].base + R.MAGIC_VALUE, 4, False) == R.MAGIC
+    assert dom.mmio(0, dom.virtio[1].base + R.DEVICE_ID, 4, False) == 0
     blk.close()
 
 
@@ -136,6 +137,6 @@ def test_mapping_mode_that_cannot_work_is_refused_clearly(
     )
     fe.wait_log("cannot start")
     assert ("--foreign-mapping" in fe.log()) and "grant_usage" in fe.log()
-    with pytest.raises(GuestDataAbort):  # not served rather than served wrongly
-        dom.mmio(0, dom.virtio[0].base, 4, False)
+    # not served rather than served wrongly: the guest finds no device there
+    assert dom.mmio(0, dom.virtio[0].base + R.DEVICE_ID, 4, False) == 0
     assert fe.proc.poll() is None

@@ -224,6 +224,7 @@ class SimPlatform:
 
     name = "sim"
     simulated = True
+    guest_ram_shareable = True  # guest RAM is a memfd
 
     def __init__(self, run_dir: str, xen_mmap: bool = True) -> None:
         """`xen_mmap`: offer backends the vhost-user Xen mmap extension (they then map

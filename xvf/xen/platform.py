@@ -215,6 +215,7 @@ class XenPlatform:
 
     name = "xen"
     xen_mmap = True  # backends must map Xen guests themselves (vhost-user XEN_MMAP)
+    guest_ram_shareable = False
     simulated = False
 
     def __init__(
