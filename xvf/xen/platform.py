@@ -126,12 +126,29 @@ class XenGuestMemory:
 
     def __init__(self, pc: P.Privcmd, domid: int, mem_bytes: int) -> None:
         self.domid = domid
-        self._maps: list[tuple[int, P.Mapping]] = []
+        self._maps: list[tuple[int, P.Mapping, int]] = []  # (gpa, mapping, bytes populated)
         self.regions: list[MemoryRegion] = []
         try:
-            for gpa, size in P.guest_ram_banks(mem_bytes):
-                m = pc.map_foreign(domid, gpa, size)
-                self._maps.append((gpa, m))
+            for gpa, upper in P.guest_ram_banks(mem_bytes):
+                # static-max is an upper bound (maxmem > memory, ballooning): the
+                # guest's real RAM is what its p2m has populated from the bank's start.
+                m, size = pc.map_foreign(domid, gpa, upper, partial=True)
+                if size == 0:
+                    m.close()
+                    if not self._maps:
+                        raise PlatformUnavailable(
+                            f"domain {domid} has no RAM mapped at {gpa:#x} (is it running?)"
+                        )
+                    break
+                self._maps.append((gpa, m, size))
+                if size < upper:
+                    log.info(
+                        "domain %d: RAM at %#x is %d MiB (static-max allows %d MiB)",
+                        domid,
+                        gpa,
+                        size >> 20,
+                        upper >> 20,
+                    )
                 # Backends map Xen guests themselves from (flags, domid, gpa);
                 # the fd is the privcmd device that such a mapping is made on.
                 self.regions.append(
@@ -145,13 +162,15 @@ class XenGuestMemory:
                         domid=domid,
                     )
                 )
+                if size < upper:
+                    break  # RAM ends inside this bank
         except BaseException:
             self.close()
             raise
         log.info(
             "domain %d: %d MiB of RAM foreign-mapped in %d bank(s)",
             domid,
-            mem_bytes >> 20,
+            sum(size for _, _, size in self._maps) >> 20,
             len(self._maps),
         )
 
@@ -164,19 +183,19 @@ class XenGuestMemory:
 
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
         """(offset in the bank's mapping, frontend address) of a RAM range, or None."""
-        for base, m in self._maps:
-            if base <= gpa and gpa + length <= base + m.length:
+        for base, m, size in self._maps:
+            if base <= gpa and gpa + length <= base + size:
                 return gpa - base, m.address + (gpa - base)
         return None
 
     def view(self, gpa: int, length: int) -> memoryview:
-        for base, m in self._maps:
-            if base <= gpa and gpa + length <= base + m.length:
+        for base, m, size in self._maps:
+            if base <= gpa and gpa + length <= base + size:
                 return m.view[gpa - base : gpa - base + length]
         raise GrantError(f"guest range {gpa:#x}+{length:#x} of domain {self.domid} is not RAM")
 
     def close(self) -> None:
-        for _, m in self._maps:
+        for _, m, _ in self._maps:
             m.close()
         self._maps.clear()
 

@@ -294,8 +294,17 @@ class Privcmd:
             ) from None
         return m
 
-    def map_foreign(self, domid: int, gpa: int, size: int, chunk: int = 1 << 16) -> Mapping:
-        """Map `size` bytes of a guest's RAM at guest-physical `gpa` (MMAPBATCH_V2)."""
+    def map_foreign(
+        self, domid: int, gpa: int, size: int, chunk: int = 1 << 16, partial: bool = False
+    ) -> tuple[Mapping, int]:
+        """Map `size` bytes of a guest's RAM at guest-physical `gpa` (MMAPBATCH_V2).
+
+        Returns the mapping and how many bytes from `gpa` on are really mapped. MMAPBATCH_V2
+        reports a frame that is not populated in its err array while the ioctl itself
+        succeeds, and touching such a page is a SIGBUS: with `partial` the mapped part
+        ends before the first such frame (the guest's RAM is smaller than asked for),
+        otherwise any such frame is an error.
+        """
         pages = size // PAGE_SIZE
         m = Mapping(self.fd, pages * PAGE_SIZE)
         try:
@@ -325,11 +334,19 @@ class Privcmd:
                         f"foreign mapping of {n} pages of domain {domid} at gfn {first:#x}{where}",
                         exc.errno,
                     ) from None
+                bad = next((i for i in range(n) if errs[i]), None)
+                if bad is not None:
+                    if partial:
+                        return m, (done + bad) * PAGE_SIZE
+                    raise HypercallError(
+                        f"foreign mapping of domain {domid}: gfn {first + bad:#x} is not mapped",
+                        -errs[bad],
+                    )
                 done += n
         except BaseException:
             m.close()
             raise
-        return m
+        return m, pages * PAGE_SIZE
 
     # ---- irqfd / ioeventfd (Linux >= 6.6 / 6.7 with CONFIG_XEN_PRIVCMD_EVENTFD) ----
 
