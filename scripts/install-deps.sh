@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
+# qemu-storage-daemon (the vhost-user-blk backend) moved from qemu-system-common
+# (Debian 12) to qemu-utils (Debian 13).
+. /etc/os-release
+if [ "${VERSION_ID%%.*}" -ge 13 ] 2>/dev/null; then qsd_package=qemu-utils; else qsd_package=qemu-system-common; fi
 apt_packages=(
     gcc libc6-dev python3-dev python3-venv  # building the Cython extensions
-    qemu-system-common                      # qemu-storage-daemon: the vhost-user-blk backend
+    "$qsd_package"                          # qemu-storage-daemon
     libxen-dev linux-libc-dev               # Xen and Linux headers checked by the conformance tests
     xenstore-utils                          # xenstore-read/-write/-ls interop with the simulated xenstored
 )

@@ -1,6 +1,6 @@
 """Starting real third-party vhost-user backends for simulated guests.
 
-qemu-storage-daemon (Debian package qemu-system-common) serves virtio-blk.
+qemu-storage-daemon (Debian 12: package qemu-system-common; Debian 13: qemu-utils) serves virtio-blk.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def qemu_storage_daemon(
     if exe is None:
         raise SimulatorError(
             "qemu-storage-daemon not found; install it: apt-get install qemu-system-common"
+            " (Debian 12) or qemu-utils (Debian 13)"
         )
     argv = [
         exe,
