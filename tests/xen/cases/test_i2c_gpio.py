@@ -1,0 +1,54 @@
+"""virtio-i2c (an RTC read like hwclock) and virtio-gpio on real Xen, served by the in-tree
+reference backends, which map the guest's real memory themselves (XEN_MMAP): foreign regions
+through privcmd, grant regions through gntdev. With and without the Dom0 kernel's privcmd
+ioeventfd/irqfd offload."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.xen.cases.dom0 import Guest, result, start_ref_backend, start_xvf
+from tests.xen.rig.domu import virtio_device
+
+I2C, GPIO = 34, 41  # virtio device ids
+
+
+@pytest.mark.parametrize(
+    "foreign,ioreq_only",
+    [(False, False), (True, False), (True, True)],
+    ids=["grant", "foreign-offload", "foreign-ioreq-only"],
+)
+def test_rtc_over_i2c_and_gpio_lines(results, sockets, procs, guests, foreign, ioreq_only):
+    procs.append(start_ref_backend(results, "i2c", sockets / "i2c.sock0", "--require-xen-mmap"))
+    procs.append(start_ref_backend(results, "gpio", sockets / "gpio.sock0", "--require-xen-mmap"))
+    xvf = start_xvf(results, sockets, foreign=foreign, ioreq_only=ioreq_only)
+    procs.append(xvf)
+    name = f"i2cgpio-{'f' if foreign else 'g'}{'-io' if ioreq_only else ''}"
+    guest = Guest(
+        name,
+        [virtio_device(I2C, grant_usage=not foreign), virtio_device(GPIO, grant_usage=not foreign)],
+        {"checks": "i2c,gpio", "gpio.line": 1},
+        results,
+    )
+    guests.append(guest)
+    guest.wait_served()
+    guest.unpause()
+    report = guest.wait_done()
+    i2c = result(report, "i2c")
+    # The RTC is the backend's clock (Dom0's), read by the guest over virtio-i2c.
+    assert abs(int(i2c["rtc_epoch"]) - time.time()) < 600, i2c
+    gpio = result(report, "gpio")
+    assert gpio["read"] == "1,0", gpio  # what the guest wrote came back from the backend
+    for dev in report.virtio:
+        assert dev["grant_dma"] == ("0" if foreign else "1"), dev
+    log = xvf.log()
+    kind = "foreign" if foreign else "grant"
+    assert f"guest memory for the backend: {kind} regions (Xen mmap), mapped by the backend" in log
+    if foreign and not ioreq_only:
+        assert "QueueNotify handled by the kernel (privcmd ioeventfd)" in log
+        assert "interrupts injected by the kernel (privcmd irqfd)" in log
+    else:
+        assert "QueueNotify handled by xvf (ioreq service loop)" in log
+    assert xvf.alive()

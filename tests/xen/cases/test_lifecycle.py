@@ -1,0 +1,146 @@
+"""Life cycle on real Xen: two guests at once, `xl destroy` with I/O in flight and the guest
+made again, xvf stopped with SIGTERM while a guest runs, a backend killed and restarted."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests.xen.cases.dom0 import Guest, result, run, start_qsd, start_xvf, wait_until
+from tests.xen.cases.test_blk import BLK, MIB, make_image
+from tests.xen.rig.domu import pattern, virtio_device
+
+
+def blk_guest(name: str, results, seed: str, nbytes: int = 128 * 1024, **plan) -> Guest:
+    return Guest(
+        name,
+        [virtio_device(BLK, grant_usage=True)],
+        {"checks": "blk", "blk.seed": seed, "blk.sector": 2048, "blk.bytes": nbytes, **plan},
+        results,
+    )
+
+
+def on_image(image, seed: str, nbytes: int, sector: int = 2048) -> bool:
+    with open(image, "rb") as f:
+        f.seek(sector * 512)
+        return f.read(nbytes) == pattern(seed, nbytes)
+
+
+def test_two_guests_at_once(results, sockets, procs, guests):
+    images = [results / "a.img", results / "b.img"]
+    for i, image in enumerate(images):
+        make_image(image, 32 * MIB, b"")
+        procs.append(start_qsd(results, sockets / f"blk.sock{i}", image, name=f"qsd{i}"))
+    xvf = start_xvf(results, sockets)
+    procs.append(xvf)
+    pair = [blk_guest(f"two-{c}", results, f"two{c}") for c in "ab"]
+    guests.extend(pair)
+    for guest in pair:
+        guest.wait_served()
+    for guest in pair:
+        guest.unpause()
+    for guest in pair:
+        result(guest.wait_done(), "blk")
+    # each guest got its own disk (sockets are handed out in device order)
+    seeds = {i: s for i, s in enumerate(["twoa", "twob"])}
+    assert sorted(on_image(img, s, 128 * 1024) for img in images for s in seeds.values()) == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert xvf.alive()
+
+
+def test_destroy_with_io_in_flight_then_create_again(results, sockets, procs, guests):
+    image = results / "disk.img"
+    make_image(image, 64 * MIB, b"")
+    procs.append(start_qsd(results, sockets / "blk.sock0", image))
+    xvf = start_xvf(results, sockets)
+    procs.append(xvf)
+    victim = blk_guest("victim", results, "victim", nbytes=32 * MIB, **{"blk.timeout": 600})
+    guests.append(victim)
+    victim.wait_served()
+    victim.unpause()
+    wait_until(
+        "the victim to start writing",
+        lambda: "blk" in victim.console_text() or "XVF-LOG: blk" in victim.console_text(),
+        120,
+    )
+    time.sleep(2)
+    t0 = time.monotonic()
+    run("xl", "destroy", "victim", timeout=120)
+    destroy_s = time.monotonic() - t0
+    (results / "destroy_seconds").write_text(f"{destroy_s:.2f}\n")
+    victim.destroyed = True
+    xvf.wait_log("stopping", timeout=60)
+    # libxl waits up to 10 s per device for the backend to reach Closed: xvf answers
+    assert "the toolstack closes it (xenstore state Closing)" in xvf.log()
+    again = blk_guest("victim2", results, "again")
+    guests.append(again)
+    again.wait_served()
+    again.unpause()
+    result(again.wait_done(), "blk")
+    assert on_image(image, "again", 128 * 1024)
+    assert xvf.alive()
+
+
+def test_sigterm_while_a_guest_runs_leaves_no_vcpu_blocked(results, sockets, procs, guests):
+    image = results / "disk.img"
+    make_image(image, 64 * MIB, b"")
+    procs.append(start_qsd(results, sockets / "blk.sock0", image))
+    xvf = start_xvf(results, sockets)
+    procs.append(xvf)
+    guest = blk_guest("term", results, "term", nbytes=32 * MIB, **{"blk.timeout": 600})
+    guests.append(guest)
+    guest.wait_served()
+    guest.unpause()
+    wait_until(
+        "the guest to start its check", lambda: "XVF-GUEST: virtio" in guest.console_text(), 120
+    )
+    time.sleep(2)
+    assert xvf.stop(signal.SIGTERM) == 0
+    assert "xvf stopped" in xvf.log()
+    assert set(guest.backend_states().values()) == {"6"}  # xenstore: no longer served
+    # xvf disabled its server and answered what was waiting: the guest's vCPU runs on (its
+    # next access to the gone device is a fault, not an endless wait), so Xen can tear it
+    # down at once.
+    t0 = time.monotonic()
+    guest.destroy()
+    (results / "destroy_seconds").write_text(f"{time.monotonic() - t0:.2f}\n")
+    assert time.monotonic() - t0 < 60
+    assert not guest.exists()
+
+
+def test_backend_killed_and_restarted(results, sockets, procs, guests):
+    """qemu-storage-daemon dies under a running guest: xvf marks the device
+    DEVICE_NEEDS_RESET, keeps serving, reconnects when the backend is back, and the next
+    guest's I/O works."""
+    image = results / "disk.img"
+    make_image(image, 64 * MIB, b"")
+    qsd = start_qsd(results, sockets / "blk.sock0", image)
+    xvf = start_xvf(results, sockets)
+    procs.append(xvf)
+    first = blk_guest("bk1", results, "first", nbytes=32 * MIB, **{"blk.timeout": 60})
+    guests.append(first)
+    first.wait_served()
+    first.unpause()
+    wait_until(
+        "the guest to start its check", lambda: "XVF-GUEST: virtio" in first.console_text(), 120
+    )
+    time.sleep(2)
+    qsd.stop(signal.SIGKILL)
+    xvf.wait_log("closed the connection", timeout=60)
+    xvf.wait_log("DEVICE_NEEDS_RESET", timeout=60)
+    qsd = start_qsd(results, sockets / "blk.sock0", image, name="qsd-again")
+    procs.append(qsd)
+    xvf.wait_log("reconnected to backend", timeout=60)
+    first.wait_done(timeout=180)  # its check fails or finishes; the guest does not hang
+    first.destroy()
+    second = blk_guest("bk2", results, "second")
+    guests.append(second)
+    second.wait_served()
+    second.unpause()
+    result(second.wait_done(), "blk")
+    assert on_image(image, "second", 128 * 1024)
+    assert xvf.alive()
