@@ -1,6 +1,6 @@
 """Starting real third-party vhost-user backends for simulated guests.
 
-qemu-storage-daemon (Debian 12: package qemu-system-common; Debian 13: qemu-utils) serves virtio-blk.
+qemu-storage-daemon (Debian 12: qemu-system-common; Debian 13: qemu-utils) serves virtio-blk.
 """
 
 from __future__ import annotations

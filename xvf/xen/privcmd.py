@@ -295,9 +295,13 @@ class Privcmd:
         return m
 
     def map_foreign(
-        self, domid: int, gpa: int, size: int, chunk: int = 1 << 16, partial: bool = False
+        self, domid: int, gpa: int, size: int, partial: bool = False
     ) -> tuple[Mapping, int]:
         """Map `size` bytes of a guest's RAM at guest-physical `gpa` (MMAPBATCH_V2).
+
+        One ioctl for the whole mapping: Linux's privcmd refuses (EINVAL) a first
+        MMAPBATCH on a fresh mapping that does not cover all of it, so chunks would fail
+        for any bank over one chunk.
 
         Returns the mapping and how many bytes from `gpa` on are really mapped. MMAPBATCH_V2
         reports a frame that is not populated in its err array while the ioctl itself
@@ -306,47 +310,37 @@ class Privcmd:
         otherwise any such frame is an error.
         """
         pages = size // PAGE_SIZE
+        first = gpa >> PAGE_SHIFT
         m = Mapping(self.fd, pages * PAGE_SIZE)
         try:
-            done = 0
-            while done < pages:
-                n = min(chunk, pages - done)
-                first = (gpa >> PAGE_SHIFT) + done
-                arr = (ctypes.c_uint64 * n)(*range(first, first + n))
-                errs = (ctypes.c_int * n)()
-                arg = ctypes.create_string_buffer(
-                    pack_mmapbatch_v2(
-                        n,
-                        domid,
-                        m.address + done * PAGE_SIZE,
-                        ctypes.addressof(arr),
-                        ctypes.addressof(errs),
-                    )
+            arr = (ctypes.c_uint64 * pages)(*range(first, first + pages))
+            errs = (ctypes.c_int * pages)()
+            arg = ctypes.create_string_buffer(
+                pack_mmapbatch_v2(
+                    pages, domid, m.address, ctypes.addressof(arr), ctypes.addressof(errs)
                 )
-                try:
-                    raw_ioctl(self.fd, IOCTL_PRIVCMD_MMAPBATCH_V2, arg)
-                except OSError as exc:
-                    bad = [i for i in range(n) if errs[i]]
-                    where = (
-                        f"; first failing gfn {first + bad[0]:#x} ({-errs[bad[0]]})" if bad else ""
-                    )
-                    raise HypercallError(
-                        f"foreign mapping of {n} pages of domain {domid} at gfn {first:#x}{where}",
-                        exc.errno,
-                    ) from None
-                bad = next((i for i in range(n) if errs[i]), None)
-                if bad is not None:
-                    if partial:
-                        return m, (done + bad) * PAGE_SIZE
-                    raise HypercallError(
-                        f"foreign mapping of domain {domid}: gfn {first + bad:#x} is not mapped",
-                        -errs[bad],
-                    )
-                done += n
+            )
+            try:
+                raw_ioctl(self.fd, IOCTL_PRIVCMD_MMAPBATCH_V2, arg)
+            except OSError as exc:
+                bad = next((i for i in range(pages) if errs[i]), None)
+                where = (
+                    "" if bad is None else f"; first failing gfn {first + bad:#x} ({-errs[bad]})"
+                )
+                raise HypercallError(
+                    f"foreign mapping of {pages} pages of domain {domid} at gfn {first:#x}{where}",
+                    exc.errno,
+                ) from None
+            bad = next((i for i in range(pages) if errs[i]), None)
+            if bad is not None and not partial:
+                raise HypercallError(
+                    f"foreign mapping of domain {domid}: gfn {first + bad:#x} is not mapped",
+                    -errs[bad],
+                )
         except BaseException:
             m.close()
             raise
-        return m, pages * PAGE_SIZE
+        return m, (pages if bad is None else bad) * PAGE_SIZE
 
     # ---- irqfd / ioeventfd (Linux >= 6.6 / 6.7 with CONFIG_XEN_PRIVCMD_EVENTFD) ----
 
