@@ -3,14 +3,18 @@
 Guest-physical addresses (descriptor addresses) and front-end virtual addresses (SET_VRING_ADDR)
 are both translated through the region table; anything not wholly inside one region is refused.
 
-With XEN_MMAP negotiated, regions are mapped the way rust-vmm's vm-memory maps them on Xen, but
-against the software Xen: the fd of a FOREIGN or GRANT region is a connection to the simulator's
-control socket (its privcmd/gntdev stand-in, xvf.sim.control), not a device node.
+With XEN_MMAP negotiated, regions are mapped the way rust-vmm's vm-memory maps them on Xen. The
+fd that comes with a FOREIGN or GRANT region says which Xen it is (`xen_backend_of`):
 
-- FOREIGN: OP_FOREIGN_MAP(domid) returns the guest's RAM banks and memfd; [gpa, gpa + size) is
-  mapped from it (the region must lie in one bank).
+- real Xen: the front-end's own /dev/xen/privcmd (FOREIGN) or /dev/xen/gntdev (GRANT), a
+  character device; mapped through their ioctls (xen_devices.py).
+- the software Xen: a connection to the simulator's control socket (its privcmd/gntdev
+  stand-in, xvf.sim.control).
+
+- FOREIGN: guest-physical [gpa, gpa + size) of the domain, mapped writable at SET_MEM_TABLE
+  (software Xen: from the guest's RAM memfd, the region must lie in one bank).
 - GRANT: the region's addresses are grant addresses (bit 63 | ref << 12 | offset); the refs that
-  cover it are mapped writable with OP_GNT_MAP at SET_MEM_TABLE (the rings).
+  cover it are mapped writable at SET_MEM_TABLE (the rings).
 - GRANT | NO_ADVANCE_MAP: nothing is mapped up front. Each descriptor buffer is mapped when its
   chain is walked (writable or read-only, as the descriptor says) and unmapped when the chain is
   completed, before the used entry is published, because the guest revokes the grants then.
@@ -18,17 +22,20 @@ control socket (its privcmd/gntdev stand-in, xvf.sim.control), not a device node
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import stat
 import struct
 from collections.abc import Callable
-
-from xvf._gnttab import GrantMapping, map_file_pages
+from typing import Protocol
 
 from xvf.errors import GuestError, SimulatorError, VhostUserError, XvfError
 from xvf.sim import control as C
+
+from . import xen_devices as xd
+from .pages import PageMapping, map_file_pages
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,25 @@ MAX_GRANTS_PER_MAP = 4096  # what one software-Xen OP_GNT_MAP takes
 CONTROL_TIMEOUT = 5.0  # a peer that is not a software Xen may never answer
 
 
+# What a Xen region's fd leads to (besides xd.PRIVCMD and xd.GNTDEV).
+SOFTWARE_XEN = "software Xen"
+
+
 class GuestMemoryError(GuestError):
-    """A guest address range is not (wholly) inside the mapped guest memory, or cannot be mapped."""
+    """A guest address range is not (wholly) inside the mapped guest memory, or cannot be mapped.
+    `errno` is the failing call's, if one failed."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        self.errno = err
+        if err:
+            message = f"{message}: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
+        super().__init__(message)
+
+
+def _os_failure(what: str, e: OSError) -> GuestMemoryError:
+    # xen_devices / pages put the failing step in strerror; plain OSErrors carry only the text.
+    step = e.strerror if e.strerror and e.strerror != os.strerror(e.errno or 0) else "failed"
+    return GuestMemoryError(f"{what}: {step}", e.errno or errno.EIO)
 
 
 def check_xen_mmap(flags: int, domid: int) -> str:
@@ -93,9 +117,10 @@ def _run_closers(closers: list[Callable[[], object]]) -> None:
 
 
 class Region:
-    """One region of the table. `view` is [gpa, gpa + size); None for an on-demand region."""
+    """One region of the table. `view` is [gpa, gpa + size); None for an on-demand region.
+    `kind` is how check_xen_mmap classified it."""
 
-    kind = MAP_FD
+    kind: str = MAP_FD
 
     def __init__(
         self,
@@ -165,6 +190,128 @@ def map_region(fd: int, gpa: int, size: int, uva: int, offset: int) -> Region:
     return _mmap_region(gpa, size, uva, m, view)
 
 
+# ---- which Xen a region's fd leads to ----------------------------------------------------------
+
+
+def _file_type(st: os.stat_result) -> str:
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(st.st_mode):
+            return name
+    return f"a file of mode {st.st_mode:#o}"
+
+
+def xen_backend_of(fd: int, what: str) -> str:
+    """What the fd of a FOREIGN or GRANT region leads to: xd.PRIVCMD or xd.GNTDEV (real Xen, the
+    front-end's own device fd) or SOFTWARE_XEN (a socket: a connection to the simulator).
+    Anything else is refused before it is mapped."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISSOCK(st.st_mode):
+            return SOFTWARE_XEN
+        kind = xd.identify(fd) if stat.S_ISCHR(st.st_mode) else None
+    except OSError as e:
+        raise VhostUserError(f"{what}: cannot tell what the region's fd is: {e}") from e
+    if kind is not None:
+        return kind
+    if stat.S_ISCHR(st.st_mode):
+        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        raise VhostUserError(
+            f"{what}: the region's fd is character device {dev}, neither /dev/xen/privcmd nor "
+            "/dev/xen/gntdev"
+        )
+    raise VhostUserError(
+        f"{what}: the region's fd is {_file_type(st)}: not a connection to a software Xen "
+        "(privcmd.sock), and not /dev/xen/privcmd or /dev/xen/gntdev either"
+    )
+
+
+def grant_span(addr: int, length: int) -> tuple[int, int, int]:
+    """(first ref, number of refs, offset in the first page) of grant range [addr, addr+length)."""
+    if not addr & GRANT_ADDR_BIT:
+        raise GuestMemoryError(f"{addr:#x} is not a grant address (bit 63 clear)")
+    if length <= 0:
+        raise GuestMemoryError(f"grant range {addr:#x} of length {length}")
+    a = addr & ~GRANT_ADDR_BIT
+    first, last = a >> PAGE_SHIFT, (a + length - 1) >> PAGE_SHIFT
+    if last > 0xFFFFFFFF:
+        raise GuestMemoryError(f"grant range {addr:#x}+{length:#x} runs past grant ref 2**32")
+    return first, last - first + 1, a & (PAGE - 1)
+
+
+def _refs_what(first: int, count: int, domid: int, writable: bool) -> str:
+    access = "writable" if writable else "read-only"
+    return f"grant refs {first}..{first + count - 1} of domain {domid} ({access})"
+
+
+class GrantMapper(Protocol):
+    """gntdev for one domain: real Xen's (GntdevMapper) or the software Xen's (SimGrantMapper).
+    A mapping's close() unmaps it and then the grants."""
+
+    def map(self, first: int, count: int, writable: bool) -> PageMapping: ...
+
+    def close(self) -> None: ...
+
+
+# ---- real Xen: the front-end's /dev/xen/privcmd and /dev/xen/gntdev fds -----------------------
+
+
+def map_foreign_privcmd(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
+    """A FOREIGN region on real Xen: the guest frames covering [gpa, gpa + size)."""
+    skip = gpa & (PAGE - 1)
+    count = (skip + size + PAGE - 1) >> PAGE_SHIFT
+    what = f"foreign region {gpa:#x}+{size:#x} of domain {domid}"
+    try:
+        mapping = xd.map_foreign(fd, domid, gpa >> PAGE_SHIFT, count)
+    except OSError as e:
+        raise _os_failure(what, e) from e
+    whole = mapping.view()
+    return Region(gpa, size, uva, whole[skip : skip + size], [whole.release, mapping.close])
+
+
+class GntdevMapper:
+    """Grants of one domain mapped through a duplicate of the front-end's gntdev fd. The
+    duplicate stays open while any mapping made through it lives: its unmap ioctl needs it."""
+
+    def __init__(self, fd: int, domid: int) -> None:
+        self.fd: int | None = os.dup(fd)
+        self.domid = domid
+        self._live = 0
+        self._closing = False
+
+    def map(self, first: int, count: int, writable: bool) -> PageMapping:
+        what = _refs_what(first, count, self.domid, writable)
+        if self.fd is None or self._closing:
+            raise GuestMemoryError(f"{what}: the memory table is gone")
+        try:
+            mapping = xd.map_grants(self.fd, self.domid, first, count, writable)
+        except OSError as e:
+            raise _os_failure(what, e) from e
+        self._live += 1
+        mapping.on_close(self._forget)  # after the unmap ioctl, which needs the fd
+        log.debug("gntdev: mapped %s", what)
+        return mapping
+
+    def _forget(self) -> None:
+        self._live -= 1
+        if self._closing and not self._live:
+            self._close_fd()
+
+    def close(self) -> None:
+        self._closing = True
+        if not self._live:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 # ---- the software Xen's privcmd / gntdev, over the fd the front-end passed ---------------------
 
 
@@ -176,8 +323,8 @@ def _adopt_control(fd: int, what: str) -> C.ControlClient:
     except SimulatorError as e:
         os.close(dup)
         raise VhostUserError(
-            f"{what}: the region's fd is not a connection to a software Xen ({e}); this backend "
-            "maps Xen regions only through the simulator's control socket (privcmd.sock)"
+            f"{what}: the region's fd is not a connection to a software Xen ({e}); on the "
+            "simulator, Xen regions are mapped only through its control socket (privcmd.sock)"
         ) from e
     client.sock.settimeout(CONTROL_TIMEOUT)
     return client
@@ -198,9 +345,8 @@ def _close_fds(fds: list[int]) -> None:
             pass
 
 
-def map_foreign(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
-    """A FOREIGN region: guest-physical [gpa, gpa + size) of `domid`, mapped from its RAM."""
-    _check_bounds(gpa, size, uva, 0)
+def map_foreign_sim(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
+    """A FOREIGN region on the software Xen: [gpa, gpa + size) of `domid`, from its RAM memfd."""
     what = f"foreign region {gpa:#x}+{size:#x} of domain {domid}"
     client = _adopt_control(fd, what)
     try:
@@ -224,27 +370,14 @@ def map_foreign(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
         _close_fds(fds)
 
 
-def grant_span(addr: int, length: int) -> tuple[int, int, int]:
-    """(first ref, number of refs, offset in the first page) of grant range [addr, addr+length)."""
-    if not addr & GRANT_ADDR_BIT:
-        raise GuestMemoryError(f"{addr:#x} is not a grant address (bit 63 clear)")
-    if length <= 0:
-        raise GuestMemoryError(f"grant range {addr:#x} of length {length}")
-    a = addr & ~GRANT_ADDR_BIT
-    first, last = a >> PAGE_SHIFT, (a + length - 1) >> PAGE_SHIFT
-    if last > 0xFFFFFFFF:
-        raise GuestMemoryError(f"grant range {addr:#x}+{length:#x} runs past grant ref 2**32")
-    return first, last - first + 1, a & (PAGE - 1)
-
-
-class GrantMapper:
-    """gntdev for one domain: maps consecutive refs through a software-Xen connection."""
+class SimGrantMapper:
+    """gntdev for one domain on the software Xen: maps consecutive refs over its connection."""
 
     def __init__(self, client: C.ControlClient, domid: int) -> None:
         self.client, self.domid = client, domid
 
-    def map(self, first: int, count: int, writable: bool) -> GrantMapping:
-        what = f"grant refs {first}..{first + count - 1} of domain {self.domid}"
+    def map(self, first: int, count: int, writable: bool) -> PageMapping:
+        what = _refs_what(first, count, self.domid, writable)
         if count > MAX_GRANTS_PER_MAP:
             raise GuestMemoryError(f"{what}: more than {MAX_GRANTS_PER_MAP} pages at once")
         refs = struct.pack(f"<{count}I", *range(first, first + count))
@@ -253,12 +386,20 @@ class GrantMapper:
         try:
             if len(fds) != 1 or len(reply) != 8 * count:
                 raise GuestMemoryError(f"{what}: malformed OP_GNT_MAP reply")
-            return map_file_pages(fds[0], struct.unpack(f"<{count}Q", reply), writable)
+            offsets = struct.unpack(f"<{count}Q", reply)
+            try:
+                mapping = map_file_pages(fds[0], offsets, writable)
+            except ValueError as e:
+                raise GuestMemoryError(f"{what}: {e}") from e
+            except OSError as e:
+                raise _os_failure(what, e) from e
         except Exception:
             self.unmap(first, count)
             raise
         finally:
             _close_fds(fds)
+        mapping.on_close(lambda: self.unmap(first, count))
+        return mapping
 
     def unmap(self, first: int, count: int) -> None:
         """OP_GNT_UNMAP of refs first..first+count-1 (count 0: a no-op that the peer answers)."""
@@ -270,29 +411,20 @@ class GrantMapper:
         self.client.close()  # like closing gntdev: whatever is still mapped goes
 
 
-def _close_grant_mapping(mapping: GrantMapping) -> None:
-    mapping.close()
+# ---- grant regions, whichever Xen maps them ---------------------------------------------------
 
 
-def map_grant(fd: int, gpa: int, size: int, uva: int, domid: int) -> Region:
+def map_grant(mapper: GrantMapper, gpa: int, size: int, uva: int) -> Region:
     """A GRANT region mapped in advance (the rings): every ref it covers, writable."""
-    _check_bounds(gpa, size, uva, 0)
     first, count, skip = grant_span(gpa, size)
-    mapper = GrantMapper(_adopt_control(fd, f"grant region {gpa:#x}+{size:#x}"), domid)
     try:
         mapping = mapper.map(first, count, writable=True)
     except Exception:
         mapper.close()
         raise
-    whole = memoryview(mapping)
-    view = whole[skip : skip + size]
-    closers = [
-        whole.release,
-        lambda: _close_grant_mapping(mapping),
-        lambda: mapper.unmap(first, count),
-        mapper.close,
-    ]
-    return Region(gpa, size, uva, view, closers)
+    whole = mapping.view()
+    closers = [whole.release, mapping.close, mapper.close]
+    return Region(gpa, size, uva, whole[skip : skip + size], closers)
 
 
 class HeldBuffer:
@@ -304,12 +436,15 @@ class HeldBuffer:
     """
 
     def __init__(self, mapper: GrantMapper, addr: int, length: int, writable: bool) -> None:
-        self.mapper = mapper
         self.first, self.count, self.skip = grant_span(addr, length)
         self.length, self.writable = length, writable
-        self.mapping: GrantMapping | None = mapper.map(self.first, self.count, writable)
-        with memoryview(self.mapping) as mv:
-            data = bytes(mv[self.skip : self.skip + length])
+        self.mapping: PageMapping | None = mapper.map(self.first, self.count, writable)
+        try:
+            with self.mapping.view() as mv:
+                data = bytes(mv[self.skip : self.skip + length])
+        except BaseException:
+            self.release(write_back=False)
+            raise
         self._data = bytearray(data) if writable else data
         self.view = memoryview(self._data)
 
@@ -321,10 +456,10 @@ class HeldBuffer:
 
         def copy_back() -> None:
             if write_back and self.writable:
-                with memoryview(mapping) as mv:
+                with mapping.view() as mv:
                     mv[self.skip : self.skip + self.length] = self._data
 
-        _run_closers([copy_back, mapping.close, lambda: self.mapper.unmap(self.first, self.count)])
+        _run_closers([copy_back, mapping.close])
 
 
 class OnDemandGrantRegion(Region):
@@ -332,35 +467,78 @@ class OnDemandGrantRegion(Region):
 
     kind = MAP_GRANT_ON_DEMAND
 
-    def __init__(self, fd: int, gpa: int, size: int, uva: int, domid: int) -> None:
-        _check_bounds(gpa, size, uva, 0)
-        grant_span(gpa, size)  # the region must be grant space
-        self.mapper = GrantMapper(_adopt_control(fd, f"grant region {gpa:#x}+{size:#x}"), domid)
-        super().__init__(gpa, size, uva, None, [self.mapper.close])
-        try:  # an empty unmap: does a software Xen answer on this fd at all?
-            self.mapper.unmap(0, 0)
-        except GuestMemoryError:
-            self.close()
-            raise
+    def __init__(self, mapper: GrantMapper, gpa: int, size: int, uva: int) -> None:
+        super().__init__(gpa, size, uva, None, [mapper.close])
+        self.mapper = mapper
 
     def hold(self, addr: int, length: int, writable: bool) -> HeldBuffer:
         return HeldBuffer(self.mapper, addr, length, writable)
 
 
+def _sim_on_demand(mapper: SimGrantMapper, gpa: int, size: int, uva: int) -> Region:
+    try:  # an empty unmap: does a software Xen answer on this fd at all?
+        mapper.unmap(0, 0)
+    except GuestMemoryError:
+        mapper.close()
+        raise
+    return OnDemandGrantRegion(mapper, gpa, size, uva)
+
+
 def map_xen_region(
     kind: str, fd: int, gpa: int, size: int, uva: int, offset: int, domid: int
 ) -> Region:
-    """The region as `check_xen_mmap` classified it."""
+    """The region as `check_xen_mmap` classified it, mapped through whatever Xen `fd` leads to."""
     if kind == MAP_FD:
         return map_region(fd, gpa, size, uva, offset)
     if offset:
-        # The software Xen's handle has no file offsets; the front-end sends 0.
+        # Neither privcmd/gntdev mappings nor the software Xen's handle take a file offset
+        # (rust-vmm refuses one too); the front-end sends 0.
         raise VhostUserError(f"{kind} region at {gpa:#x}: mmap_offset {offset:#x} is not 0")
+    _check_bounds(gpa, size, uva, 0)
+    if kind != MAP_FOREIGN:
+        grant_span(gpa, size)  # a grant region must be grant space
+    what = f"{kind} region {gpa:#x}+{size:#x} of domain {domid}"
+    via = xen_backend_of(fd, what)
+    if via != SOFTWARE_XEN:
+        need = xd.PRIVCMD if kind == MAP_FOREIGN else xd.GNTDEV
+        if via != need:
+            raise VhostUserError(
+                f"{what}: the region's fd is {xd.NODES[via]}, this region needs {xd.NODES[need]}"
+            )
     if kind == MAP_FOREIGN:
-        return map_foreign(fd, gpa, size, uva, domid)
-    if kind == MAP_GRANT:
-        return map_grant(fd, gpa, size, uva, domid)
-    return OnDemandGrantRegion(fd, gpa, size, uva, domid)
+        if via == SOFTWARE_XEN:
+            region = map_foreign_sim(fd, gpa, size, uva, domid)
+        else:
+            region = map_foreign_privcmd(fd, gpa, size, uva, domid)
+    elif via == SOFTWARE_XEN:
+        sim = SimGrantMapper(_adopt_control(fd, what), domid)
+        if kind == MAP_GRANT:
+            region = map_grant(sim, gpa, size, uva)
+        else:
+            region = _sim_on_demand(sim, gpa, size, uva)
+    else:
+        gntdev = GntdevMapper(fd, domid)
+        if kind == MAP_GRANT:
+            region = map_grant(gntdev, gpa, size, uva)
+        else:
+            region = OnDemandGrantRegion(gntdev, gpa, size, uva)
+    region.kind = kind
+    log.info("mapped %s", describe_region(region, via, domid))
+    return region
+
+
+def describe_region(r: Region, via: str, domid: int) -> str:
+    """One line saying what a Xen region is and how it was mapped (logged once per region)."""
+    if r.kind == MAP_FOREIGN:
+        first, last = r.gpa >> PAGE_SHIFT, (r.gpa + r.size - 1) >> PAGE_SHIFT
+        span = f"gpa {r.gpa:#x}..{r.gpa + r.size - 1:#x} (gfn {first:#x}..{last:#x})"
+    else:
+        first, count, skip = grant_span(r.gpa, r.size)
+        span = f"grant refs {first}..{first + count - 1}"
+        if skip:
+            span += f" (from offset {skip:#x} in the first)"
+    how = "nothing mapped until a buffer is used" if r.view is None else "mapped writable"
+    return f"{r.kind} region via {via}: {span}, {r.size:#x} bytes of domain {domid}, {how}"
 
 
 class GuestMemory:

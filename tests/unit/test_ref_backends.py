@@ -627,3 +627,75 @@ def test_i2c_has_no_config_space_get_config_drops_the_front_end(i2c_backend: Bac
     finally:
         s.close()
     assert i2c_backend.alive()
+
+
+# ---- no compiled extensions ------------------------------------------------------------------
+
+
+def pure_python_tree(dst: Path) -> None:
+    """Copy only the Python sources of xvf and tests/backends: the shape of a checkout whose
+    Cython extensions were never built in place (xvf pip-installed elsewhere, or not at all)."""
+    for src in [ROOT / "tests" / "__init__.py", *(ROOT / "xvf").rglob("*.py")]:
+        out = dst / src.relative_to(ROOT)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(src.read_bytes())
+    for src in (ROOT / "tests" / "backends").glob("*.py"):
+        out = dst / src.relative_to(ROOT)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(src.read_bytes())
+
+
+@pytest.mark.parametrize("module", ["i2c", "gpio"])
+def test_backends_start_without_xvf_compiled_extensions(tmp_path: Path, module: str) -> None:
+    tree = tmp_path / "checkout"
+    pure_python_tree(tree)
+    # -S: no site-packages, so neither an installed xvf nor the editable finder is reachable.
+    py = [sys.executable, "-S", "-B"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    probe = subprocess.run(
+        [
+            *py,
+            "-c",
+            "import importlib.util as u, sys, xvf\n"
+            f"import tests.backends.{module}\n"
+            "assert u.find_spec('xvf._gnttab') is None, 'compiled modules are reachable'\n"
+            "loaded = [m.__file__ for n, m in sys.modules.items() if n.startswith('xvf')]\n"
+            "assert all(f.endswith('.py') for f in loaded), loaded\n"
+            "print(xvf.__file__)",
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().startswith(str(tree))
+    helped = subprocess.run(
+        [*py, "-m", f"tests.backends.{module}", "--help"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "--socket-path" in helped.stdout
+    sock = tmp_path / f"{module}.sock0"
+    proc = subprocess.Popen(
+        [*py, "-m", f"tests.backends.{module}", "--socket-path", str(sock)],
+        cwd=tree,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the backend did not start listening"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+    assert "listening on" in proc.stderr.read()
