@@ -21,8 +21,14 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 def _root() -> Path:
     root = cache_dir() / "apt"
-    for sub in ("etc/apt/sources.list.d", "etc/apt/preferences.d", "etc/apt/apt.conf.d",
-                "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
+    for sub in (
+        "etc/apt/sources.list.d",
+        "etc/apt/preferences.d",
+        "etc/apt/apt.conf.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg",
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
     sources = root / "etc/apt/sources.list"
     want = f"deb [arch={ARCH} signed-by={KEYRING}] {MIRROR} {SUITE} main\n"
@@ -36,16 +42,26 @@ def _root() -> Path:
 
 def _apt_options(root: Path) -> list[str]:
     return [
-        "-o", f"Dir={root}",
-        "-o", f"Dir::Etc={root}/etc/apt",
-        "-o", f"Dir::State={root}/var/lib/apt",
-        "-o", f"Dir::State::status={root}/var/lib/dpkg/status",
-        "-o", f"Dir::Cache={root}/var/cache/apt",
-        "-o", f"APT::Architecture={ARCH}",
-        "-o", f"APT::Architectures={ARCH}",
-        "-o", "APT::Install-Recommends=false",
-        "-o", "Debug::NoLocking=true",
-        "-o", "Acquire::Retries=3",
+        "-o",
+        f"Dir={root}",
+        "-o",
+        f"Dir::Etc={root}/etc/apt",
+        "-o",
+        f"Dir::State={root}/var/lib/apt",
+        "-o",
+        f"Dir::State::status={root}/var/lib/dpkg/status",
+        "-o",
+        f"Dir::Cache={root}/var/cache/apt",
+        "-o",
+        f"APT::Architecture={ARCH}",
+        "-o",
+        f"APT::Architectures={ARCH}",
+        "-o",
+        "APT::Install-Recommends=false",
+        "-o",
+        "Debug::NoLocking=true",
+        "-o",
+        "Acquire::Retries=3",
     ]
 
 
