@@ -162,6 +162,29 @@ def _number(name: str) -> int | None:
     return int(name) if _ascii_digits(name) and len(name) <= 9 else None
 
 
+DEVICE_KEYS = ("type", "transport", "base", "irq", "grant_usage", "online", "state")
+
+
+def _read_device_values(xs: XenStore, path: str) -> dict[str, str | None] | None:
+    """A device's keys as ONE snapshot, or None if the device is gone.
+
+    libxl writes and removes a device's nodes in one transaction; read key by key, a
+    walk that overlaps a removal sees half an entry (seen on real Xen while `xl destroy`
+    ran). Read in a transaction, such a walk fails its commit (EAGAIN) and is repeated.
+    """
+    for _ in range(20):
+        tx = xs.transaction_start()
+        try:
+            values = {k: xs.read(f"{path}/{k}", tx) for k in DEVICE_KEYS}
+            gone = values["type"] is None and xs.read(path, tx) is None
+        except BaseException:
+            xs.transaction_end(tx, commit=False)
+            raise
+        if xs.transaction_end(tx, commit=True):
+            return None if gone else values
+    raise XenStoreRequestError("read", path, "EAGAIN")
+
+
 def read_virtio_devices(
     xs: XenStore, backend_domid: int
 ) -> tuple[list[VirtioDeviceNode], list[ConfigError]]:
@@ -182,13 +205,8 @@ def read_virtio_devices(
                 errors.append(ConfigError(f"{path}: {dev_name!r} is not a device id"))
                 continue
             try:
-                # Values may vanish between directory and read (device removed):
-                # a missing type then just means "not there any more".
-                values = {
-                    k: xs.read(f"{path}/{k}")
-                    for k in ("type", "transport", "base", "irq", "grant_usage", "online", "state")
-                }
-                if values["type"] is None and xs.read(path) is None:
+                values = _read_device_values(xs, path)
+                if values is None:
                     continue  # removed while we walked
                 devices.append(parse_device(path, domid, devid, values, backend_domid))
             except ConfigError as e:

@@ -335,3 +335,33 @@ def test_non_numeric_directories_are_reported(xs):
 
 def test_no_backend_directory_is_empty(xs):
     assert read_virtio_devices(xs, 0) == ([], [])
+
+
+def test_a_removal_during_the_walk_is_not_a_half_entry(xsd, xs):
+    """Seen on real Xen: xvf's walk overlapped libxl's removal of a destroyed guest's
+    device and reported it as malformed ('base: missing'). A device's keys are read as
+    one snapshot now; the removal (one transaction, committed by another client between
+    two of our reads) makes the walk retry and find the device gone."""
+    xs.write("/local/domain/5/name", "g5")
+    add_virtio_devices(xs, 5, assign_mmio_resources(parse_virtio_line(I2C_GPIO)))
+    remover = XenStore(xsd.path, timeout=5)
+
+    class RacingXenStore(XenStore):
+        raced = False
+
+        def read(self, path: str, tx: int = 0) -> str | None:
+            value = super().read(path, tx)
+            if path.endswith("/5/0/type") and not RacingXenStore.raced:
+                RacingXenStore.raced = True
+                remove_virtio_devices(remover, 5)  # libxl's destroy, mid-walk
+            return value
+
+    walker = RacingXenStore(xsd.path, timeout=5)
+    try:
+        devices, errors = read_virtio_devices(walker, 0)
+    finally:
+        walker.close()
+        remover.close()
+    assert RacingXenStore.raced
+    assert errors == []
+    assert [(d.domid, d.devid) for d in devices if d.domid == 5] == []
