@@ -191,13 +191,17 @@ class Guest:
         try:
             wait_until(f"{self.name} to finish its checks", finished, timeout, interval=1)
         finally:
-            (self.log_dir / f"{self.name}.console.log").write_text(self.console_text())
+            self.save_console()
         return parse_console(self.console_text())
+
+    def save_console(self) -> None:
+        (self.log_dir / f"{self.name}.console.log").write_text(self.console_text())
 
     def destroy(self) -> None:
         if not self.destroyed and self.exists():
             run("xl", "destroy", self.name, timeout=120, check=False)
         self.destroyed = True
+        self.save_console()
 
 
 def result(report: GuestReport, check: str) -> dict[str, str]:
