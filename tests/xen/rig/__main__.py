@@ -30,11 +30,23 @@ def build_all() -> dict[str, Path]:
     """Every input of a boot, built into the cache where missing (each stage resumable)."""
     from .dom0 import build_dom0_rootfs
     from .domu import build_domu_initramfs
-    from .hypervisor import check_image, hypervisor_image
+    from .hypervisor import (
+        RigInputMissing,
+        build_from_debian_source,
+        cached_image,
+        check_image,
+        hypervisor_image,
+    )
     from .kernel import build_kernel
     from .xvf_build import build_xvf_wheel
 
-    xen = hypervisor_image()
+    try:
+        xen = hypervisor_image()
+    except RigInputMissing as exc:
+        if not exc.buildable:
+            raise
+        log("no hypervisor image; building it from Debian's xen source package")
+        xen = build_from_debian_source(cached_image())
     log(f"hypervisor: {xen} (Xen {check_image(xen)})")
     return {
         "xen": xen,
