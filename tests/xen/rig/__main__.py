@@ -38,8 +38,10 @@ def build_all() -> dict[str, Path]:
         hypervisor_image,
     )
     from .kernel import build_kernel
+    from .trixie import ensure_lists
     from .xvf_build import build_xvf_wheel
 
+    ensure_lists()
     try:
         xen = hypervisor_image()
     except RigInputMissing as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from .cache import cache_dir, log
@@ -75,9 +76,17 @@ def apt(*args: str, cwd: Path | None = None) -> str:
 
 
 def update() -> None:
-    """Refresh the package lists once per rig build (cheap when they are current)."""
+    """Refresh the package lists (cheap when they are current)."""
     log(f"apt: {SUITE}/{ARCH} package lists from {MIRROR}")
     apt("update")
+
+
+def ensure_lists(max_age_s: float = 86400) -> None:
+    """Package lists present and at most a day old: a fresh cache has none at all."""
+    lists = _root() / "var/lib/apt/lists"
+    indexes = list(lists.glob("*_Packages*"))
+    if not indexes or time.time() - min(p.stat().st_mtime for p in indexes) > max_age_s:
+        update()
 
 
 def download_with_dependencies(packages: list[str], dest: Path) -> list[Path]:
