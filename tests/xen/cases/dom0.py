@@ -139,12 +139,28 @@ def start_ref_backend(log_dir: Path, kind: str, socket: Path, *args: str) -> Pro
 class Guest:
     """A DomU made with `xl create -p`, unpaused once xvf serves its devices."""
 
-    def __init__(self, name: str, virtio: list[str], plan: dict[str, str | int], log_dir: Path):
+    def __init__(
+        self,
+        name: str,
+        virtio: list[str],
+        plan: dict[str, str | int],
+        log_dir: Path,
+        memory_mb: int = 256,
+        maxmem_mb: int | None = None,
+    ):
         self.name = name
         self.log_dir = log_dir
         self.cfg = log_dir / f"{name}.cfg"
         self.cfg.write_text(
-            xl_config(name, DOMU_KERNEL, DOMU_INITRAMFS, virtio, plan_cmdline(plan))
+            xl_config(
+                name,
+                DOMU_KERNEL,
+                DOMU_INITRAMFS,
+                virtio,
+                plan_cmdline(plan),
+                memory_mb=memory_mb,
+                maxmem_mb=maxmem_mb,
+            )
         )
         self.console = CONSOLE_DIR / f"guest-{name}.log"
         if self.console.exists():

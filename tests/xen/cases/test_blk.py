@@ -86,3 +86,32 @@ def test_blk_foreign_mapping_with_qsd_is_refused_and_the_guest_does_not_hang(
     assert not ok and values.get("reason") == "no_device", values
     assert report.done is not None  # the guest ran to the end
     assert xvf.alive()
+
+
+def test_ten_devices_on_one_ioreq_server(results, sockets, procs, guests):
+    """Xen allows 8 IOREQ servers per domain; libxl can give a guest 11 virtio devices.
+    xvf serves all of a guest's windows on ONE server: here 10 devices, of which blk is
+    served and 9 (a type xvf does not know) read as "no device"."""
+    image = results / "disk.img"
+    make_image(image, 16 * MIB, b"")
+    procs.append(start_qsd(results, sockets / "blk.sock0", image))
+    xvf = start_xvf(results, sockets)
+    procs.append(xvf)
+    unknown = "type=virtio,device7e, transport=mmio, grant_usage=1"
+    guest = Guest(
+        "ten-devices",
+        [virtio_device(BLK, grant_usage=True)] + [unknown] * 9,
+        {"checks": "blk", "blk.seed": "ten", "blk.bytes": 65536},
+        results,
+    )
+    guests.append(guest)
+    states = guest.wait_served(allow_refused=True)
+    assert sorted(states.values()) == ["4"] + ["6"] * 9, states
+    guest.unpause()
+    report = guest.wait_done()
+    result(report, "blk")
+    assert [v["type"] for v in report.virtio] == ["blk"]  # the other nine were skipped
+    servers = [
+        line for line in xvf.log().splitlines() if "IOREQ server" in line and "enabled" in line
+    ]
+    assert len(servers) == 1, servers

@@ -247,6 +247,7 @@ def xl_config(
     extra: str,
     memory_mb: int = 256,
     vcpus: int = 1,
+    maxmem_mb: int | None = None,
 ) -> str:
     """An xl domain config for the test guest.
 
@@ -266,6 +267,8 @@ def xl_config(
         # The guest kernel command line: console plus the xvf.* test plan its /init reads.
         f"extra = {_quote(extra)}",
         f"memory = {int(memory_mb)}",
+        # maxmem above memory: static-max in xenstore exceeds the RAM the guest really has.
+        *([f"maxmem = {int(maxmem_mb)}"] if maxmem_mb else []),
         f"vcpus = {int(vcpus)}",
         # virtio-mmio devices: libxl picks a base and an SPI for each, puts a node in the
         # guest's device tree and records them in xenstore for the device model (xvf) to find.
