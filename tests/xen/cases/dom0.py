@@ -167,7 +167,11 @@ class Guest:
             self.console.unlink()
         # Paused: the guest probes its virtio-mmio windows ~0.5 s after boot, and a window
         # no IOREQ server claims yet is a data abort (a panic in virtio_mmio_probe).
-        run("xl", "create", "-p", str(self.cfg), timeout=120)
+        created = run("xl", "create", "-p", str(self.cfg), timeout=120, check=False)
+        if created.returncode != 0:
+            free = run("xl", "info", check=False).stdout
+            free = next((ln for ln in free.splitlines() if "free_memory" in ln), "?")
+            raise AssertionError(f"xl create -p {self.cfg} failed ({free}): {created.stderr}")
         self.domid = int(run("xl", "domid", name).stdout.strip())
         self.destroyed = False
 

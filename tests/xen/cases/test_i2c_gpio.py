@@ -54,12 +54,11 @@ def test_rtc_over_i2c_and_gpio_lines(results, sockets, procs, guests, foreign, i
     assert xvf.alive()
 
 
-def test_foreign_mapping_of_a_guest_bigger_than_one_batch_with_maxmem_above_memory(
-    results, sockets, procs, guests
-):
-    """Foreign mapping sized from what the guest's p2m really holds (384 MiB), not from
-    static-max (maxmem 512 MiB), and mapped in one MMAPBATCH (over 256 MiB, where a
-    batched first call is refused by privcmd)."""
+def test_foreign_mapping_of_a_guest_bigger_than_one_batch(results, sockets, procs, guests):
+    """A 384 MiB guest foreign-mapped in one MMAPBATCH: privcmd refuses a first batch that
+    does not cover the whole mapping, so xvf's old 256 MiB batches failed for it. (xl on
+    Arm cannot make a guest whose maxmem exceeds memory: no populate-on-demand there, the
+    build fails with 'can't allocate low memory', seen on this rig.)"""
     procs.append(start_ref_backend(results, "i2c", sockets / "i2c.sock0", "--require-xen-mmap"))
     xvf = start_xvf(results, sockets, foreign=True)
     procs.append(xvf)
@@ -69,13 +68,10 @@ def test_foreign_mapping_of_a_guest_bigger_than_one_batch_with_maxmem_above_memo
         {"checks": "i2c"},
         results,
         memory_mb=384,
-        maxmem_mb=512,
     )
     guests.append(guest)
     guest.wait_served()
     guest.unpause()
     i2c = result(guest.wait_done(), "i2c")
     assert abs(int(i2c["rtc_epoch"]) - time.time()) < 600, i2c
-    log = xvf.log()
-    assert "RAM at 0x40000000 is 384 MiB (static-max allows 512 MiB)" in log, log[-3000:]
-    assert "384 MiB of RAM foreign-mapped in 1 bank(s)" in log
+    assert "384 MiB of RAM foreign-mapped in 1 bank(s)" in xvf.log()

@@ -38,7 +38,7 @@ XEN_CMDLINE = "console=dtuart dom0_mem=1536M,max:1536M dom0_max_vcpus=1 loglvl=a
 # panic=5: a Dom0 panic (say, init missing) reboots, which ends QEMU (-no-reboot), instead
 # of hanging until the timeout.
 DOM0_CMDLINE = (
-    "console=hvc0 earlycon=xen root=/dev/vda rootfstype=ext4 rw init=/sbin/xvf-rig-init panic=5"
+    "console=hvc0 earlycon=xenboot root=/dev/vda rootfstype=ext4 rw init=/sbin/xvf-rig-init panic=5"
 )
 # QEMU loads Xen (an arm64 Image) at 0x40200000 and puts the DTB at RAM base + 128 MiB
 # (0x48000000) when there is no initrd; the Dom0 kernel goes well clear of both. Xen
