@@ -130,8 +130,8 @@ class XenGuestMemory:
         self.regions: list[MemoryRegion] = []
         try:
             for gpa, upper in P.guest_ram_banks(mem_bytes):
-                # static-max is an upper bound (maxmem > memory, ballooning): the
-                # guest's real RAM is what its p2m has populated from the bank's start.
+                # static-max is an upper bound: the guest's real RAM is what its p2m has
+                # populated from the bank's start (ballooning can take pages away).
                 m, size = pc.map_foreign(domid, gpa, upper, partial=True)
                 if size == 0:
                     m.close()
