@@ -19,15 +19,28 @@ listening on SOCKET_PATH/<device-name>.sock<N>, where N counts the instances
 of that device name from 0 (i2c.sock0, i2c.sock1, gpio.sock0, ...)."""
 
 EPILOG = """\
-Guest memory is shared with the backend by grant mapping unless
---foreign-mapping is given. Grant mapping needs grant_usage=1 (the
-default for a backend in Dom0) in the guest's virtio line; foreign mapping maps
-the whole guest RAM and needs grant_usage=0.
+Memory mapping (--mapping): grant mapping, the default, shares only the pages
+the guest grants and needs grant_usage=1 in the guest's virtio line; foreign
+mapping (--mapping foreign, or --foreign-mapping) maps the whole guest RAM in
+advance and needs grant_usage=0; per-device takes each device's mapping from its
+own grant_usage (1: grant, 0: foreign), so one daemon serves both kinds of guest. In grant and
+foreign mode a device whose grant_usage does not match is refused with the fix
+named.
 
-The subcommand `sim` runs a software Xen (no hypervisor needed) with a guest
-doing real I/O through xvf to a vhost-user backend; see `xvf sim --help`."""
+Each device's state is published in xenstore, in
+/local/domain/0/backend/virtio/<domid>/<devid>/state: 4 once served, 6 when
+refused or stopped. Create guests paused (xl create -p) and unpause them once
+every device is 4.
+
+Subcommands: `check` inspects this Dom0 and says what is missing for xvf;
+`status` asks the running daemon what it serves; `sim` runs a software Xen (no
+hypervisor needed) with a guest doing real I/O through xvf to a vhost-user
+backend."""
+
+MAPPINGS = ("grant", "foreign", "per-device")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_STATUS_SOCKET = "/run/xvf/status.sock"
 
 
 def add_frontend_options(parser: argparse._ActionsContainer) -> None:
@@ -39,10 +52,17 @@ def add_frontend_options(parser: argparse._ActionsContainer) -> None:
         "<device-name>.sock<N> (N from 0 per device name, e.g. i2c.sock0)",
     )
     parser.add_argument(
+        "--mapping",
+        choices=MAPPINGS,
+        default=None,
+        help="how backends reach guest memory: grant (the default: the pages the guest "
+        "grants, on demand; needs grant_usage=1), foreign (the whole guest RAM in "
+        "advance; needs grant_usage=0), per-device (from each device's grant_usage)",
+    )
+    parser.add_argument(
         "--foreign-mapping",
         action="store_true",
-        help="map the whole guest RAM in advance (foreign mapping) instead of "
-        "mapping the pages the guest grants on demand (grant mapping, the default)",
+        help="the same as --mapping foreign",
     )
     parser.add_argument(
         "--socket-timeout",
@@ -71,10 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML file with any of socket_path, foreign_mapping, socket_timeout, log_level; "
-        "options given on the command line win; SIGHUP re-reads its log_level",
+        help="TOML file with any of socket_path, mapping, foreign_mapping, socket_timeout, "
+        "log_level, status_socket; options given on the command line win; SIGHUP re-reads "
+        "its log_level",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = sub.add_parser(
+        "check",
+        help="inspect this Dom0: what xvf needs, what is missing, and the fix",
+        description="Check, item by item, what serving virtio devices on this Dom0 "
+        "needs: the hypervisor (IOREQ server support), /dev/xen devices, the kernel's "
+        "privcmd ioeventfd/irqfd, xenstored, and each guest's virtio devices "
+        "(known type, backend socket answering, grant_usage against the mapping). "
+        "Exit status 0 only when everything needed is there.",
+    )
+    add_frontend_options(check)
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    status = sub.add_parser(
+        "status",
+        help="ask the running daemon what it serves",
+        description="Print the guests and devices the running daemon serves, their "
+        "memory mapping, notification path, backend state and counters.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        default=DEFAULT_STATUS_SOCKET,
+        help="the daemon's status socket (default: %(default)s)",
+    )
     sim = sub.add_parser(
         "sim",
         help="run a simulated Xen guest with virtio devices through xvf",
@@ -123,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="handle every QueueNotify and interrupt in xvf even where the Dom0 kernel "
         "could take them over (privcmd ioeventfd/irqfd, Linux 6.7+)",
+    )
+    daemon.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        default=DEFAULT_STATUS_SOCKET,
+        help="root-only unix socket where `xvf status` asks the daemon what it serves "
+        "(default: %(default)s; empty: none)",
     )
     daemon.add_argument(
         "--sim",

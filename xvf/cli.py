@@ -6,7 +6,7 @@ import logging
 import sys
 
 from xvf.argparser import build_parser
-from xvf.errors import XvfError
+from xvf.errors import ConfigError, XvfError
 
 log = logging.getLogger("xvf")
 
@@ -29,15 +29,25 @@ def open_platform(sim_dir: str | None):
     return XenPlatform()
 
 
+def mapping_of(args) -> str:
+    """--mapping, with --foreign-mapping as its older spelling; they must not disagree."""
+    if args.foreign_mapping:
+        if args.mapping not in (None, "foreign"):
+            raise ConfigError(f"--foreign-mapping contradicts --mapping {args.mapping}")
+        return "foreign"
+    return args.mapping or "grant"
+
+
 def run_daemon(args) -> int:
     from xvf.frontend import Frontend, install_signal_handlers
 
+    mapping = mapping_of(args)
     platform = open_platform(args.sim)
     try:
         frontend = Frontend(
             platform,
             args.socket_path,
-            foreign_mapping=args.foreign_mapping,
+            mapping=mapping,
             socket_timeout=args.socket_timeout,
             offload=not args.ioreq_only,
         )
@@ -70,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             from xvf.sim.demo import run_demo
 
             return run_demo(args)
+        if args.command == "check":
+            from xvf.doctor import run_check
+
+            return run_check(args)
+        if args.command == "status":
+            from xvf.status import run_status
+
+            return run_status(args)
         if not args.socket_path:
             parser.error("--socket-path is required")
         return run_daemon(args)

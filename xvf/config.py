@@ -1,8 +1,9 @@
 """The optional TOML configuration file (`--config FILE`).
 
-Keys mirror the long options: socket_path, foreign_mapping, socket_timeout,
-log_level. Command-line options win over the file. On SIGHUP the daemon
-re-reads the file and applies log_level; other keys need a restart.
+Keys mirror the long options: socket_path, mapping, foreign_mapping,
+socket_timeout, log_level, status_socket. Command-line options win over the
+file. On SIGHUP the daemon re-reads the file and applies log_level; other keys
+need a restart.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import tomllib
 from typing import Any
 
-from xvf.argparser import LOG_LEVELS
+from xvf.argparser import LOG_LEVELS, MAPPINGS
 from xvf.errors import ConfigError
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "socket_path": str,
+    "mapping": str,
     "foreign_mapping": bool,
+    "status_socket": str,
     "socket_timeout": (int, float),
     "log_level": str,
 }
@@ -40,6 +43,8 @@ def load_config(path: str) -> dict[str, Any]:
     level = data.get("log_level")
     if level is not None and level not in LOG_LEVELS:
         raise ConfigError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
+    if "mapping" in data and data["mapping"] not in MAPPINGS:
+        raise ConfigError(f"{path}: mapping must be one of {', '.join(MAPPINGS)}")
     if "socket_timeout" in data and data["socket_timeout"] <= 0:
         raise ConfigError(f"{path}: socket_timeout must be positive")
     return data

@@ -50,11 +50,14 @@ class Frontend:
         foreign_mapping: bool = False,
         socket_timeout: float = 30.0,
         offload: bool = True,
+        mapping: str | None = None,
     ) -> None:
+        """`mapping`: grant, foreign or per-device (each device's grant_usage decides);
+        without it, `foreign_mapping` picks foreign or grant."""
         self.platform = platform
         self.offload = offload
         self.socket_dir = socket_dir
-        self.foreign_mapping = foreign_mapping
+        self.mapping = mapping or ("foreign" if foreign_mapping else "grant")
         self.socket_timeout = socket_timeout
         self.own_domid = platform.own_domid()
         self.evtchn = platform.open_event_channel()
@@ -162,7 +165,7 @@ class Frontend:
                     self.platform,
                     self.loop,
                     guest,
-                    self.foreign_mapping,
+                    self._foreign_for(item.node),
                     on_backend_lost=self._backend_lost,
                     offload=self.offload,
                 )
@@ -208,6 +211,13 @@ class Frontend:
             publish_state(self.xs, node, state)
         except XvfError as exc:
             log.warning("%s: cannot publish state %d: %s", node.backend_path, state, exc)
+
+    def _foreign_for(self, node: VirtioDeviceNode) -> bool:
+        """Whether this device is foreign-mapped: the daemon's mode, or in per-device
+        mode the device's own grant_usage (0: foreign)."""
+        if self.mapping == "per-device":
+            return not node.grant_usage
+        return self.mapping == "foreign"
 
     def _guest(self, domid: int) -> Guest:
         """The guest's IOREQ server, created (and enabled) with its first device."""
@@ -263,7 +273,7 @@ class Frontend:
         log.info(
             "xvf serving (%s platform, %s mapping, sockets in %s)",
             self.platform.name,
-            "foreign" if self.foreign_mapping else "grant",
+            self.mapping,
             self.socket_dir,
         )
         while self.running:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import needs_qsd
 from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.sim.guest import attach, wait_served
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -71,3 +71,27 @@ def test_guest_writes_64mib_through_xvf_to_qsd(
     # qemu-storage-daemon has no Xen mmap: a shared memfd, or xvf's relay for grants
     assert ("guest RAM as a shared fd" if foreign else "shadow rings relayed") in fe.log()
     assert "ERROR" not in fe.log()
+
+
+def test_per_device_mapping_serves_grant_and_foreign_guests_from_one_daemon(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """--mapping per-device: each device's own grant_usage picks its mapping, so one xvf
+    serves a grant guest (relayed) and a foreign guest side by side."""
+    _, grant_image = start_blk_backend(sockets, "blk.sock0", size=16 * MIB)
+    _, foreign_image = start_blk_backend(sockets, "blk.sock1", size=16 * MIB)
+    fe = start_frontend(sockets, foreign=False, extra=["--mapping", "per-device"])
+    granted = hypervisor.create_domain("granted", memory_mib=48, virtio=blk_line(True))
+    wait_served(granted, 0)
+    plain = hypervisor.create_domain("plain", memory_mib=48, virtio=blk_line(False))
+    wait_served(plain, 0)
+    for dom, image, seed in ((granted, grant_image, 2), (plain, foreign_image, 3)):
+        blk = VirtioBlk(attach(dom, 0))
+        blk.start()
+        write_read_verify(blk, image, 4 * MIB, depth=4, seed=seed)
+        blk.close()
+    log = fe.log()
+    assert "shadow rings relayed" in log and "guest RAM as a shared fd" in log
+    assert f"dom{granted.domid}/blk0: serving virtio blk" in log
+    assert "(grant mapping)" in log and "(foreign mapping)" in log
+    assert "ERROR" not in log

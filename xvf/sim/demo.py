@@ -25,11 +25,18 @@ CHUNK = 256 * 1024
 
 
 def _start_frontend(run_dir: str, args) -> subprocess.Popen:
+    from xvf.cli import mapping_of
     from xvf.sim.backends import xvf_command
 
+    mapping = mapping_of(args)
     return subprocess.Popen(
         xvf_command(
-            run_dir, args.socket_path, args.foreign_mapping, args.log_level, args.socket_timeout
+            run_dir,
+            args.socket_path,
+            mapping == "foreign",
+            args.log_level,
+            args.socket_timeout,
+            ["--mapping", "per-device"] if mapping == "per-device" else [],
         )
     )
 
@@ -53,6 +60,7 @@ def _blk_io(blk, image: str | None, total: int) -> float:
 
 
 def run_demo(args) -> int:
+    from xvf.cli import mapping_of
     from xvf.sim import toolstack
     from xvf.sim.backends import make_disk_image, start_qsd
     from xvf.sim.drivers.blk import VirtioBlk
@@ -89,7 +97,7 @@ def run_demo(args) -> int:
         )
         print(
             f"guest domain {dom.domid}: {len(dom.virtio)} virtio devices, "
-            f"{'foreign' if args.foreign_mapping else 'grant'} mapping"
+            f"{mapping_of(args)} mapping"
         )
         for i, spec in enumerate(dom.virtio):
             dev = device_type(spec.device_id)
