@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_qsd = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None,
-    reason="qemu-storage-daemon missing (apt-get install qemu-system-common on Debian 12, qemu-utils on 13)",
+    reason="qemu-storage-daemon missing (apt-get install qemu-system-common on Debian 12, "
+    "qemu-utils on 13)",
 )
 
 
