@@ -236,6 +236,9 @@ class GrantRelayQueue:
         self.backend_kick_fd = kick_fd_to_backend
         self.backend_call_fd = call_fd_from_backend  # drained by on_backend_call if >= 0
         self.bad_requests = 0
+        # for `xvf status`: requests relayed and bytes copied (to the shadow and back)
+        self.relayed_requests = 0
+        self.copied_bytes = 0
         self.stalled = False
         self.stopped = False
         self._grants: list[_Grants] = []
@@ -426,6 +429,7 @@ class GrantRelayQueue:
                             mem[off : off + s.length] = raw[g.offset : g.offset + s.length]
                     finally:
                         g.release()
+                    self.copied_bytes += s.length
                 offsets.append(off)
                 off += size
         except Exception:
@@ -443,6 +447,7 @@ class GrantRelayQueue:
         self._savail[2 + self._shadow_avail_idx % self.num] = descs[0]
         self._shadow_avail_idx = (self._shadow_avail_idx + 1) & 0xFFFF
         self._savail[1] = self._shadow_avail_idx  # published last
+        self.relayed_requests += 1
         return True
 
     def _release_request(self, req: _Request) -> None:
@@ -498,6 +503,7 @@ class GrantRelayQueue:
                 raw[g.offset : g.offset + n] = mem[off : off + n]
             left -= n
             done += n
+        self.copied_bytes += done
         return done
 
     def _complete_guest(self, head: int, length: int) -> None:

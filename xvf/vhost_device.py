@@ -98,6 +98,12 @@ class VhostDevice:
         self.config_supported = False
         self._reconnect_delay = 0.0
         self._next_reconnect = 0.0
+        self.memory_strategy = "none"
+        # counters for `xvf status` (the hot-path ones live in self.state)
+        self.device_resets = 0
+        self.backend_losses = 0
+        self.reconnects = 0
+        self._relay_totals = [0, 0, 0]  # requests, bytes, bad requests of stopped relays
 
     # -- bring-up --------------------------------------------------------------
     def start(self) -> None:
@@ -167,6 +173,7 @@ class VhostDevice:
             vhost.close()
             raise
         self.vhost = vhost
+        self.memory_strategy = self._memory_strategy()  # kept while reconnecting
         self.loop.add_reader(vhost.fileno(), self._on_backend_readable)
         guest_features = features & (V.DEVICE_SPECIFIC_MASK | V.TRANSPORT_BITS_FROM_BACKEND)
         guest_features |= 1 << V.F_VERSION_1
@@ -413,6 +420,9 @@ class VhostDevice:
         if live.relay is not None:
             self.loop.remove_fd(live.relay.guest_kick_fd)
             live.relay.stop()
+            r = live.relay
+            for i, n in enumerate((r.relayed_requests, r.copied_bytes, r.bad_requests)):
+                self._relay_totals[i] += n
         if live.ioeventfd:
             try:
                 self.platform.assign_ioeventfd(
@@ -445,6 +455,7 @@ class VhostDevice:
         self._close_live(index, live)
 
     def device_reset(self) -> None:
+        self.device_resets += 1
         for index in list(self.live):
             self.queue_reset(index)
         if self.backend_maps_grants:
@@ -472,6 +483,7 @@ class VhostDevice:
     def _on_backend_readable(self) -> None:
         # vhost-user backends speak only when asked; readable means EOF or garbage.
         log.error("%s: backend %s closed the connection", self.label, self.params.socket_path)
+        self.backend_losses += 1
         self._drop_backend()
         if self.regs is not None:
             self.regs.needs_reset()
@@ -523,8 +535,58 @@ class VhostDevice:
             )
             return False
         self._reconnect_delay = 0.0
+        self.reconnects += 1
         log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
         return True
+
+    # -- status ------------------------------------------------------------------
+    def _memory_strategy(self) -> str:
+        """How the connected backend reaches guest memory (see _send_mem_table)."""
+        if not self.foreign_mapping:
+            return "grant regions" if self.backend_maps_grants else "relay"
+        xen = self.vhost is not None and self.vhost.protocol_features & PF.XEN_MMAP
+        return "foreign regions" if xen else "shared fd"
+
+    def relay_counters(self) -> tuple[int, int, int]:
+        """(requests, bytes, bad requests) through the grant relay, live queues included."""
+        totals = list(self._relay_totals)
+        for live in self.live.values():
+            if live.relay is not None:
+                r = live.relay
+                for i, n in enumerate((r.relayed_requests, r.copied_bytes, r.bad_requests)):
+                    totals[i] += n
+        return totals[0], totals[1], totals[2]
+
+    def status(self) -> dict:
+        """What `xvf status` shows of this device: in-memory state only, never the backend."""
+        p = self.params
+        relayed, copied, bad = self.relay_counters()
+        return {
+            "label": self.label,
+            "type": p.dev_type.name,
+            "devid": p.devid,
+            "base": p.base,
+            "irq": p.irq,
+            "mapping": "foreign" if self.foreign_mapping else "grant",
+            "memory": self.memory_strategy,
+            "queue_notify": "kernel ioeventfd" if self.use_ioeventfd else "xvf",
+            "interrupts": "kernel irqfd" if self.use_irqfd else "xvf",
+            "backend_socket": p.socket_path,
+            "backend": "connected" if self.vhost is not None else "reconnecting",
+            "driver_status": self.state.status,
+            "live_queues": len(self.live),
+            "counters": {
+                "exits": self.state.hot_accesses + self.state.slow_accesses,
+                "notifies": self.state.notifies,
+                "interrupts": self.state.interrupts,
+                "bad_requests": bad,
+                "device_resets": self.device_resets,
+                "backend_losses": self.backend_losses,
+                "reconnects": self.reconnects,
+                "relay_requests": relayed,
+                "relay_bytes": copied,
+            },
+        }
 
     def stop(self) -> None:
         """Take the window off the guest's IOREQ server, stop the rings, unmap everything."""
