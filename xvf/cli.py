@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from xvf.argparser import build_parser
@@ -11,12 +12,43 @@ from xvf.errors import ConfigError, XvfError
 log = logging.getLogger("xvf")
 
 
+# syslog priorities: journald reads a "<N>" line prefix as the entry's level
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamp (the journal has its own) and a <N> priority prefix."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = 7
+        for level, p in _PRIORITY.items():  # ascending: the last one reached wins
+            if record.levelno >= level:
+                prio = p
+        if record.levelno >= logging.CRITICAL:
+            prio = 2
+        return f"<{prio}>" + super().format(record)
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream ($JOURNAL_STREAM is its dev:ino)."""
+    try:
+        dev, ino = os.environ["JOURNAL_STREAM"].split(":")
+        st = os.fstat(sys.stderr.fileno())
+        return st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (KeyError, ValueError, OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def open_platform(sim_dir: str | None):
@@ -38,6 +70,20 @@ def mapping_of(args) -> str:
     return args.mapping or "grant"
 
 
+def open_status(path: str | None, frontend):
+    """The status socket in the frontend's loop, or None (disabled, taken, failed)."""
+    if not path:
+        return None
+    from xvf.status import StatusServer
+
+    server = StatusServer(path, frontend.loop, frontend.status)
+    try:
+        return server if server.open() else None
+    except OSError as exc:
+        log.warning("no status socket at %s (`xvf status` will not work): %s", path, exc)
+        return None
+
+
 def run_daemon(args) -> int:
     from xvf.frontend import Frontend, install_signal_handlers
 
@@ -52,9 +98,12 @@ def run_daemon(args) -> int:
             offload=not args.ioreq_only,
         )
         install_signal_handlers(frontend, args.config)
+        status = open_status(args.status_socket, frontend)
         try:
             frontend.run()
         finally:
+            if status is not None:
+                status.close()
             frontend.close()
     finally:
         platform.close()

@@ -26,6 +26,7 @@ from xvf.errors import ConfigError, XvfError
 from xvf.guest import Guest
 from xvf.mmio import PlaceholderRegisters
 from xvf.platform import Platform
+from xvf.systemd import Notifier
 from xvf.vhost_device import MMIO_WINDOW, DeviceParams, VhostDevice
 from xvf.xenstore import XenStore
 
@@ -71,6 +72,9 @@ class Frontend:
         # Refused devices whose window answers "no device here" (xvf.mmio.PlaceholderRegisters).
         self.placeholders: dict[tuple[int, int], VirtioDeviceNode] = {}
         self.instances: dict[tuple[int, int], int] = {}
+        self.published: dict[tuple[int, int], int] = {}  # xenstore state xvf last wrote
+        self.notifier = Notifier()  # systemd, when started with Type=notify
+        self.started = time.monotonic()
         self.running = False
 
     # -- discovery ------------------------------------------------------------
@@ -96,6 +100,7 @@ class Frontend:
         present = {(n.domid, n.devid): n for n in nodes if not n.closing}
         closing = {(n.domid, n.devid): n for n in nodes if n.closing}
         self.nodes = {**present, **closing}
+        self.published = {k: v for k, v in self.published.items() if k in self.nodes}
         for key in list(self.devices):
             if key in closing:
                 self._remove(key, "the toolstack closes it (xenstore state Closing)")
@@ -209,6 +214,7 @@ class Frontend:
     def _publish(self, node: VirtioDeviceNode, state: int) -> None:
         try:
             publish_state(self.xs, node, state)
+            self.published[(node.domid, node.devid)] = state
         except XvfError as exc:
             log.warning("%s: cannot publish state %d: %s", node.backend_path, state, exc)
 
@@ -276,6 +282,7 @@ class Frontend:
             self.mapping,
             self.socket_dir,
         )
+        self.notifier.served(len(self.guests), len(self.devices))
         while self.running:
             self.loop.run_once(TICK_MS)
             if self.pending:
@@ -283,9 +290,78 @@ class Frontend:
             for device in self.devices.values():
                 if not device.backend_connected:
                     device.try_reconnect()
+            self.notifier.served(len(self.guests), len(self.devices))
 
     def stop(self) -> None:
         self.running = False
+        self.notifier.stop()
+
+    # -- status ---------------------------------------------------------------
+    def status(self) -> dict:
+        """What `xvf status` shows: assembled from memory, never from a backend or xenstore."""
+        from xvf.argparser import VERSION
+
+        guests: dict[int, dict] = {}
+        for domid, guest in sorted(self.guests.items()):
+            server, ioreq = guest.server, guest.ioreq
+            guests[domid] = {
+                "domid": domid,
+                "ioreq_server": server.id if server is not None else None,
+                "vcpus": len(guest.ports),
+                "requests": ioreq.requests if ioreq is not None else 0,
+                "bad_requests": ioreq.bad_requests if ioreq is not None else 0,
+                "devices": [],
+            }
+        for node in [*self.placeholders.values(), *(p.node for p in self.pending.values())]:
+            guests.setdefault(node.domid, self._absent_guest(node.domid))
+        for key, device in sorted(self.devices.items()):
+            entry = device.status()
+            entry["xenstore_state"] = self.published.get(key)
+            guests.setdefault(key[0], self._absent_guest(key[0]))["devices"].append(entry)
+        for key, node in sorted(self.placeholders.items()):
+            guests[key[0]]["devices"].append(self._node_status(key, node, "refused"))
+        for key, item in sorted(self.pending.items()):
+            entry = self._node_status(key, item.node, "waiting")
+            entry["backend_socket"] = item.params.socket_path
+            guests[key[0]]["devices"].append(entry)
+        for g in guests.values():
+            g["devices"].sort(key=lambda d: d["devid"])
+        return {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "platform": self.platform.name,
+            "mapping": self.mapping,
+            "socket_dir": self.socket_dir,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "guests": list(guests.values()),
+        }
+
+    @staticmethod
+    def _absent_guest(domid: int) -> dict:
+        # devices waiting for a socket have no IOREQ server yet
+        return {"domid": domid, "ioreq_server": None, "vcpus": 0, "requests": 0,
+                "bad_requests": 0, "devices": []}  # fmt: skip
+
+    def _node_status(self, key: tuple[int, int], node: VirtioDeviceNode, backend: str) -> dict:
+        try:
+            name = device_type(node.device_id).name
+        except ConfigError:
+            name = None
+        return {
+            "label": f"dom{node.domid}/{name or 'device'}{node.devid}",
+            "type": name,
+            "devid": node.devid,
+            "base": node.base,
+            "irq": node.irq,
+            "mapping": None,
+            "memory": None,
+            "queue_notify": None,
+            "interrupts": None,
+            "backend_socket": None,
+            "backend": backend,
+            "xenstore_state": self.published.get(key),
+            "counters": None,
+        }
 
     def close(self) -> None:
         for key in list(self.devices):

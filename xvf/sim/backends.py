@@ -129,4 +129,12 @@ def xvf_command(
     ]
     if foreign:
         argv.append("--foreign-mapping")
+    if "--status-socket" not in extra:
+        # Its own per simulated Xen, so parallel runs never share /run/xvf/status.sock.
+        argv += ["--status-socket", status_socket_of(sim_dir)]
     return [*argv, *extra]
+
+
+def status_socket_of(sim_dir: str) -> str:
+    """The --status-socket xvf_command gives xvf serving the software Xen in `sim_dir`."""
+    return os.path.join(sim_dir, "xvf-status.sock")
