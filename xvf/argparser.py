@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_frontend_options(check)
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.add_argument("--sim", metavar="PATH", help=argparse.SUPPRESS)  # a software Xen's dir
     status = sub.add_parser(
         "status",
         help="ask the running daemon what it serves",
