@@ -1,5 +1,5 @@
 """`pip install .` gives users what they were promised: three compiled modules,
-two console commands and a generated man page under share/man/man1."""
+two console commands, a generated man page under share/man/man1 and the systemd unit."""
 
 from __future__ import annotations
 
@@ -33,8 +33,31 @@ def test_wheel_contents(tmp_path):
         page = z.read(man).decode()
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         scripts = z.read(entry_points).decode()
+        unit = z.read("xvf/data/xen-vhost-frontend.service").decode()
     assert "xen-vhost-frontend = xvf.cli:main" in scripts
     assert "xvf = xvf.cli:main" in scripts
     assert ".TH" in page
     for option in ("socket\\-path", "foreign\\-mapping", "log\\-level"):
         assert option in page, option
+    # the unit as README installs it
+    for line in (
+        "Type=notify",
+        "ExecStart=xen-vhost-frontend --config /etc/xvf/xvf.toml",
+        "Restart=on-failure",
+        "Documentation=man:xen-vhost-frontend(1)",
+        "Requires=proc-xen.mount xenstored.service",
+    ):
+        assert line in unit.splitlines(), line
+
+
+def test_the_rig_wheel_takes_the_unit_file_too():
+    """tests/xen/rig/xvf_build.py assembles the Dom0 wheel from pyproject's package data."""
+    import tomllib
+    from pathlib import Path
+
+    from tests.xen.rig.xvf_build import _package_files, _sources
+
+    repo = Path(REPO)
+    project = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert "xvf/data/xen-vhost-frontend.service" in _package_files(repo, project)
+    assert repo / "xvf/data/xen-vhost-frontend.service" in _sources(repo)  # rebuilt on change
