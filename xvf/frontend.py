@@ -43,6 +43,18 @@ class _Pending:
     announced: bool = False
 
 
+def _type_name(node: VirtioDeviceNode) -> str | None:
+    try:
+        return device_type(node.device_id).name
+    except ConfigError:
+        return None
+
+
+def node_label(node: VirtioDeviceNode) -> str:
+    """domN/<type>M as VhostDevice labels it; "device" for a type xvf does not know."""
+    return f"dom{node.domid}/{_type_name(node) or 'device'}{node.devid}"
+
+
 class Frontend:
     def __init__(
         self,
@@ -123,7 +135,7 @@ class Frontend:
             try:
                 dev_type = device_type(node.device_id)
             except ConfigError as exc:
-                log.error("dom%d device %d: %s", node.domid, node.devid, exc)
+                log.error("%s: %s", node_label(node), exc)
                 self._refuse(key, node)
                 continue
             n = self._instance(key, dev_type.name)
@@ -190,17 +202,16 @@ class Frontend:
         try:
             guest = self._guest(node.domid)
             state = MmioState()
-            state.handler = PlaceholderRegisters(f"dom{node.domid}/device{node.devid}")
+            state.handler = PlaceholderRegisters(node_label(node))
             guest.attach(node.base, MMIO_WINDOW, state)
             self.placeholders[key] = node
             log.info(
-                "dom%d device %d: its window %#x now reads as 'no device' (DeviceID 0)",
-                node.domid,
-                node.devid,
+                "%s: its window %#x now reads as 'no device' (DeviceID 0)",
+                node_label(node),
                 node.base,
             )
         except (XvfError, OSError) as exc:
-            log.error("dom%d device %d: cannot claim its window: %s", node.domid, node.devid, exc)
+            log.error("%s: cannot claim its window: %s", node_label(node), exc)
             self._release_guest(node.domid)
         self._publish(node, XENBUS_STATE_CLOSED)
 
@@ -216,7 +227,13 @@ class Frontend:
             publish_state(self.xs, node, state)
             self.published[(node.domid, node.devid)] = state
         except XvfError as exc:
-            log.warning("%s: cannot publish state %d: %s", node.backend_path, state, exc)
+            log.warning(
+                "%s: cannot publish state %d in %s: %s",
+                node_label(node),
+                state,
+                node.backend_path,
+                exc,
+            )
 
     def _foreign_for(self, node: VirtioDeviceNode) -> bool:
         """Whether this device is foreign-mapped: the daemon's mode, or in per-device
@@ -343,13 +360,9 @@ class Frontend:
                 "bad_requests": 0, "devices": []}  # fmt: skip
 
     def _node_status(self, key: tuple[int, int], node: VirtioDeviceNode, backend: str) -> dict:
-        try:
-            name = device_type(node.device_id).name
-        except ConfigError:
-            name = None
         return {
-            "label": f"dom{node.domid}/{name or 'device'}{node.devid}",
-            "type": name,
+            "label": node_label(node),
+            "type": _type_name(node),
             "devid": node.devid,
             "base": node.base,
             "irq": node.irq,

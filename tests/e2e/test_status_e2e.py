@@ -65,7 +65,6 @@ def test_status_shows_the_guest_the_device_and_its_counters(
 
     table = xvf_status(path)
     assert table.returncode == 0, table.stderr
-    print(table.stdout)
     assert f"dom{dom.domid}: IOREQ server" in table.stdout
     assert f"dom{dom.domid}/blk0" in table.stdout and "relay" in table.stdout
     assert "connected" in table.stdout
