@@ -636,7 +636,8 @@ SECTIONS = {
 }
 
 
-def print_table(findings: list[Finding], out=sys.stdout) -> None:
+def print_table(findings: list[Finding], out=None) -> None:
+    out = out or sys.stdout
     width = max(len(f.name) for f in findings)
     for key, title in SECTIONS.items():
         part = [f for f in findings if f.section == key]
