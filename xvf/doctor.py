@@ -554,7 +554,7 @@ def domu_needs(nodes) -> list[Finding]:
 
 
 def _dom0_findings(args) -> tuple[list[Finding], object, object]:
-    """Host findings; (findings, dm_op callable or None, xenstore path or None)."""
+    """Host findings; (findings, open Privcmd or None, xenstore path: None = the default)."""
     findings = [check_under_xen()]
     if findings[0].ok is not True:
         return findings, None, None
