@@ -81,3 +81,50 @@ def test_status_says_why_it_cannot_ask(run_dir):
     s.close()  # bound, never listening: what a daemon that died leaves
     refused = xvf_status(stale)
     assert refused.returncode == 1 and "not running" in refused.stderr
+
+
+def test_a_silent_or_garbled_client_does_not_hold_the_daemon(hypervisor, start_frontend, sockets):
+    """The socket lives in xvf's event loop: a client that never sends its request must
+    not block the next one (nor the ioreq path), and garbage gets an error, not a crash."""
+    fe = start_frontend(sockets, foreign=True)
+    fe.wait_log("xvf serving")
+    path = status_socket_of(hypervisor.run_dir)
+    with socket.socket(socket.AF_UNIX) as silent, socket.socket(socket.AF_UNIX) as bad:
+        silent.connect(path)  # says nothing
+        bad.settimeout(10)
+        bad.connect(path)
+        bad.sendall(b"not json\n")
+        assert b'"error"' in bad.recv(4096)
+        res = xvf_status(path, "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["guests"] == []
+    assert fe.proc.poll() is None
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.fds: dict[int, object] = {}
+
+    def add_reader(self, fd: int, cb) -> None:
+        self.fds[fd] = cb
+
+    def remove_fd(self, fd: int) -> None:
+        self.fds.pop(fd, None)
+
+
+def test_a_socket_held_by_a_live_daemon_is_left_alone_and_a_stale_one_replaced(run_dir, caplog):
+    from xvf.status import StatusServer
+
+    path = os.path.join(run_dir, "st", "status.sock")
+    first = StatusServer(path, _Loop(), dict)
+    assert first.open()
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    second = StatusServer(path, _Loop(), dict)
+    assert not second.open()
+    assert "belongs to another running xvf" in caplog.text
+    first.sock.close()  # dies without cleaning up: the file stays, nobody listens
+    assert os.path.exists(path)
+    third = StatusServer(path, _Loop(), dict)
+    assert third.open()
+    third.close()
+    assert not os.path.exists(path)
