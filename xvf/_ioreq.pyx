@@ -19,7 +19,8 @@ from posix.unistd cimport read, write
 from xvf._evtchn cimport EventChannel
 from xvf.abi cimport (
     XVF_DMOP_set_irq_level, XVF_IOCTL_PRIVCMD_DM_OP, XVF_IOREQ_DATA_IS_PTR_BIT, XVF_IOREQ_DIR_BIT,
-    XVF_IOREQ_READ, XVF_IOREQ_STATE_MASK, XVF_IOREQ_TYPE_COPY, XVF_SIM_OP_DM_OP,
+    XVF_IOREQ_READ, XVF_IOREQ_STATE_MASK, XVF_IOREQ_TYPE_COPY, XVF_IOREQ_TYPE_INVALIDATE,
+    XVF_SIM_OP_DM_OP,
     XVF_STATE_IOREQ_INPROCESS, XVF_STATE_IOREQ_READY, XVF_STATE_IORESP_READY,
     XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
     XVF_VIRTIO_MMIO_QUEUE_NOTIFY, XVF_VIRTIO_STATUS_DRIVER_OK, XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET,
@@ -291,6 +292,9 @@ cdef class IoreqServer:
     cdef uint32_t last_hit  # the window of the previous access: usually the next one's too
     cdef readonly uint64_t requests
     cdef readonly uint64_t bad_requests
+    # Xen broadcasts IOREQ_TYPE_INVALIDATE to every server when the guest's p2m drops a
+    # RAM page (on Arm: p2m_put_l3_page; Linux's balloon and grant-table set-up do it).
+    cdef readonly uint64_t invalidates
 
     def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base=0, uint64_t size=0,
                   MmioState device=None):
@@ -392,7 +396,13 @@ cdef class IoreqServer:
         if (req.type == XVF_IOREQ_TYPE_COPY and not (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
                 and req.count == 1 and req.size != 0 and req.size <= 8):
             w = self.c_window(req.addr)
-        if w < 0:
+        if req.type == XVF_IOREQ_TYPE_INVALIDATE:
+            # Only an answer is wanted. Backends hold their own mappings and xvf's foreign
+            # mapping is made once at DRIVER_OK (see docs/real-xen.md: ballooning).
+            self.invalidates += 1
+            if is_read:  # never from Xen; answered like any read that is no MMIO access
+                req.data = ~(<uint64_t>0)
+        elif w < 0:
             # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
             self.bad_requests += 1
             if is_read:

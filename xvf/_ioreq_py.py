@@ -42,6 +42,7 @@ STATE_IOREQ_READY = 1
 STATE_IOREQ_INPROCESS = 2
 STATE_IORESP_READY = 3
 TYPE_COPY = 1
+TYPE_INVALIDATE = 8  # broadcast when the guest's p2m drops a RAM page
 # include/xvf/virtio_mmio.h
 QUEUE_NOTIFY = 0x050
 INTERRUPT_STATUS = 0x060
@@ -246,6 +247,7 @@ class IoreqServer:
         self._windows: list[tuple[int, int, MmioState]] = []
         self.requests = 0
         self.bad_requests = 0
+        self.invalidates = 0
         if device is not None:
             self.add_window(base, size, device)
 
@@ -300,7 +302,11 @@ class IoreqServer:
         self.requests += 1
         is_read = bool(flags & DIR_BIT)
         addr, data, count, size = _HEAD.unpack_from(page, base)
-        if (
+        if page[base + TYPE_OFFSET] == TYPE_INVALIDATE:
+            self.invalidates += 1  # only an answer is wanted (see _ioreq.pyx)
+            if is_read:  # never from Xen; answered like any read that is no MMIO access
+                _DATA.pack_into(page, base + 8, _U64_MAX)
+        elif (
             page[base + TYPE_OFFSET] != TYPE_COPY
             or flags & DATA_IS_PTR_BIT
             or count != 1

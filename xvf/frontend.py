@@ -327,6 +327,7 @@ class Frontend:
                 "vcpus": len(guest.ports),
                 "requests": ioreq.requests if ioreq is not None else 0,
                 "bad_requests": ioreq.bad_requests if ioreq is not None else 0,
+                "invalidates": ioreq.invalidates if ioreq is not None else 0,
                 "devices": [],
             }
         for node in [*self.placeholders.values(), *(p.node for p in self.pending.values())]:
@@ -357,7 +358,7 @@ class Frontend:
     def _absent_guest(domid: int) -> dict:
         # devices waiting for a socket have no IOREQ server yet
         return {"domid": domid, "ioreq_server": None, "vcpus": 0, "requests": 0,
-                "bad_requests": 0, "devices": []}  # fmt: skip
+                "bad_requests": 0, "invalidates": 0, "devices": []}  # fmt: skip
 
     def _node_status(self, key: tuple[int, int], node: VirtioDeviceNode, backend: str) -> dict:
         return {

@@ -211,7 +211,8 @@ def format_table(status: dict) -> str:
         lines.append("")
         lines.append(
             f"dom{g['domid']}: IOREQ server {g['ioreq_server']}, {g['vcpus']} vCPU(s), "
-            f"{g['requests']} ioreqs, {g['bad_requests']} bad"
+            f"{g['requests']} ioreqs, {g['bad_requests']} bad, "
+            f"{g.get('invalidates', 0)} mapcache invalidations"
         )
         header = ("DEVICE", "BASE", "IRQ", "MAP", "MEMORY", "NOTIFY/IRQ", "BACKEND", "XS")
         rows = [header]

@@ -240,3 +240,14 @@ def test_one_guest_server_routes_eleven_devices_by_address(hypervisor):
         evtchn.close()
         plat.close()
     assert dom.servers == {}
+
+
+def test_mapcache_invalidate_broadcast_reaches_the_server_and_is_answered(served):
+    """The simulator now sends what real Xen sends on Arm when the guest's p2m drops a
+    RAM page (found on the rig): an INVALIDATE broadcast, which xvf must answer."""
+    dom, scratch, ioreq, _ = served
+    assert dom.invalidate_mapcache(0) == 1
+    assert (ioreq.invalidates, ioreq.bad_requests) == (1, 0)
+    assert scratch.accesses == []
+    dom.mmio(0, BASE + 0x10, 4, True, 0x1234)  # the vCPU runs on
+    assert dom.mmio(1, BASE + 0x10, 4, False) == 0x1234

@@ -22,6 +22,7 @@ from xvf.sim.evtchn import EventChannels
 from xvf.sim.grant_table import GrantTable
 from xvf.sim.ioreq import (
     MAX_SERVERS_PER_DOMAIN,
+    TYPE_INVALIDATE,
     GuestDataAbort,
     IoreqServer,
     MmioRange,
@@ -101,6 +102,29 @@ class Domain:
             value,
             self.access_timeout,
         )
+
+    def invalidate_mapcache(self, vcpu: int = 0) -> int:
+        """What Xen does after the guest's p2m dropped a RAM page (Arm: p2m_put_l3_page,
+        e.g. Linux's balloon or grant-table set-up): an IOREQ_TYPE_INVALIDATE broadcast
+        to every enabled server, each answered before the vCPU runs on. Returns how many
+        servers were asked."""
+        with self.hv.lock:
+            servers = [s for s in self.servers.values() if s.enabled]
+        for server in servers:
+            issue(
+                server,
+                vcpu,
+                self.vcpu_channels[vcpu],
+                self.hv.evtchn.notify,
+                0,
+                4,
+                True,
+                ~0 & 0xFFFFFFFFFFFFFFFF,
+                self.access_timeout,
+                req_type=TYPE_INVALIDATE,
+                count=0,
+            )
+        return len(servers)
 
     def irq_level(self, irq: int) -> int:
         return self.irq_levels.get(irq, 0)

@@ -23,6 +23,7 @@ STATE_NONE, STATE_READY, STATE_INPROCESS, STATE_RESP_READY = 0, 1, 2, 3
 STATE_MASK = 0x0F
 DIR_READ_BIT = 0x20  # dir=1 is IOREQ_READ
 TYPE_COPY = 1
+TYPE_INVALIDATE = 8
 FLAGS_OFFSET = 30
 # addr, data, count, size, vp_eport (the page's fields before the flags byte)
 _REQ_HEAD = struct.Struct("<QQIII")
@@ -115,6 +116,8 @@ def issue(
     is_write: bool,
     value: int,
     timeout: float,
+    req_type: int = TYPE_COPY,
+    count: int = 1,
 ) -> int:
     """Run one access through the ioreq page; returns the value read (0 for writes)."""
     base = vcpu * IOREQ_SIZE
@@ -123,8 +126,8 @@ def issue(
     if state != STATE_NONE:
         raise SimulatorError(f"vCPU {vcpu} slot busy (state {state})")
     chan.event.clear()
-    _REQ_HEAD.pack_into(page, base, addr, value if is_write else 0, 1, size, server.ports[vcpu])
-    page[base + 31] = TYPE_COPY
+    _REQ_HEAD.pack_into(page, base, addr, value if is_write else 0, count, size, server.ports[vcpu])
+    page[base + 31] = req_type
     # The flags byte is the publication point: one single-byte store, last.
     page[base + FLAGS_OFFSET] = STATE_READY | (0 if is_write else DIR_READ_BIT)
     notify(server.domid, server.ports[vcpu])
