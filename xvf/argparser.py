@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--status-socket",
         metavar="PATH",
-        default=DEFAULT_STATUS_SOCKET,
-        help="the daemon's status socket (default: %(default)s)",
+        # SUPPRESS: without the option, the value from --config (or the default) stays
+        default=argparse.SUPPRESS,
+        help=f"the daemon's status socket (default: status_socket of --config, else "
+        f"{DEFAULT_STATUS_SOCKET})",
     )
     sim = sub.add_parser(
         "sim",

@@ -222,6 +222,7 @@ class GrantRelayQueue:
         state: MmioState,
         kick_fd_to_backend: int,
         call_fd_from_backend: int = -1,
+        label: str = "",
     ) -> None:
         if not 0 < num <= 32768 or num & (num - 1):
             raise GuestError(f"queue {index}: size {num} is not a power of two up to 32768")
@@ -229,6 +230,8 @@ class GrantRelayQueue:
             if addr % align:
                 raise GuestError(f"queue {index}: {name} ring {addr:#x} is not {align}-aligned")
         self.index = index
+        # who logs: domN/typeM queue I (the journal shows no other context)
+        self.where = f"{label} queue {index}".strip()
         self.num = num
         self.mapper = mapper
         self.shadow = shadow
@@ -319,7 +322,7 @@ class GrantRelayQueue:
                     break
             head = self._guest_avail[2 + self.last_avail % self.num]
             if head >= self.num:
-                log.error("queue %d: guest avail head %d out of range", self.index, head)
+                log.error("%s: guest avail head %d out of range", self.where, head)
                 self.bad_requests += 1
                 self.last_avail = (self.last_avail + 1) & 0xFFFF
                 continue
@@ -331,7 +334,7 @@ class GrantRelayQueue:
                     break  # resumed by the completions that free room
                 posted += 1
             except RelayError as exc:
-                log.warning("queue %d: request %d refused: %s", self.index, head, exc)
+                log.warning("%s: request %d refused: %s", self.where, head, exc)
                 self.bad_requests += 1
                 self._complete_guest(head, 0)
                 completed += 1
@@ -477,7 +480,7 @@ class GrantRelayQueue:
             self._shadow_last_used = (self._shadow_last_used + 1) & 0xFFFF
             req = self._inflight.pop(shead, None)
             if req is None:
-                log.error("queue %d: backend used id %d is not in flight", self.index, shead)
+                log.error("%s: backend used id %d is not in flight", self.where, shead)
                 continue
             self._complete_guest(req.guest_head, self._copy_back(req, written))
             self._release_request(req)

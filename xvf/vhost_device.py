@@ -304,7 +304,7 @@ class VhostDevice:
         try:
             relay = GrantRelayQueue(
                 index, q.num, q.desc, q.driver, q.device,
-                self.grant_mapper, self.shadow, self.state, kick, call,
+                self.grant_mapper, self.shadow, self.state, kick, call, self.label,
             )  # fmt: skip
         except Exception:
             os.close(kick)

@@ -128,3 +128,19 @@ def test_a_socket_held_by_a_live_daemon_is_left_alone_and_a_stale_one_replaced(r
     assert third.open()
     third.close()
     assert not os.path.exists(path)
+
+
+def test_the_config_file_names_the_status_socket_for_the_client_too(run_dir):
+    """`xvf --config FILE status` asks the socket the daemon was told in FILE."""
+    path = os.path.join(run_dir, "from-config.sock")
+    cfg = os.path.join(run_dir, "xvf.toml")
+    with open(cfg, "w") as f:
+        f.write(f'status_socket = "{path}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "xvf", "--config", cfg, "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert done.returncode == 1 and path in done.stderr, done.stderr
