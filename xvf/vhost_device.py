@@ -145,7 +145,7 @@ class VhostDevice:
 
     def _connect_backend(self) -> None:
         p = self.params
-        vhost = VhostUserFrontend(p.socket_path)
+        vhost = VhostUserFrontend(p.socket_path, label=self.label)
         try:
             vhost.set_owner()
             features = vhost.get_features()

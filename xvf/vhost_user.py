@@ -63,8 +63,10 @@ _RUNNING = V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
 class VhostUserFrontend:
     """Front-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst)."""
 
-    def __init__(self, socket_path: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, socket_path: str, *, timeout: float = 5.0, label: str = "") -> None:
         self.socket_path = socket_path
+        # What log lines say first: the guest and device (domN/typeM) when known.
+        self.who = f"{label} ({socket_path})" if label else socket_path
         self.timeout = timeout
         self.backend_features = 0  # from the last GET_FEATURES
         self.offered_protocol_features = 0  # from GET_PROTOCOL_FEATURES
@@ -329,7 +331,7 @@ class VhostUserFrontend:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s <- %s flags=%#x size=%d fds=%s",
-                self.socket_path,
+                self.who,
                 req.name,
                 flags,
                 len(payload),
@@ -379,7 +381,7 @@ class VhostUserFrontend:
             for fd in fds:
                 os.close(fd)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %s size=%d", self.socket_path, req.name, size)
+            log.debug("%s -> %s size=%d", self.who, req.name, size)
         return payload
 
     def _read_exact(self, n: int, deadline: float, fds: list[int], req: Request) -> bytes:
