@@ -156,6 +156,8 @@ class VhostDevice:
                 acked = vhost.get_protocol_features() & wanted
                 vhost.set_protocol_features(acked)
                 self.config_supported = bool(acked & PF.CONFIG)
+                if acked & PF.MQ:
+                    self._check_queue_count(vhost.get_queue_num())
             if (
                 self.foreign_mapping
                 and not self.platform.guest_ram_shareable
@@ -193,6 +195,19 @@ class VhostDevice:
             )
         else:
             self.regs.device_features = guest_features
+
+    def _check_queue_count(self, offered: int) -> None:
+        """Before the guest sees QueueNumMax: the backend must serve every queue the
+        device type has (net and fs backends may offer more; the extra are unused)."""
+        needed = self.params.dev_type.num_queues
+        if offered < needed:
+            raise ConfigError(
+                f"{self.label}: backend {self.params.socket_path} serves {offered} "
+                f"queue(s) (GET_QUEUE_NUM) but virtio {self.params.dev_type.name} needs "
+                f"{needed}; start it with at least {needed} queues"
+            )
+        if offered > needed:
+            log.debug("%s: backend offers %d queues, %d used", self.label, offered, needed)
 
     def _attach(self) -> None:
         p = self.params

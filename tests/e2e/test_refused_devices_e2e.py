@@ -3,6 +3,7 @@ data abort or a hang, xenstore says Closed, and the guest's other devices work."
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -73,3 +74,19 @@ def test_foreign_mapping_with_a_backend_that_cannot_map_xen_is_refused_before_th
         thread.join(timeout=10)
         frontend.close()
         platform.close()
+
+
+def test_a_backend_with_fewer_queues_than_the_device_is_refused_before_the_guest(
+    hypervisor, sockets, start_frontend, start_ref_backend
+):
+    """GET_QUEUE_NUM is checked before the guest sees QueueNumMax: an i2c backend
+    (one queue) behind gpio.sock0 cannot serve virtio-gpio (two queues)."""
+    start_ref_backend("i2c", os.path.join(sockets, "gpio.sock0"))
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "fewq", memory_mib=32, virtio='virtio = [ "type=virtio,device29, grant_usage=0" ]'
+    )
+    with pytest.raises(Exception, match=r"refused device 0"):
+        wait_served(dom, 0)
+    fe.wait_log("serves 1 queue(s) (GET_QUEUE_NUM) but virtio gpio needs 2")
+    assert _reads_as_no_device(dom, dom.virtio[0].base)
