@@ -58,7 +58,10 @@ def grant_regions(
 
     cursor = GRANT_ADDR_OFF
     for addr, size in spans:
-        if addr < cursor:  # rings sharing a page: extend the previous region
+        # Rings that share a page, or start on the page right after the previous one
+        # (Linux allocates a queue's desc, avail and used in one block), extend the
+        # previous region: SET_MEM_TABLE carries at most 8 regions.
+        if regions and regions[-1].xen_mmap_flags == XEN_MMAP_GRANT and addr <= cursor:
             last = regions[-1]
             grown = max(last.gpa + last.size, addr + size) - last.gpa
             regions[-1] = VhostUserRegion(
