@@ -22,6 +22,8 @@ class DeviceType:
     queue_size: int
     config_size: int  # bytes of device config space (GET_CONFIG asks for exactly this)
     description: str
+    # Why xvf does not serve this type (refused with this reason), or "" when it does.
+    refusal: str = ""
 
     @property
     def compatible(self) -> str:
@@ -38,7 +40,19 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
     DeviceType("console", 3, 4, 128, 12, "console with multiport (rx, tx, control rx/tx)"),
     DeviceType("rng", 4, 1, 1024, 0, "entropy source"),
     DeviceType("scsi", 8, 3, 128, 36, "SCSI host (control, event, request)"),
-    DeviceType("gpu", 16, 2, 1024, 16, "GPU (control, cursor)"),
+    DeviceType(
+        "gpu",
+        16,
+        2,
+        1024,
+        16,
+        "GPU (control, cursor)",
+        # QEMU's vhost-user-gpu answers GET_DISPLAY_INFO only over a display channel the
+        # frontend provides (VHOST_USER_GPU_SET_SOCKET) and renders to; without it a
+        # guest's virtio-gpu probe waits forever. A headless device model has no display.
+        refusal="virtio-gpu is not served: vhost-user-gpu needs a display channel "
+        "(VHOST_USER_GPU_SET_SOCKET) that a headless Xen device model cannot provide",
+    ),
     DeviceType("input", 18, 2, 1024, 136, "input device (event, status)"),
     DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)"),
     DeviceType("sound", 25, 4, 64, 12, "sound card (control, event, tx, rx)"),
@@ -77,8 +91,10 @@ def device_type(compatible_or_id: str | int) -> DeviceType:
     )
     dev = BY_ID.get(virtio_id)
     if dev is None:
-        known = ", ".join(f"{d.name} ({d.compatible})" for d in DEVICE_TYPES)
+        known = ", ".join(f"{d.name} ({d.compatible})" for d in DEVICE_TYPES if not d.refusal)
         raise ConfigError(f"virtio device id {virtio_id} is not supported; known: {known}")
+    if dev.refusal:
+        raise ConfigError(dev.refusal)
     return dev
 
 

@@ -277,6 +277,10 @@ def test_parse_compatible_rejects(bad: str) -> None:
 def test_compatible_round_trips_and_device_type_lookup() -> None:
     for d in DEVICE_TYPES:
         assert parse_compatible(d.compatible) == d.virtio_id
+        if d.refusal:
+            with pytest.raises(ConfigError, match="not served"):
+                device_type(d.compatible)
+            continue
         assert device_type(d.compatible) is d
         assert device_type(d.virtio_id) is d
     # the seed (vireshk/xen-vhost-frontend src/supported_devices.rs) lists fs as 26
@@ -332,3 +336,10 @@ def test_qsd_answers_blk_config_size(qsd: QsdExport) -> None:
         assert int.from_bytes(data[34:36], "little") == blk.num_queues
         with pytest.raises(VhostUserError, match="refused GET_CONFIG"):
             vu.get_config(0, 256)
+
+
+def test_gpu_is_refused_with_the_reason() -> None:
+    """vhost-user-gpu needs a display channel (VHOST_USER_GPU_SET_SOCKET) that xvf, a
+    headless device model, does not provide: refused by name, not served half-working."""
+    with pytest.raises(ConfigError, match="display channel"):
+        device_type("virtio,device10")
