@@ -15,6 +15,9 @@ apt_packages=(
     "$qsd_package"                          # qemu-storage-daemon
     libxen-dev linux-libc-dev               # Xen and Linux headers checked by the conformance tests
     xenstore-utils                          # xenstore-read/-write/-ls interop with the simulated xenstored
+    # dpdk-testpmd (only dpdk-dev ships it) and its vhost PMD, the virtio-net backend;
+    # it pulls all of DPDK's libraries, about 220 packages
+    dpdk-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do
