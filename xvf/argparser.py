@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help="TOML file with any of socket_path, mapping, foreign_mapping, socket_timeout, "
-        "log_level, status_socket; options given on the command line win; SIGHUP re-reads "
+        "log_level, status_socket, fs_tag; options given on the command line win; SIGHUP re-reads "
         "its log_level",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATUS_SOCKET,
         help="root-only unix socket where `xvf status` asks the daemon what it serves "
         "(default: %(default)s; empty: none)",
+    )
+    daemon.add_argument(
+        "--fs-tag",
+        metavar="TAG",
+        default="xvf",
+        help="the mount tag virtio-fs guests read when the fs backend serves no config "
+        "space itself, as QEMU's C virtiofsd (default: %(default)s)",
     )
     daemon.add_argument(
         "--sim",

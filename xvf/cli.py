@@ -96,6 +96,7 @@ def run_daemon(args) -> int:
             mapping=mapping,
             socket_timeout=args.socket_timeout,
             offload=not args.ioreq_only,
+            fs_tag=args.fs_tag,
         )
         install_signal_handlers(frontend, args.config)
         status = open_status(args.status_socket, frontend)

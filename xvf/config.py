@@ -1,7 +1,7 @@
 """The optional TOML configuration file (`--config FILE`).
 
 Keys mirror the long options: socket_path, mapping, foreign_mapping,
-socket_timeout, log_level, status_socket. Command-line options win over the
+socket_timeout, log_level, status_socket, fs_tag. Command-line options win over the
 file. On SIGHUP the daemon re-reads the file and applies log_level; other keys
 need a restart.
 """
@@ -21,6 +21,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "status_socket": str,
     "socket_timeout": (int, float),
     "log_level": str,
+    "fs_tag": str,
 }
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from xvf._ioreq import MmioState, ServiceLoop
+from xvf.device_config import DEFAULT_FS_TAG, fs_tag_bytes
 from xvf.devices import device_type, socket_name
 from xvf.discovery import (
     XENBUS_STATE_CLOSED,
@@ -64,6 +65,7 @@ class Frontend:
         socket_timeout: float = 30.0,
         offload: bool = True,
         mapping: str | None = None,
+        fs_tag: str = DEFAULT_FS_TAG,
     ) -> None:
         """`mapping`: grant, foreign or per-device (each device's grant_usage decides);
         without it, `foreign_mapping` picks foreign or grant."""
@@ -72,6 +74,8 @@ class Frontend:
         self.socket_dir = socket_dir
         self.mapping = mapping or ("foreign" if foreign_mapping else "grant")
         self.socket_timeout = socket_timeout
+        fs_tag_bytes(fs_tag)  # a bad tag stops the daemon at start, not each fs device later
+        self.fs_tag = fs_tag
         self.own_domid = platform.own_domid()
         self.evtchn = platform.open_event_channel()
         self.loop = ServiceLoop(self.evtchn.channel)
@@ -147,6 +151,7 @@ class Frontend:
                 irq=node.irq,
                 grant_usage=node.grant_usage,
                 socket_path=os.path.join(self.socket_dir, socket_name(dev_type, n)),
+                fs_tag=self.fs_tag,
             )
             self.pending[key] = _Pending(node, params, time.monotonic() + self.socket_timeout)
         self._start_pending()

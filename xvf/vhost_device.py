@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from xvf import virtio_consts as V
 from xvf._ioreq import MmioState, ServiceLoop
+from xvf.device_config import DEFAULT_FS_TAG, local_config
 from xvf.devices import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.grant_layout import grant_regions, ring_spans
@@ -44,6 +45,7 @@ class DeviceParams:
     irq: int
     grant_usage: bool
     socket_path: str
+    fs_tag: str = DEFAULT_FS_TAG  # the tag xvf answers for fs when the backend has no CONFIG
 
     @property
     def label(self) -> str:
@@ -479,9 +481,15 @@ class VhostDevice:
 
     def config_read(self, offset: int, size: int) -> int:
         cfg_size = self.params.dev_type.config_size
-        if not self.config_supported or self.vhost is None or offset + size > cfg_size:
+        if offset + size > cfg_size:
             return 0
-        data = self.vhost.get_config(0, cfg_size)
+        if not self.config_supported:
+            # No GET_CONFIG: answer what xvf knows itself (virtiofsd leaves the fs tag to us).
+            data = local_config(self.params.dev_type, {"fs_tag": self.params.fs_tag}) or b""
+        elif self.vhost is None:
+            return 0
+        else:
+            data = self.vhost.get_config(0, cfg_size)
         return int.from_bytes(data[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
