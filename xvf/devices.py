@@ -24,6 +24,9 @@ class DeviceType:
     description: str
     # Why xvf does not serve this type (refused with this reason), or "" when it does.
     refusal: str = ""
+    # Feature bits never offered to the guest although a backend may: they need queues
+    # this device does not have (virtio-net's control queue is QEMU's, not the backend's).
+    withheld_features: int = 0
 
     @property
     def compatible(self) -> str:
@@ -35,7 +38,19 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
     # exists (a larger ring is refused by it), else QEMU's vhost-user device model
     # or the seed's frontend crate. config_size is the backend's config struct,
     # so GET_CONFIG is never larger than what it answers. Sources: test_devices.py.
-    DeviceType("net", 1, 2, 256, 12, "network card (rx, tx)"),
+    DeviceType(
+        "net",
+        1,
+        2,
+        256,
+        12,
+        "network card (rx, tx)",
+        # CTRL_VQ and what needs it (virtio spec 5.1.3.1): CTRL_RX 18, CTRL_VLAN 19,
+        # CTRL_RX_EXTRA 20, GUEST_ANNOUNCE 21, MQ 22, CTRL_MAC_ADDR 23, VQ_NOTF_COAL 52,
+        # NOTF_COAL 53, HASH_REPORT 57, RSS 60. A Linux guest that accepts CTRL_VQ
+        # looks for queue 2 and fails its probe.
+        withheld_features=sum(1 << b for b in (17, 18, 19, 20, 21, 22, 23, 52, 53, 57, 60)),
+    ),
     DeviceType("blk", 2, 1, 128, 60, "block device"),
     DeviceType("console", 3, 4, 128, 12, "console with multiport (rx, tx, control rx/tx)"),
     DeviceType("rng", 4, 1, 1024, 0, "entropy source"),

@@ -180,6 +180,7 @@ class VhostDevice:
         self.memory_strategy = self._memory_strategy()  # kept while reconnecting
         self.loop.add_reader(vhost.fileno(), self._on_backend_readable)
         guest_features = features & (V.DEVICE_SPECIFIC_MASK | V.TRANSPORT_BITS_FROM_BACKEND)
+        guest_features &= ~p.dev_type.withheld_features
         guest_features |= 1 << V.F_VERSION_1
         if not self.foreign_mapping:
             guest_features |= 1 << V.F_ACCESS_PLATFORM
