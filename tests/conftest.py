@@ -110,6 +110,15 @@ def sockets(run_dir) -> str:
     return path
 
 
+def wait_for_socket(path: str, proc: subprocess.Popen, what: str, timeout: float = 10) -> None:
+    """Until a backend process listens on `path`; fails at once if it exited."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} never listened on {path}"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def start_ref_backend():
     """start(kind, socket_path, *args): an in-tree reference backend (tests/backends)
@@ -123,11 +132,7 @@ def start_ref_backend():
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(proc)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(socket_path):
-            assert proc.poll() is None, f"{kind} backend exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"{kind} backend never listened on {socket_path}"
-            time.sleep(0.02)
+        wait_for_socket(socket_path, proc, f"{kind} backend")
         return proc
 
     yield start

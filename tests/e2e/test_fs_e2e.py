@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import time
 
 import pytest
 
+from tests.conftest import wait_for_socket
 from xvf.sim.drivers.fs import VirtioFs
 from xvf.sim.guest import attach
 
@@ -48,11 +48,7 @@ def virtiofsd(run_dir):
         )  # fmt: skip
         log.close()
         procs.append(proc)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(socket_path):
-            assert proc.poll() is None, f"virtiofsd exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"virtiofsd never listened on {socket_path}"
-            time.sleep(0.02)
+        wait_for_socket(socket_path, proc, "virtiofsd")
         return proc
 
     yield start

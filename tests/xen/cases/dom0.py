@@ -195,6 +195,11 @@ class Guest:
     def unpause(self) -> None:
         run("xl", "unpause", self.name)
 
+    def run_when_served(self) -> None:
+        """What a user's script does: wait for xvf to serve every device, then unpause."""
+        self.wait_served()
+        self.unpause()
+
     def exists(self) -> bool:
         return run("xl", "domid", self.name, check=False).returncode == 0
 

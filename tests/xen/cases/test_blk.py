@@ -41,8 +41,7 @@ def test_blk_grant_mapping_through_the_relay(results, sockets, procs, guests):
         results,
     )
     guests.append(guest)
-    guest.wait_served()
-    guest.unpause()
+    guest.run_when_served()
     report = guest.wait_done()
     values = result(report, "blk")
     assert values["match"] == "1" and values["ref_match"] == "1"

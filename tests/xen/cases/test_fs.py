@@ -47,8 +47,7 @@ def test_fs_read_and_write_a_shared_directory(results, sockets, procs, guests):
         results,
     )
     guests.append(guest)
-    guest.wait_served()
-    guest.unpause()
+    guest.run_when_served()
     report = guest.wait_done()
     result(report, "fs")
     assert (share / "from-guest.bin").read_bytes() == pattern("guestfile", 65536)

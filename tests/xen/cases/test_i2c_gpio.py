@@ -33,8 +33,7 @@ def test_rtc_over_i2c_and_gpio_lines(results, sockets, procs, guests, foreign, i
         results,
     )
     guests.append(guest)
-    guest.wait_served()
-    guest.unpause()
+    guest.run_when_served()
     report = guest.wait_done()
     i2c = result(report, "i2c")
     # The RTC is the backend's clock (Dom0's), read by the guest over virtio-i2c.
@@ -70,8 +69,7 @@ def test_foreign_mapping_of_a_guest_bigger_than_one_batch(results, sockets, proc
         memory_mb=384,
     )
     guests.append(guest)
-    guest.wait_served()
-    guest.unpause()
+    guest.run_when_served()
     i2c = result(guest.wait_done(), "i2c")
     assert abs(int(i2c["rtc_epoch"]) - time.time()) < 600, i2c
     assert "384 MiB of RAM foreign-mapped in 1 bank(s)" in xvf.log()

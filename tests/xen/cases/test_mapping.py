@@ -28,8 +28,7 @@ def test_per_device_mapping_serves_a_grant_and_a_foreign_guest(results, sockets,
     plain = Guest("pd-foreign", [virtio_device(I2C, grant_usage=False)], {"checks": "i2c"}, results)
     guests.append(plain)
     for guest in (granted, plain):
-        guest.wait_served()
-        guest.unpause()
+        guest.run_when_served()
     result(granted.wait_done(), "blk")
     result(plain.wait_done(), "i2c")
     with open(image, "rb") as f:

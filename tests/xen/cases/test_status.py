@@ -34,8 +34,7 @@ def test_status_lists_the_guest_and_its_device(results, sockets, procs, guests):
         results,
     )
     guests.append(guest)
-    guest.wait_served()
-    guest.unpause()
+    guest.run_when_served()
     result(guest.wait_done(), "blk")
 
     answer = status()
