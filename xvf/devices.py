@@ -27,6 +27,12 @@ class DeviceType:
     # Feature bits never offered to the guest although a backend may: they need queues
     # this device does not have (virtio-net's control queue is QEMU's, not the backend's).
     withheld_features: int = 0
+    # (offset, size) of the config fields the virtio spec lets the driver write; every
+    # other config write is ignored (forwarded, qemu-storage-daemon drops the session).
+    writable_config: tuple[tuple[int, int], ...] = ()
+
+    def config_writable(self, offset: int, size: int) -> bool:
+        return any(o <= offset and offset + size <= o + n for o, n in self.writable_config)
 
     @property
     def compatible(self) -> str:
@@ -51,10 +57,29 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         # looks for queue 2 and fails its probe.
         withheld_features=sum(1 << b for b in (17, 18, 19, 20, 21, 22, 23, 52, 53, 57, 60)),
     ),
-    DeviceType("blk", 2, 1, 128, 60, "block device"),
-    DeviceType("console", 3, 4, 128, 12, "console with multiport (rx, tx, control rx/tx)"),
+    # blk: writeback (u8 @32, with CONFIG_WCE), spec 5.2.4
+    DeviceType("blk", 2, 1, 128, 60, "block device", writable_config=((32, 1),)),
+    # console: emerg_wr (u32 @8), spec 5.3.4
+    DeviceType(
+        "console",
+        3,
+        4,
+        128,
+        12,
+        "console with multiport (rx, tx, control rx/tx)",
+        writable_config=((8, 4),),
+    ),
     DeviceType("rng", 4, 1, 1024, 0, "entropy source"),
-    DeviceType("scsi", 8, 3, 128, 36, "SCSI host (control, event, request)"),
+    # scsi: sense_size (u32 @20) and cdb_size (u32 @24), spec 5.6.4
+    DeviceType(
+        "scsi",
+        8,
+        3,
+        128,
+        36,
+        "SCSI host (control, event, request)",
+        writable_config=((20, 4), (24, 4)),
+    ),
     DeviceType(
         "gpu",
         16,
@@ -68,7 +93,16 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         refusal="virtio-gpu is not served: vhost-user-gpu needs a display channel "
         "(VHOST_USER_GPU_SET_SOCKET) that a headless Xen device model cannot provide",
     ),
-    DeviceType("input", 18, 2, 1024, 136, "input device (event, status)"),
+    # input: select (u8 @0) and subsel (u8 @1), spec 5.8.4
+    DeviceType(
+        "input",
+        18,
+        2,
+        1024,
+        136,
+        "input device (event, status)",
+        writable_config=((0, 1), (1, 1)),
+    ),
     DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)"),
     DeviceType("sound", 25, 4, 64, 12, "sound card (control, event, tx, rx)"),
     DeviceType("fs", 26, 2, 1024, 40, "file system (hiprio, request)"),

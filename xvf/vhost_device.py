@@ -98,6 +98,7 @@ class VhostDevice:
         self.grant_rings: set[tuple[int, int]] = set()  # ring spans the grant table names
         self.backend_features = 0
         self.config_supported = False
+        self.ignored_config_writes = 0
         self._reconnect_delay = 0.0
         self._next_reconnect = 0.0
         self.memory_strategy = "none"
@@ -494,6 +495,26 @@ class VhostDevice:
         return int.from_bytes(data[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        if not self.params.dev_type.config_writable(offset, size):
+            # Read-only fields (blk capacity...): forwarded, qemu-storage-daemon drops
+            # the session and the in-flight I/O with it. Said once, then counted.
+            self.ignored_config_writes += 1
+            if self.ignored_config_writes == 1:
+                log.warning(
+                    "%s: guest wrote %d byte(s) at read-only config offset %#x: ignored "
+                    "(further ones are counted, not logged)",
+                    self.label,
+                    size,
+                    offset,
+                )
+            else:
+                log.debug(
+                    "%s: read-only config write #%d (offset %#x) ignored",
+                    self.label,
+                    self.ignored_config_writes,
+                    offset,
+                )
+            return
         if not self.config_supported or self.vhost is None:
             return
         self.vhost.set_config(offset, value.to_bytes(size, "little"))

@@ -140,3 +140,31 @@ def test_mapping_mode_that_cannot_work_is_refused_clearly(
     # not served rather than served wrongly: the guest finds no device there
     assert dom.mmio(0, dom.virtio[0].base + R.DEVICE_ID, 4, False) == 0
     assert fe.proc.poll() is None
+
+
+def test_writes_to_read_only_config_are_ignored_and_io_goes_on(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """A guest writing blk's capacity (read-only) used to be forwarded as SET_CONFIG, and
+    qemu-storage-daemon dropped the session and the in-flight write with it."""
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "cfgwrite", memory_mib=32, virtio='virtio = [ "type=virtio,device2, grant_usage=0" ]'
+    )
+    fe.wait_log("serving virtio blk")
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    capacity = blk.dev.t.read(R.CONFIG, 4)
+    for _ in range(3):
+        blk.dev.t.write(R.CONFIG, 4, 0xDEAD)  # capacity, low word
+    blk.write(0, b"\x5c" * 4096)
+    blk.flush()
+    assert blk.read(0, 8) == b"\x5c" * 4096
+    assert blk.dev.t.read(R.CONFIG, 4) == capacity
+    log = fe.log()
+    assert log.count("read-only config offset 0x0: ignored") == 1
+    assert "closed the connection" not in log
+    with open(image, "rb") as f:
+        assert f.read(4096) == b"\x5c" * 4096
+    blk.close()

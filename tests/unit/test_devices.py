@@ -343,3 +343,14 @@ def test_gpu_is_refused_with_the_reason() -> None:
     headless device model, does not provide: refused by name, not served half-working."""
     with pytest.raises(ConfigError, match="display channel"):
         device_type("virtio,device10")
+
+
+def test_only_spec_writable_config_fields_are_writable() -> None:
+    blk = BY_NAME["blk"]
+    assert blk.config_writable(32, 1)  # writeback
+    assert not blk.config_writable(0, 4)  # capacity
+    assert not blk.config_writable(31, 2)  # straddles writeback
+    assert BY_NAME["scsi"].config_writable(20, 4) and BY_NAME["scsi"].config_writable(24, 4)
+    assert BY_NAME["input"].config_writable(0, 1) and not BY_NAME["input"].config_writable(2, 1)
+    for name in ("i2c", "gpio", "fs", "net", "vsock", "sound"):
+        assert not BY_NAME[name].config_writable(0, 1), name
