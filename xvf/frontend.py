@@ -6,6 +6,7 @@ backends' interrupts, xenstore watch events, backend hangups and signals.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -42,6 +43,14 @@ class _Pending:
     params: DeviceParams
     deadline: float
     announced: bool = False
+    next_try: float = 0.0  # a socket that refused us is tried again from then on
+    delay: float = 0.0
+
+
+def _refused_connection(exc: BaseException) -> bool:
+    """The backend socket exists but nobody accepts on it (yet)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return isinstance(cause, OSError) and cause.errno in (errno.ECONNREFUSED, errno.ENOENT)
 
 
 def _type_name(node: VirtioDeviceNode) -> str | None:
@@ -126,6 +135,7 @@ class Frontend:
             if key not in present:
                 del self.pending[key]
                 self.instances.pop(key, None)
+                self._release_guest(key[0])
         for key in list(self.placeholders):
             if key not in present:
                 self._drop_placeholder(key)
@@ -160,6 +170,8 @@ class Frontend:
         now = time.monotonic()
         for key, item in list(self.pending.items()):
             path = item.params.socket_path
+            if now < item.next_try:
+                continue
             if not os.path.exists(path):
                 if not item.announced:
                     log.info(
@@ -193,6 +205,10 @@ class Frontend:
                 )
                 device.start()
             except (XvfError, OSError) as exc:
+                if _refused_connection(exc) and now < item.deadline:
+                    # A stale socket file, or a backend still starting: not an answer yet.
+                    self._retry_later(key, item, now, exc)
+                    continue
                 log.error("%s: cannot start: %s", item.params.label, exc)
                 self._refuse(key, item.node)
                 continue
@@ -239,6 +255,22 @@ class Frontend:
                 node.backend_path,
                 exc,
             )
+
+    def _retry_later(
+        self, key: tuple[int, int], item: _Pending, now: float, exc: Exception
+    ) -> None:
+        """Keep a device whose backend refused the connection pending, backing off to 2 s."""
+        first = item.delay == 0.0
+        item.delay = min(2.0, max(0.2, 2 * item.delay))
+        item.next_try = now + item.delay
+        if first:
+            log.warning(
+                "%s: %s; trying again until %.0fs have passed",
+                item.params.label,
+                exc,
+                self.socket_timeout,
+            )
+        self.pending[key] = item
 
     def _foreign_for(self, node: VirtioDeviceNode) -> bool:
         """Whether this device is foreign-mapped: the daemon's mode, or in per-device

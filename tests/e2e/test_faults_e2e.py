@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import needs_qsd
 from xvf import virtio_consts as R
 from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.sim.guest import attach, wait_served
 from xvf.sim.ioreq import GuestDataAbort
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
@@ -167,4 +168,34 @@ def test_writes_to_read_only_config_are_ignored_and_io_goes_on(
     assert "closed the connection" not in log
     with open(image, "rb") as f:
         assert f.read(4096) == b"\x5c" * 4096
+    blk.close()
+
+
+def test_a_stale_socket_file_is_retried_until_the_backend_listens(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """The socket file exists but nobody accepts (a backend that died, or one still
+    starting): xvf keeps the device pending and retries with backoff instead of
+    refusing it for good at the first ECONNREFUSED."""
+    path = os.path.join(sockets, "blk.sock0")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "stale", memory_mib=32, virtio='virtio = [ "type=virtio,device2, grant_usage=0" ]'
+    )
+    fe.wait_log("trying again until")
+    time.sleep(1.0)  # several refused attempts
+    os.unlink(path)
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    wait_served(dom, 0)
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    blk.write(0, b"\x42" * 4096)
+    blk.flush()
+    with open(image, "rb") as f:
+        assert f.read(4096) == b"\x42" * 4096
+    assert fe.log().count("trying again until") == 1  # said once, not per attempt
+    assert "cannot start" not in fe.log()
     blk.close()
