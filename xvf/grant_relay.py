@@ -265,6 +265,11 @@ class GrantRelayQueue:
         self._free_descs = list(range(num - 1, -1, -1))  # a stack of shadow descriptors
         self._inflight: dict[int, _Request] = {}  # shadow head -> request
 
+    @property
+    def counters(self) -> tuple[int, int, int]:
+        """(requests relayed, bytes copied, bad requests), for `xvf status`."""
+        return self.relayed_requests, self.copied_bytes, self.bad_requests
+
     def _map_ring(self, addr: int, length: int, writable: bool) -> memoryview:
         try:
             g = _Grants(self.mapper, addr, length, writable)

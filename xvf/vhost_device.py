@@ -2,8 +2,8 @@
 
 Ties together the device's MMIO window on its guest's IOREQ server
 (xvf.guest), its register file (xvf.mmio), the vhost-user connection and the
-guest memory the backend is given. It is the `DeviceModel` behind the registers: the guest's status
-transitions drive the vhost-user handshake.
+guest memory the backend is given. It is the `DeviceModel` behind the
+registers: the guest's status transitions drive the vhost-user handshake.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 # What xvf uses when a backend offers it. XEN_MMAP when the platform can describe
 # guest memory that way (always on Xen, where backends must map guests themselves).
 WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG
+# How the backend reaches guest memory (VhostDevice._memory_strategy), as logged.
+MEMORY_STRATEGIES = {
+    "grant regions": "grant regions (Xen mmap), mapped by the backend",
+    "relay": "shadow rings relayed by xvf (backend cannot map grants)",
+    "foreign regions": "foreign regions (Xen mmap), mapped by the backend",
+    "shared fd": "guest RAM as a shared fd",
+}
 
 
 @dataclass(frozen=True)
@@ -251,17 +258,11 @@ class VhostDevice:
     def _send_mem_table(self, queues: list[QueueRegisters]) -> None:
         if self.mem_table_sent:
             return
-        xen = bool(self._backend().protocol_features & PF.XEN_MMAP)
+        self._backend()
         log.info(
             "%s: guest memory for the backend: %s",
             self.label,
-            "grant regions (Xen mmap), mapped by the backend"
-            if self.backend_maps_grants
-            else "shadow rings relayed by xvf (backend cannot map grants)"
-            if not self.foreign_mapping
-            else "foreign regions (Xen mmap), mapped by the backend"
-            if xen
-            else "guest RAM as a shared fd",
+            MEMORY_STRATEGIES[self._memory_strategy()],
         )
         if self.backend_maps_grants:
             self._send_grant_mem_table(queues)
@@ -439,8 +440,7 @@ class VhostDevice:
         if live.relay is not None:
             self.loop.remove_fd(live.relay.guest_kick_fd)
             live.relay.stop()
-            r = live.relay
-            for i, n in enumerate((r.relayed_requests, r.copied_bytes, r.bad_requests)):
+            for i, n in enumerate(live.relay.counters):
                 self._relay_totals[i] += n
         if live.ioeventfd:
             try:
@@ -597,8 +597,7 @@ class VhostDevice:
         totals = list(self._relay_totals)
         for live in self.live.values():
             if live.relay is not None:
-                r = live.relay
-                for i, n in enumerate((r.relayed_requests, r.copied_bytes, r.bad_requests)):
+                for i, n in enumerate(live.relay.counters):
                     totals[i] += n
         return totals[0], totals[1], totals[2]
 
