@@ -139,9 +139,11 @@ class Frontend:
         for key in list(self.placeholders):
             if key not in present:
                 self._drop_placeholder(key)
-        for node in closing.values():
-            # libxl waits for Closed before it removes the device (xl destroy).
-            self._publish(node, XENBUS_STATE_CLOSED)
+        for key, node in closing.items():
+            # libxl waits for Closed before it removes the device (xl destroy); every
+            # rescan until then sees the node again, and one answer is enough.
+            if self.published.get(key) != XENBUS_STATE_CLOSED:
+                self._publish(node, XENBUS_STATE_CLOSED)
         self.failed &= set(present)
         for key, node in sorted(present.items()):
             if key in self.devices or key in self.pending or key in self.failed:
