@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .cache import log
+from .images import make_ext4
 
 QEMU = os.environ.get("XVF_RIG_QEMU", "qemu-system-aarch64")
 # Xen 4.20 on QEMU's virt board: EL2 for Xen, a GICv3, 2 vCPUs (Dom0 gets one, DomUs the
@@ -56,26 +57,7 @@ POWEROFF_GRACE_S = 120
 
 def make_work_disk(stage_dir: Path, image: Path, size_mb: int = 1024) -> None:
     """An ext4 image labelled xvf-work holding stage_dir's tree (run.sh at its top)."""
-    image.parent.mkdir(parents=True, exist_ok=True)
-    image.unlink(missing_ok=True)
-    cmd = [
-        "mke2fs",
-        "-q",
-        "-F",
-        "-t",
-        "ext4",
-        "-L",
-        WORK_LABEL,
-        "-E",
-        "root_owner=0:0",
-        "-d",
-        str(stage_dir),
-        str(image),
-        f"{size_mb}M",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"mke2fs of the work disk failed: {done.stderr.strip()}")
+    make_ext4(stage_dir, image, f"{size_mb}M", WORK_LABEL)
 
 
 def read_results(image: Path, into: Path) -> None:

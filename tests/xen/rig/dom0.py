@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import trixie
 from .cache import cache_dir, fingerprint, log, stage
+from .images import make_ext4
 
 # What the Dom0 runs: the Xen toolstack and daemons, the backends the tests start, Python
 # for xvf and the test cases, and enough of a base system for init, run.sh and debugging.
@@ -403,25 +404,8 @@ def build_dom0_rootfs() -> Path:
             trixie.extract(deb, root)
         _configure(root, debs)
         tmp = image.with_name("rootfs.img.tmp")
-        tmp.unlink(missing_ok=True)
         log(f"dom0: mke2fs -d ({IMAGE_SIZE} sparse)")
-        _run(
-            [
-                "mke2fs",
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
-                "-L",
-                LABEL,
-                "-E",
-                "root_owner=0:0",
-                "-d",
-                str(root),
-                str(tmp),
-                IMAGE_SIZE,
-            ]
-        )
+        make_ext4(root, tmp, IMAGE_SIZE, LABEL)
         tmp.rename(image)
         shutil.rmtree(root)
 
