@@ -19,14 +19,7 @@ apt_packages=(
     # it pulls all of DPDK's libraries, about 220 packages
     dpdk-dev
 )
-missing=()
-for p in "${apt_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+scripts/apt-install-missing.sh "${apt_packages[@]}"
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

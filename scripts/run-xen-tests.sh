@@ -20,14 +20,7 @@ host_packages=(
     cpio xz-utils zstd e2fsprogs                 # initramfs, packages, ext4 images without loop devices
     qemu-user-static                             # listing busybox's applets
 )
-missing=()
-for p in "${host_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+scripts/apt-install-missing.sh "${host_packages[@]}"
 [ -x .venv/bin/python ] && .venv/bin/python -c "import Cython" 2>/dev/null || scripts/install-deps.sh
 case "${1:-}" in run | build | shell | status) ;; *) set -- run "$@" ;; esac
 exec .venv/bin/python -m tests.xen.rig "$@"
