@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import needs_qsd
 from xvf import virtio_consts as R
 from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach, wait_served
+from xvf.sim.guest import attach, backend_state_path, wait_served
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -104,12 +104,10 @@ def test_guest_destroyed_mid_io_and_same_domid_recreated(
 
 
 def _backend_state(hypervisor, dom, index: int) -> str | None:
-    from xvf.sim.toolstack import backend_path
     from xvf.xenstore import XenStore
 
-    spec = dom.virtio[index]
     with XenStore(hypervisor.xenstore_path) as xs:
-        return xs.read(f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state")
+        return xs.read(backend_state_path(dom, index))
 
 
 def _wait_state(hypervisor, dom, index: int, want: str, timeout: float = 20.0) -> None:

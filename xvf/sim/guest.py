@@ -33,16 +33,23 @@ def attach(dom: Domain, index: int, vcpu: int = 0, timeout: float = 20.0) -> Vir
     )
 
 
+def backend_state_path(dom: Domain, index: int) -> str:
+    """Where the device model publishes the guest's `index`-th device's xenbus state."""
+    from xvf.sim.toolstack import backend_path
+
+    spec = dom.virtio[index]
+    return f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state"
+
+
 def wait_served(dom: Domain, index: int, timeout: float = 20.0) -> None:
     """Wait until xvf serves the guest's `index`-th device, as a script on real Xen
     would: its backend node's xenstore `state` becomes 4 (Connected); 6 (Closed)
     means xvf gave up on it."""
     from xvf.discovery import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
-    from xvf.sim.toolstack import backend_path
     from xvf.xenstore import XenStore
 
     spec = dom.virtio[index]
-    path = f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state"
+    path = backend_state_path(dom, index)
     deadline = time.monotonic() + timeout
     with XenStore(dom.hv.xenstore_path) as xs:
         while True:
