@@ -83,6 +83,9 @@ DEF KIND_CALL = 2
 DEF KIND_PYTHON = 3
 
 
+cdef class IoreqServer
+
+
 cdef class IrqLine:
     """A guest interrupt line driven with XEN_DMOP_set_irq_level.
 
@@ -175,11 +178,48 @@ cdef class MmioState:
     cdef readonly uint64_t hot_accesses
     cdef readonly uint64_t slow_accesses
     cdef readonly uint64_t interrupts
+    # Accesses whose answer waits for a backend (a reset waits for the rings to stop):
+    # token -> (server, vcpu, is_read). The vCPU stays in its slot; nothing else waits.
+    cdef uint64_t _defer_next
+    cdef uint64_t _deferring
+    cdef dict _deferred
 
     def __cinit__(self):
         cdef int i
         for i in range(MAX_QUEUES):
             self.kick_fds[i] = -1
+        self._deferred = {}
+        self._deferring = <uint64_t>-1
+
+    def defer_access(self) -> int:
+        """Called by a register handler: leave the current access unanswered until
+        `answer(token)`. Returns the token; outside an access (tests) it is 0."""
+        if self._deferring == <uint64_t>-1:
+            return 0
+        self._defer_next += 1
+        self._deferring = self._defer_next
+        return self._deferring
+
+    def answer(self, uint64_t token, uint64_t value=0) -> bool:
+        """Answer a deferred access (a read gets `value`); False if it is gone already."""
+        entry = self._deferred.pop(token, None)
+        if entry is None:
+            return False
+        if entry[0] is None:  # an access() from a test or benchmark: nobody waits in a slot
+            return True
+        return (<IoreqServer>entry[0]).c_answer(entry[1], value, entry[2])
+
+    def answer_all(self) -> int:
+        """Answer every deferred access (the device stops): no vCPU is left waiting."""
+        cdef int n = 0
+        for token in list(self._deferred):
+            n += self.answer(token)
+        return n
+
+    @property
+    def deferred(self) -> int:
+        """How many accesses wait for their answer now."""
+        return len(self._deferred)
 
     @property
     def max_queues(self) -> int:
@@ -224,6 +264,15 @@ cdef class MmioState:
     def ack_interrupt(self, uint32_t bits) -> None:
         self.c_ack(bits)
 
+    cdef void c_begin(self) noexcept:
+        self._deferring = 0
+
+    cdef uint64_t c_end(self) noexcept:
+        """The token of the access just handled if its handler deferred it, else 0."""
+        cdef uint64_t token = self._deferring
+        self._deferring = <uint64_t>-1
+        return token
+
     cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept:
         if offset == XVF_VIRTIO_MMIO_INTERRUPT_STATUS and size == 4:
             self.hot_accesses += 1
@@ -266,11 +315,18 @@ cdef class MmioState:
             log.exception("register write at %#x (size %d) failed", offset, size)
 
     def access(self, uint64_t offset, uint32_t size, bint is_write, uint64_t value=0) -> int:
-        """One register access, as the ioreq path performs it (for tests and benchmarks)."""
+        """One register access, as the ioreq path performs it (for tests and benchmarks).
+        A deferred access is recorded (see `deferred`) and its answer discarded."""
+        cdef uint64_t result = 0
+        self.c_begin()
         if is_write:
             self.c_write(offset, size, value)
-            return 0
-        return self.c_read(offset, size)
+        else:
+            result = self.c_read(offset, size)
+        token = self.c_end()
+        if token:
+            self._deferred[token] = (None, 0, not is_write)
+        return result
 
 
 cdef class IoreqServer:
@@ -295,6 +351,8 @@ cdef class IoreqServer:
     # Xen broadcasts IOREQ_TYPE_INVALIDATE to every server when the guest's p2m drops a
     # RAM page (on Arm: p2m_put_l3_page; Linux's balloon and grant-table set-up do it).
     cdef readonly uint64_t invalidates
+    # Called with the vCPU number once a deferred access is answered (Guest: notify its port).
+    cdef public object notify_vcpu
 
     def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base=0, uint64_t size=0,
                   MmioState device=None):
@@ -377,12 +435,33 @@ cdef class IoreqServer:
                 return i
         return -1
 
+    cdef bint c_answer(self, uint32_t vcpu, uint64_t value, bint is_read) except -1:
+        """Post the response of a deferred access of `vcpu`, then notify it."""
+        cdef xvf_ioreq_t *req
+        cdef uint8_t flags
+        if self.slots == NULL or vcpu >= self.nr_vcpus:
+            return False
+        req = &self.slots[vcpu]
+        flags = xvf_load_flags(&req.flags)
+        if (flags & XVF_IOREQ_STATE_MASK) != XVF_STATE_IOREQ_INPROCESS:
+            return False
+        if is_read:
+            if req.size < 8:
+                value &= (((<uint64_t>1) << (req.size * 8)) - 1)
+            req.data = value
+        xvf_release()
+        xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
+        if self.notify_vcpu is not None:
+            self.notify_vcpu(vcpu)
+        return True
+
     cdef bint c_service(self, uint32_t vcpu) noexcept:
         """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
         cdef xvf_ioreq_t *req
         cdef uint8_t flags
         cdef uint64_t offset, value
         cdef int w = -1
+        cdef uint64_t token
         cdef MmioState device
         if self.slots == NULL or vcpu >= self.nr_vcpus:
             return False
@@ -410,6 +489,7 @@ cdef class IoreqServer:
         else:
             device = <MmioState>self._win_dev[w]
             offset = req.addr - self.win_base[w]
+            device.c_begin()
             if is_read:
                 value = device.c_read(offset, req.size)
                 if req.size < 8:
@@ -420,6 +500,12 @@ cdef class IoreqServer:
                 if req.size < 8:
                     value &= (((<uint64_t>1) << (req.size * 8)) - 1)
                 device.c_write(offset, req.size, value)
+            token = device.c_end()
+            if token:
+                # The handler waits for a backend: the slot stays INPROCESS, the vCPU
+                # waits, and MmioState.answer() posts the response later.
+                device._deferred[token] = (self, vcpu, is_read)
+                return False
         xvf_release()
         xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
         return True

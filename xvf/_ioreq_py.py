@@ -137,6 +137,39 @@ class MmioState:
         self.hot_accesses = 0
         self.slow_accesses = 0
         self.interrupts = 0
+        # token -> (server, vcpu, is_read) of accesses waiting for a backend (see _ioreq.pyx)
+        self._defer_next = 0
+        self._deferring: int | None = None  # None: not inside an access
+        self._deferred: dict[int, tuple[Any, int, bool]] = {}
+
+    def defer_access(self) -> int:
+        if self._deferring is None:
+            return 0
+        self._defer_next += 1
+        self._deferring = self._defer_next
+        return self._deferring
+
+    def answer(self, token: int, value: int = 0) -> bool:
+        entry = self._deferred.pop(token, None)
+        if entry is None:
+            return False
+        if entry[0] is None:
+            return True
+        return entry[0].c_answer(entry[1], value, entry[2])
+
+    def answer_all(self) -> int:
+        return sum(self.answer(token) for token in list(self._deferred))
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
+
+    def c_begin(self) -> None:
+        self._deferring = 0
+
+    def c_end(self) -> int:
+        token, self._deferring = self._deferring or 0, None
+        return token
 
     @property
     def max_queues(self) -> int:
@@ -213,10 +246,16 @@ class MmioState:
 
     def access(self, offset: int, size: int, is_write: bool, value: int = 0) -> int:
         """One register access, as the ioreq path performs it (for tests and benchmarks)."""
+        result = 0
+        self.c_begin()
         if is_write:
             self.c_write(offset, size, value)
-            return 0
-        return self.c_read(offset, size)
+        else:
+            result = self.c_read(offset, size)
+        token = self.c_end()
+        if token:
+            self._deferred[token] = (None, 0, not is_write)
+        return result
 
 
 MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
@@ -248,6 +287,7 @@ class IoreqServer:
         self.requests = 0
         self.bad_requests = 0
         self.invalidates = 0
+        self.notify_vcpu: Callable[[int], object] | None = None
         if device is not None:
             self.add_window(base, size, device)
 
@@ -289,6 +329,23 @@ class IoreqServer:
             raise XvfError(f"no vCPU {vcpu}")
         return struct.unpack_from("<I", self._page, vcpu * IOREQ_SIZE + 24)[0]
 
+    def c_answer(self, vcpu: int, value: int, is_read: bool) -> bool:
+        """Post the response of a deferred access of `vcpu`, then notify it."""
+        page = self._page
+        if page is None or vcpu >= self.nr_vcpus:
+            return False
+        base = vcpu * IOREQ_SIZE
+        flags = page[base + FLAGS_OFFSET]
+        if flags & STATE_MASK != STATE_IOREQ_INPROCESS:
+            return False
+        if is_read:
+            size = _HEAD.unpack_from(page, base)[3]
+            _DATA.pack_into(page, base + 8, value & _width_mask(size))
+        page[base + FLAGS_OFFSET] = (flags & ~STATE_MASK) | STATE_IORESP_READY
+        if self.notify_vcpu is not None:
+            self.notify_vcpu(vcpu)
+        return True
+
     def service(self, vcpu: int) -> bool:
         """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
         page = self._page
@@ -318,11 +375,18 @@ class IoreqServer:
             self.bad_requests += 1
             if is_read:
                 _DATA.pack_into(page, base + 8, _U64_MAX)
-        elif is_read:
-            value = window[2].c_read(addr - window[0], size) & _width_mask(size)
-            _DATA.pack_into(page, base + 8, value)
         else:
-            window[2].c_write(addr - window[0], size, data & _width_mask(size))
+            device = window[2]
+            device.c_begin()
+            if is_read:
+                value = device.c_read(addr - window[0], size) & _width_mask(size)
+                _DATA.pack_into(page, base + 8, value)
+            else:
+                device.c_write(addr - window[0], size, data & _width_mask(size))
+            token = device.c_end()
+            if token:  # answered later by MmioState.answer()
+                device._deferred[token] = (self, vcpu, is_read)
+                return False
         # The flags byte is the publication point: one single-byte store, last.
         page[base + FLAGS_OFFSET] = (flags & ~STATE_MASK) | STATE_IORESP_READY
         return True

@@ -40,3 +40,11 @@ def local_config(dev_type: DeviceType, settings: Mapping[str, object]) -> bytes 
         space = fs_tag_bytes(str(tag)) + struct.pack("<I", dev_type.num_queues - 1)
         return space.ljust(dev_type.config_size, b"\0")  # notify_buf_size: no NOTIFICATION
     return None
+
+
+def config_space(dev_type: DeviceType, from_backend: bytes | None, fs_tag: str) -> bytes:
+    """What the guest's config reads answer: the backend's GET_CONFIG reply when it
+    has one (None: no CONFIG feature), else what xvf knows itself, else zeros."""
+    if from_backend is not None:
+        return bytes(from_backend)
+    return local_config(dev_type, {"fs_tag": fs_tag}) or b""

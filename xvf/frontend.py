@@ -1,7 +1,9 @@
 """The daemon: watches xenstore for virtio devices and serves each one.
 
-Single-threaded: one `ServiceLoop` (Cython, epoll) carries the ioreqs, the
-backends' interrupts, xenstore watch events, backend hangups and signals.
+One `ServiceLoop` thread (Cython, epoll) carries the ioreqs, the backends'
+interrupts, xenstore watch events and signals. Nothing on it waits for a
+backend: each device's vhost-user traffic runs on its own worker thread
+(xvf.backend_worker), whose results come back through the loop's mailbox.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from xvf._ioreq import MmioState, ServiceLoop
+from xvf.backend_worker import Mailbox
 from xvf.device_config import DEFAULT_FS_TAG, fs_tag_bytes
 from xvf.devices import device_type, socket_name
 from xvf.discovery import (
@@ -88,10 +91,13 @@ class Frontend:
         self.own_domid = platform.own_domid()
         self.evtchn = platform.open_event_channel()
         self.loop = ServiceLoop(self.evtchn.channel)
+        self.mailbox = Mailbox(self.loop)
         self.xs = XenStore(platform.xenstore_path())
         self.devices: dict[tuple[int, int], VhostDevice] = {}
         self.guests: dict[int, Guest] = {}  # domid -> its one IOREQ server
         self.pending: dict[tuple[int, int], _Pending] = {}
+        # Devices whose backend handshake runs on their worker now.
+        self.starting: dict[tuple[int, int], tuple[_Pending, VhostDevice]] = {}
         self.failed: set[tuple[int, int]] = set()
         self.nodes: dict[tuple[int, int], VirtioDeviceNode] = {}  # as last read
         # Refused devices whose window answers "no device here" (xvf.mmio.PlaceholderRegisters).
@@ -116,6 +122,8 @@ class Frontend:
 
     def _name_of(self, key: tuple[int, int]) -> str | None:
         item = self.devices.get(key) or self.pending.get(key)
+        if item is None and key in self.starting:
+            item = self.starting[key][1]
         return item.params.dev_type.name if item is not None else None
 
     def rescan(self) -> None:
@@ -136,6 +144,11 @@ class Frontend:
                 del self.pending[key]
                 self.instances.pop(key, None)
                 self._release_guest(key[0])
+        for key in list(self.starting):
+            if key not in present:
+                self.starting.pop(key)[1].stop()
+                self.instances.pop(key, None)
+                self._release_guest(key[0])
         for key in list(self.placeholders):
             if key not in present:
                 self._drop_placeholder(key)
@@ -147,6 +160,8 @@ class Frontend:
         self.failed &= set(present)
         for key, node in sorted(present.items()):
             if key in self.devices or key in self.pending or key in self.failed:
+                continue
+            if key in self.starting:
                 continue
             try:
                 dev_type = device_type(node.device_id)
@@ -202,21 +217,44 @@ class Frontend:
                     self.loop,
                     guest,
                     self._foreign_for(item.node),
+                    self.mailbox,
                     on_backend_lost=self._backend_lost,
                     offload=self.offload,
                 )
-                device.start()
             except (XvfError, OSError) as exc:
-                if _refused_connection(exc) and now < item.deadline:
-                    # A stale socket file, or a backend still starting: not an answer yet.
-                    self._retry_later(key, item, now, exc)
-                    continue
                 log.error("%s: cannot start: %s", item.params.label, exc)
                 self._refuse(key, item.node)
                 continue
+            self.starting[key] = (item, device)
+            try:
+                device.start(lambda dev, error, key=key: self._started(key, dev, error))
+            except (XvfError, OSError) as exc:
+                self._started(key, device, exc)
+
+    def _started(
+        self, key: tuple[int, int], device: VhostDevice, error: BaseException | None
+    ) -> None:
+        """A device's handshake (on its worker) finished: serve it, retry or refuse."""
+        entry = self.starting.get(key)
+        if entry is None or entry[1] is not device:
+            device.stop()  # its xenstore entry went away meanwhile
+            return
+        item = self.starting.pop(key)[0]
+        if error is None:
             self.devices[key] = device
             # Scripts (and the rig) wait for this before unpausing a guest.
             self._publish(item.node, XENBUS_STATE_CONNECTED)
+            return
+        device.stop()
+        if not isinstance(error, (XvfError, OSError)):
+            log.error("%s: cannot start: %r", item.params.label, error)
+        elif _refused_connection(error) and time.monotonic() < item.deadline:
+            # A stale socket file, or a backend still starting: not an answer yet.
+            self._retry_later(key, item, time.monotonic(), error)
+            return
+        else:
+            log.error("%s: cannot start: %s", item.params.label, error)
+        self._refuse(key, item.node)
 
     def _refuse(self, key: tuple[int, int], node: VirtioDeviceNode) -> None:
         """A device xvf will not serve: the guest finds "no device" there, not a data
@@ -259,7 +297,7 @@ class Frontend:
             )
 
     def _retry_later(
-        self, key: tuple[int, int], item: _Pending, now: float, exc: Exception
+        self, key: tuple[int, int], item: _Pending, now: float, exc: BaseException
     ) -> None:
         """Keep a device whose backend refused the connection pending, backing off to 2 s."""
         first = item.delay == 0.0
@@ -338,15 +376,19 @@ class Frontend:
             self.mapping,
             self.socket_dir,
         )
-        self.notifier.served(len(self.guests), len(self.devices))
+        self._notify_served()
         while self.running:
             self.loop.run_once(TICK_MS)
             if self.pending:
                 self._start_pending()
-            for device in self.devices.values():
-                if not device.backend_connected:
-                    device.try_reconnect()
-            self.notifier.served(len(self.guests), len(self.devices))
+            now = time.monotonic()
+            for device in list(self.devices.values()):
+                device.check(now)
+            self._notify_served()
+
+    def _notify_served(self) -> None:
+        # Guests with a served device: one still connecting to its backend is not yet.
+        self.notifier.served(len({domid for domid, _ in self.devices}), len(self.devices))
 
     def stop(self) -> None:
         self.running = False
@@ -377,6 +419,11 @@ class Frontend:
             guests.setdefault(key[0], self._absent_guest(key[0]))["devices"].append(entry)
         for key, node in sorted(self.placeholders.items()):
             guests[key[0]]["devices"].append(self._node_status(key, node, "refused"))
+        for key, (item, _) in sorted(self.starting.items()):
+            guests.setdefault(key[0], self._absent_guest(key[0]))
+            entry = self._node_status(key, item.node, "connecting")
+            entry["backend_socket"] = item.params.socket_path
+            guests[key[0]]["devices"].append(entry)
         for key, item in sorted(self.pending.items()):
             entry = self._node_status(key, item.node, "waiting")
             entry["backend_socket"] = item.params.socket_path
@@ -422,6 +469,8 @@ class Frontend:
             node = self.nodes.get(key)
             if node is not None:
                 self._publish(node, XENBUS_STATE_CLOSED)
+        for key in list(self.starting):
+            self.starting.pop(key)[1].stop()
         for key in list(self.placeholders):
             self._drop_placeholder(key)
         for domid in list(self.guests):
@@ -429,6 +478,7 @@ class Frontend:
         try:
             self.xs.close()
         finally:
+            self.mailbox.close()
             self.evtchn.close()
 
 

@@ -524,6 +524,10 @@ class GrantRelayQueue:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    def backend_used_idx(self) -> int:
+        """The used index the backend has published on the shadow ring (any thread)."""
+        return self._sused_h[1]
+
     def stop(self) -> int:
         """Drop every request in flight and all grant mappings; returns the guest's
         last avail index consumed. Stop the backend's ring first (GET_VRING_BASE)."""

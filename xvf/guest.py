@@ -67,6 +67,9 @@ class Guest:
                 port = self.evtchn.bind_interdomain(self.domid, remote)
                 self.ports.append(port)
                 self.loop.add_route(port, self.ioreq, vcpu)
+            # A deferred access (one waiting for a backend) is answered outside the
+            # service loop's dispatch: it then notifies the vCPU's port itself.
+            self.ioreq.notify_vcpu = self._notify_vcpu
         except BaseException:
             self.stop()
             raise
@@ -76,6 +79,10 @@ class Guest:
             server.id,
             len(self.ports),
         )
+
+    def _notify_vcpu(self, vcpu: int) -> None:
+        if vcpu < len(self.ports):
+            self.evtchn.channel.notify(self.ports[vcpu])
 
     def attach(self, base: int, size: int, state: MmioState) -> None:
         """Serve [base, base + size) with `state`: routed first, then claimed from Xen."""
@@ -133,6 +140,7 @@ class Guest:
                 log.debug("%s: unbinding port %d: %s", self.label, port, exc)
         self.ports.clear()
         if self.ioreq is not None:
+            self.ioreq.notify_vcpu = None
             self.ioreq.release()
             self.ioreq = None
         if server is not None:

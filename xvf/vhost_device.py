@@ -4,6 +4,15 @@ Ties together the device's MMIO window on its guest's IOREQ server
 (xvf.guest), its register file (xvf.mmio), the vhost-user connection and the
 guest memory the backend is given. It is the `DeviceModel` behind the
 registers: the guest's status transitions drive the vhost-user handshake.
+
+Threads: everything here runs on the service-loop thread except the vhost-user
+exchanges, which run on the device's `BackendWorker` (xvf.backend_worker) so that
+no backend can hold up another guest's ioreqs. An access whose answer depends on
+the backend (DRIVER_OK, a queue enabled or reset, a device reset) is deferred: that
+one vCPU waits in its ioreq slot until the worker is done, at most
+BACKEND_ANSWER_LIMIT_S; then the device is given up (DEVICE_NEEDS_RESET, the
+connection dropped and re-made) and the vCPU answered. Config space is answered
+from a cache filled at each (re)connection.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from dataclasses import dataclass
 
 from xvf import virtio_consts as V
 from xvf._ioreq import MmioState, ServiceLoop
-from xvf.device_config import DEFAULT_FS_TAG, local_config
+from xvf.backend_worker import BackendWorker, Mailbox
+from xvf.device_config import DEFAULT_FS_TAG, config_space
 from xvf.devices import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.grant_layout import grant_regions, ring_spans
@@ -30,6 +40,13 @@ from xvf.vhost_user_wire import ProtocolFeature as PF
 log = logging.getLogger("xvf.device")
 
 MMIO_WINDOW = 0x200  # libxl gives every virtio-mmio device 0x200 bytes
+# How long a vCPU may wait for a backend before the device is given up. Linux's
+# virtio-mmio driver cannot be told "later", so the bound is what protects its guest.
+BACKEND_ANSWER_LIMIT_S = 2.0
+# After a ring is stopped, how long its requests still in the backend may take to
+# complete before the reset goes ahead without them (their late completions would
+# land in rings the guest re-allocates).
+DRAIN_LIMIT_S = 1.5
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 # What xvf uses when a backend offers it. XEN_MMAP when the platform can describe
 # guest memory that way (always on Xen, where backends must map guests themselves).
@@ -63,12 +80,25 @@ class DeviceParams:
 class _LiveQueue:
     kick_fd: int
     call_fd: int
+    used_gpa: int = 0  # where the backend writes used->idx (foreign mapping)
     relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
     ioeventfd: bool = False  # QueueNotify completed by the Dom0 kernel
 
 
+@dataclass
+class _Connection:
+    """What a handshake (on the worker) learnt about the backend."""
+
+    vhost: VhostUserFrontend
+    features: int
+    config: bytes | None  # None: the backend has no CONFIG protocol feature
+
+
+Step = Callable[[VhostUserFrontend], object]
+
+
 class VhostDevice:
-    """Lifecycle: `start()` -> guest I/O -> `stop()`; `backend_lost()` on hangup."""
+    """Lifecycle: `start()` -> guest I/O -> `stop()`; `check()` on every tick."""
 
     def __init__(
         self,
@@ -77,6 +107,7 @@ class VhostDevice:
         loop: ServiceLoop,
         guest: Guest,
         foreign_mapping: bool,
+        mailbox: Mailbox,
         on_backend_lost: Callable[[VhostDevice], None] | None = None,
         offload: bool = True,
     ) -> None:
@@ -87,8 +118,10 @@ class VhostDevice:
         self.foreign_mapping = foreign_mapping
         self.on_backend_lost = on_backend_lost
         self.label = params.label
+        self.worker = BackendWorker(self.label, mailbox)
         self.vhost: VhostUserFrontend | None = None
         self.attached = False  # the MMIO window is on the guest's IOREQ server
+        self.stopped = False
         self.memory = None
         self.shadow: ShadowMemory | None = None  # grant mode: the backend's only memory
         # Kernel offload of notifications (privcmd ioeventfd) and interrupts
@@ -105,18 +138,25 @@ class VhostDevice:
         self.grant_rings: set[tuple[int, int]] = set()  # ring spans the grant table names
         self.backend_features = 0
         self.config_supported = False
+        self.config_cache = b""  # what config reads answer
         self.ignored_config_writes = 0
+        self._waiting: dict[int, tuple[float, str]] = {}  # deferred access -> since, what
+        self._connecting = False
         self._reconnect_delay = 0.0
         self._next_reconnect = 0.0
         self.memory_strategy = "none"
         # counters for `xvf status` (the hot-path ones live in self.state)
         self.device_resets = 0
         self.backend_losses = 0
+        self.backend_stalls = 0
         self.reconnects = 0
+        self.worst_wait_s = 0.0  # longest a vCPU waited for this device's backend
         self._relay_totals = [0, 0, 0]  # requests, bytes, bad requests of stopped relays
 
     # -- bring-up --------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on_started: Callable[[VhostDevice, BaseException | None], None]) -> None:
+        """Connect to the backend (on the worker), then claim the window; `on_started`
+        reports the outcome on the loop thread. Never blocks on the backend."""
         p = self.params
         # The guest's DMA addresses must be what the mapping mode can translate.
         if self.foreign_mapping and p.grant_usage:
@@ -131,12 +171,25 @@ class VhostDevice:
                 "descriptors carry guest-physical addresses; run with --foreign-mapping "
                 "or set grant_usage=1 in the guest's virtio line"
             )
-        self._connect_backend()
-        try:
-            self._attach()
-        except Exception:
-            self.stop()
-            raise
+
+        def connected(conn: _Connection | None, error: BaseException | None) -> None:
+            if error is None and conn is not None:
+                if self.stopped:
+                    self._close_on_worker(conn.vhost)
+                    return
+                try:
+                    self._install(conn)
+                    self._attach()
+                except Exception as exc:
+                    error = exc
+                else:
+                    self._log_serving()
+            on_started(self, error)
+
+        self.worker.submit(self._handshake, connected)
+
+    def _log_serving(self) -> None:
+        p = self.params
         log.info(
             "%s: serving virtio %s at %#x irq %d via %s (%s mapping)",
             self.label,
@@ -153,21 +206,24 @@ class VhostDevice:
             "the kernel (privcmd irqfd)" if self.use_irqfd else "xvf (dm_op set_irq_level)",
         )
 
-    def _connect_backend(self) -> None:
+    def _handshake(self) -> _Connection:
+        """On the worker: connect and learn what the backend offers."""
         p = self.params
         vhost = VhostUserFrontend(p.socket_path, label=self.label)
         try:
             vhost.set_owner()
             features = vhost.get_features()
+            config = None
             if features & F_PROTOCOL_FEATURES:
                 wanted = WANTED_PROTOCOL
                 if self.platform.xen_mmap:
                     wanted |= PF.XEN_MMAP
                 acked = vhost.get_protocol_features() & wanted
                 vhost.set_protocol_features(acked)
-                self.config_supported = bool(acked & PF.CONFIG)
                 if acked & PF.MQ:
                     self._check_queue_count(vhost.get_queue_num())
+                if acked & PF.CONFIG:
+                    config = vhost.get_config(0, p.dev_type.config_size)
             if (
                 self.foreign_mapping
                 and not self.platform.guest_ram_shareable
@@ -180,13 +236,22 @@ class VhostDevice:
                     "run xvf without --foreign-mapping (grant mapping relays for such "
                     "backends) and give the guest grant_usage=1"
                 )
-            self.backend_features = features
-        except Exception:
+        except BaseException:
             vhost.close()
             raise
-        self.vhost = vhost
+        self.worker.watch(vhost.fileno(), lambda: self._on_hangup(vhost))
+        return _Connection(vhost, features, config)
+
+    def _install(self, conn: _Connection) -> None:
+        """On the loop thread: adopt a connection the worker made."""
+        p = self.params
+        self.vhost = conn.vhost
+        self.backend_features = features = conn.features
+        self.config_supported = conn.config is not None
+        # Without GET_CONFIG xvf answers what it knows itself (virtiofsd leaves the fs
+        # tag to us). Refreshed at every reconnection and after each config write.
+        self.config_cache = config_space(p.dev_type, conn.config, p.fs_tag)
         self.memory_strategy = self._memory_strategy()  # kept while reconnecting
-        self.loop.add_reader(vhost.fileno(), self._on_backend_readable)
         guest_features = features & (V.DEVICE_SPECIFIC_MASK | V.TRANSPORT_BITS_FROM_BACKEND)
         guest_features &= ~p.dev_type.withheld_features
         guest_features |= 1 << V.F_VERSION_1
@@ -226,6 +291,65 @@ class VhostDevice:
         self.guest.attach(p.base, MMIO_WINDOW, self.state)
         self.attached = True
 
+    # -- talking to the backend ------------------------------------------------
+    def _defer(self, what: str) -> int:
+        """Keep the current access's vCPU waiting until `_answer` (0: nobody waits)."""
+        token = self.state.defer_access()
+        if token:
+            self._waiting[token] = (time.monotonic(), what)
+        return token
+
+    def _answer(self, token: int) -> None:
+        if token:
+            since = self._waiting.pop(token, (time.monotonic(), ""))[0]
+            self.worst_wait_s = max(self.worst_wait_s, time.monotonic() - since)
+            self.state.answer(token)
+
+    def _exchange(
+        self,
+        what: str,
+        steps: list[Step],
+        token: int = 0,
+        after: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        """Send `steps` to the backend on the worker; then, on the loop thread, run
+        `after(error)` and answer the waiting vCPU. A failure marks the device
+        DEVICE_NEEDS_RESET; a connection that broke or timed out is re-made."""
+        vhost = self.vhost
+        if vhost is None:
+            if after is not None:
+                after(VhostUserError(f"{self.label}: no backend connected"))
+            self._answer(token)
+            return
+
+        def run() -> None:
+            for step in steps:
+                step(vhost)
+
+        def done(_result: object, error: BaseException | None) -> None:
+            try:
+                if after is not None:
+                    after(error)
+            finally:
+                if error is not None and vhost is self.vhost:
+                    log.error("%s: %s failed: %s", self.label, what, error)
+                    if isinstance(error, (VhostUserError, OSError)):
+                        self._lose_backend()
+                    elif self.regs is not None:
+                        self.regs.needs_reset()
+                self._answer(token)
+
+        self.worker.submit(run, done)
+
+    def _close_on_worker(self, vhost: VhostUserFrontend) -> None:
+        vhost.shutdown()  # a job blocked on it fails now instead of at its timeout
+
+        def close() -> None:
+            self.worker.unwatch()
+            vhost.close()
+
+        self.worker.submit(close)
+
     # -- DeviceModel -------------------------------------------------------------
     def features_ok(self, driver_features: int) -> bool:
         if not self.foreign_mapping and not driver_features >> V.F_ACCESS_PLATFORM & 1:
@@ -236,15 +360,17 @@ class VhostDevice:
         return self.vhost is not None
 
     def driver_ok(self, queues: list[QueueRegisters], driver_features: int) -> None:
-        vhost = self._backend()
+        self._backend()
         backend_bits = driver_features & self.backend_features
         if self.backend_features & F_PROTOCOL_FEATURES:
             backend_bits |= F_PROTOCOL_FEATURES
-        vhost.set_features(backend_bits)
-        self._send_mem_table(queues)
+        steps: list[Step] = [lambda v: v.set_features(backend_bits)]
+        after_table = self._mem_table_steps(queues, steps)
         for index, q in enumerate(queues):
             if q.ready:
-                self.queue_ready(index, q)
+                self._queue_steps(index, q, steps)
+        token = self._defer("DRIVER_OK")
+        self._exchange("starting the device", steps, token, after_table)
 
     @property
     def backend_maps_grants(self) -> bool:
@@ -255,9 +381,13 @@ class VhostDevice:
             and bool(self.vhost.protocol_features & PF.XEN_MMAP)
         )
 
-    def _send_mem_table(self, queues: list[QueueRegisters]) -> None:
+    def _mem_table_steps(
+        self, queues: list[QueueRegisters], steps: list[Step]
+    ) -> Callable[[BaseException | None], None] | None:
+        """Prepare the memory table (loop thread: mappings are made here) and add its
+        message to `steps`; returns what to run once it is sent."""
         if self.mem_table_sent:
-            return
+            return None
         self._backend()
         log.info(
             "%s: guest memory for the backend: %s",
@@ -265,16 +395,23 @@ class VhostDevice:
             MEMORY_STRATEGIES[self._memory_strategy()],
         )
         if self.backend_maps_grants:
-            self._send_grant_mem_table(queues)
+            regions, handles = self._grant_mem_table(queues), self.grant_mapper
         elif not self.foreign_mapping:
-            self._send_shadow_mem_table()
+            # Grant mode, backend without Xen mmap: it sees only xvf's shadow memory;
+            # rings and buffers are relayed there (xvf.grant_relay).
+            self.shadow = ShadowMemory()
+            self.grant_mapper = self.platform.open_grant_mapper(self.params.domid)
+            regions, handles = [self.shadow.region()], None
         else:
-            regions = self._foreign_regions()
-            try:
-                self._backend().set_mem_table(regions)
-            finally:
-                self.memory.after_mem_table()
+            regions, handles = self._foreign_regions(), self.memory
+        steps.append(lambda v: v.set_mem_table(regions))
         self.mem_table_sent = True
+
+        def sent(_error: BaseException | None) -> None:
+            if handles is not None:
+                handles.after_mem_table()
+
+        return sent
 
     def _foreign_regions(self) -> list:
         if self.memory is None:
@@ -289,7 +426,7 @@ class VhostDevice:
             )
         return list(self.memory.regions)  # plain shareable fds (the simulator's memfd)
 
-    def _send_grant_mem_table(self, queues: list[QueueRegisters]) -> None:
+    def _grant_mem_table(self, queues: list[QueueRegisters]) -> list:
         rings = [
             span
             for q in queues
@@ -304,21 +441,10 @@ class VhostDevice:
             self.params.domid,
             self.grant_mapper.fileno(),
         )
-        try:
-            self._backend().set_mem_table(regions)
-        finally:
-            self.grant_mapper.after_mem_table()
         self.grant_rings = set(rings)
+        return regions
 
-    def _send_shadow_mem_table(self) -> None:
-        # Grant mode, backend without Xen mmap: it sees only xvf's shadow memory;
-        # rings and buffers are relayed there (xvf.grant_relay).
-        self.shadow = ShadowMemory()
-        self.grant_mapper = self.platform.open_grant_mapper(self.params.domid)
-        self._backend().set_mem_table([self.shadow.region()])
-
-    def _relay_queue_ready(self, index: int, q: QueueRegisters) -> None:
-        vhost = self._backend()
+    def _relay_queue_steps(self, index: int, q: QueueRegisters, steps: list[Step]) -> None:
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
@@ -330,16 +456,28 @@ class VhostDevice:
             os.close(kick)
             os.close(call)
             raise
-        self.live[index] = _LiveQueue(kick, call, relay)
-        vhost.set_vring_num(index, q.num)
-        vhost.set_vring_base(index, 0)
-        vhost.set_vring_addr(index, *relay.vring_addrs)
-        vhost.set_vring_kick(index, kick)
-        vhost.set_vring_call(index, call)
-        vhost.set_vring_enable(index, True)
+        self.live[index] = _LiveQueue(kick, call, relay=relay)
         self.loop.add_reader(call, relay.on_backend_call)
         self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
         self.state.set_kick_fd(index, relay.guest_kick_fd)
+        addrs = relay.vring_addrs
+        steps.append(lambda v: self._start_ring(v, index, q.num, addrs, kick, call))
+
+    @staticmethod
+    def _start_ring(
+        v: VhostUserFrontend,
+        index: int,
+        num: int,
+        addrs: tuple[int, int, int],
+        kick: int,
+        call: int,
+    ) -> None:
+        v.set_vring_num(index, num)
+        v.set_vring_base(index, 0)
+        v.set_vring_addr(index, *addrs)
+        v.set_vring_kick(index, kick)
+        v.set_vring_call(index, call)
+        v.set_vring_enable(index, True)
 
     def _uva(self, gpa: int, length: int) -> int:
         if self.backend_maps_grants:
@@ -350,31 +488,39 @@ class VhostDevice:
         return t[1]
 
     def queue_ready(self, index: int, q: QueueRegisters) -> None:
+        """A queue enabled after DRIVER_OK."""
         if index in self.live:
             return
-        if not self.foreign_mapping and not self.backend_maps_grants:
-            self._relay_queue_ready(index, q)
-            return
-        vhost = self._backend()
+        steps: list[Step] = []
+        after = None
         if (
             self.backend_maps_grants
             and not set(ring_spans(q.desc, q.driver, q.device, q.num)) <= self.grant_rings
         ):
-            # Rings are mapped in advance: a ring the table does not name yet (a
-            # queue enabled after DRIVER_OK) needs a new table first.
-            self._send_grant_mem_table([*self.regs.queues])
-        desc = self._uva(q.desc, 16 * q.num)
-        avail = self._uva(q.driver, 6 + 2 * q.num)
-        used = self._uva(q.device, 6 + 8 * q.num)
+            # Rings are mapped in advance: a ring the table does not name yet needs a
+            # new table first.
+            self.mem_table_sent = False
+            after = self._mem_table_steps([*self.regs.queues], steps)
+        self._queue_steps(index, q, steps)
+        self._exchange(f"starting queue {index}", steps, self._defer("QueueReady"), after)
+
+    def _queue_steps(self, index: int, q: QueueRegisters, steps: list[Step]) -> None:
+        """Loop-side set-up of a live queue (fds, relay, offload); its messages go to
+        `steps`. Kicks written before the backend has the ring wait in the eventfd."""
+        if index in self.live:
+            return
+        self._backend()
+        if not self.foreign_mapping and not self.backend_maps_grants:
+            self._relay_queue_steps(index, q, steps)
+            return
+        addrs = (
+            self._uva(q.desc, 16 * q.num),
+            self._uva(q.driver, 6 + 2 * q.num),
+            self._uva(q.device, 6 + 8 * q.num),
+        )
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = self._call_eventfd()
-        live = self.live[index] = _LiveQueue(kick, call)
-        vhost.set_vring_num(index, q.num)
-        vhost.set_vring_base(index, 0)
-        vhost.set_vring_addr(index, desc, avail, used)
-        vhost.set_vring_kick(index, kick)
-        vhost.set_vring_call(index, call)
-        vhost.set_vring_enable(index, True)
+        live = self.live[index] = _LiveQueue(kick, call, used_gpa=q.device)
         if not self.use_irqfd:
             self.loop.add_call_fd(call, self.state)
         self.state.set_kick_fd(index, kick)
@@ -395,6 +541,7 @@ class VhostDevice:
                     exc,
                 )
                 self.use_ioeventfd = False
+        steps.append(lambda v: self._start_ring(v, index, q.num, addrs, kick, call))
 
     def _call_eventfd(self) -> int:
         if self.use_irqfd:
@@ -433,12 +580,17 @@ class VhostDevice:
         self.irqfd = -1
         self.state.vring_sticky = False
 
-    def _close_live(self, index: int, live: _LiveQueue) -> None:
-        """Forget a queue on xvf's side (the backend is stopped or gone)."""
+    def _quiesce(self, index: int, live: _LiveQueue) -> None:
+        """Stop xvf's side of a queue at once: no kick reaches the backend through
+        xvf, no completion of it reaches the guest."""
         self.state.set_kick_fd(index, -1)
         self.loop.remove_fd(live.call_fd)
         if live.relay is not None:
             self.loop.remove_fd(live.relay.guest_kick_fd)
+
+    def _close_live(self, index: int, live: _LiveQueue) -> None:
+        """Forget a quiesced queue (the backend has stopped it, or is gone)."""
+        if live.relay is not None:
             live.relay.stop()
             for i, n in enumerate(live.relay.counters):
                 self._relay_totals[i] += n
@@ -459,40 +611,74 @@ class VhostDevice:
         if not self.live:
             self._release_irqfd()
 
+    def _stop_rings(self, stopping: dict[int, _LiveQueue], what: str, token: int) -> None:
+        """Stop the backend's rings (GET_VRING_BASE), wait for the requests it still
+        holds, then free xvf's side and answer the vCPU: no completion from before
+        reaches rings the guest sets up afterwards."""
+        for index, live in stopping.items():
+            self._quiesce(index, live)
+        steps = [
+            (lambda v, i=index, lq=live: self._stop_ring(v, i, lq))
+            for index, live in stopping.items()
+        ]
+
+        def freed(_error: BaseException | None) -> None:
+            for index, live in stopping.items():
+                self._close_live(index, live)
+
+        if self.vhost is None:
+            freed(None)
+            self._answer(token)
+            return
+        self._exchange(what, steps, token, freed)
+
+    def _stop_ring(self, v: VhostUserFrontend, index: int, live: _LiveQueue) -> None:
+        """On the worker: stop one ring and wait until its requests are completed."""
+        v.set_vring_enable(index, False)
+        base = v.get_vring_base(index)
+        used = self._used_idx_reader(live)
+        if used is None:
+            return
+        deadline = time.monotonic() + DRAIN_LIMIT_S
+        while used() != base:
+            if time.monotonic() >= deadline:
+                raise VhostUserError(
+                    f"{self.label}: queue {index}: {(base - used()) & 0xFFFF} request(s) "
+                    f"still in the backend {DRAIN_LIMIT_S}s after the ring was stopped"
+                )
+            time.sleep(0.001)
+
+    def _used_idx_reader(self, live: _LiveQueue) -> Callable[[], int] | None:
+        """How to read the used index the backend writes, where xvf can see it."""
+        if live.relay is not None:
+            return live.relay.backend_used_idx
+        if self.foreign_mapping and self.memory is not None and live.used_gpa:
+            try:
+                view = self.memory.view(live.used_gpa + 2, 2).cast("H")
+            except XvfError:
+                return None
+            return lambda: view[0]
+        return None  # grant regions: the backend's own mapping of the used ring
+
     def queue_reset(self, index: int) -> None:
         live = self.live.pop(index, None)
-        if live is None:
-            return
-        self.state.set_kick_fd(index, -1)
-        if self.vhost is not None:
-            try:
-                self.vhost.set_vring_enable(index, False)
-                self.vhost.get_vring_base(index)
-            except VhostUserError as exc:
-                log.warning("%s: stopping queue %d: %s", self.label, index, exc)
-        # only now does the backend no longer touch the rings (and a relay's shadow)
-        self._close_live(index, live)
+        if live is not None:
+            self._stop_rings({index: live}, f"stopping queue {index}", self._defer("QueueReset"))
 
     def device_reset(self) -> None:
         self.device_resets += 1
-        for index in list(self.live):
-            self.queue_reset(index)
+        stopping = dict(self.live)
+        self.live.clear()
+        if stopping:
+            self._stop_rings(stopping, "resetting the device", self._defer("reset"))
         if self.backend_maps_grants:
             # The table names the rings, which a re-initialised driver allocates anew.
             self.mem_table_sent = False
 
     def config_read(self, offset: int, size: int) -> int:
-        cfg_size = self.params.dev_type.config_size
-        if offset + size > cfg_size:
+        if offset + size > self.params.dev_type.config_size:
             return 0
-        if not self.config_supported:
-            # No GET_CONFIG: answer what xvf knows itself (virtiofsd leaves the fs tag to us).
-            data = local_config(self.params.dev_type, {"fs_tag": self.params.fs_tag}) or b""
-        elif self.vhost is None:
-            return 0
-        else:
-            data = self.vhost.get_config(0, cfg_size)
-        return int.from_bytes(data[offset : offset + size], "little")
+        return int.from_bytes(self.config_cache[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         if not self.params.dev_type.config_writable(offset, size):
@@ -517,7 +703,22 @@ class VhostDevice:
             return
         if not self.config_supported or self.vhost is None:
             return
-        self.vhost.set_config(offset, value.to_bytes(size, "little"))
+        data = value.to_bytes(size, "little")
+        cache = bytearray(self.config_cache)
+        cache[offset : offset + size] = data
+        self.config_cache = bytes(cache)  # the guest reads back what it wrote at once
+        size_all = self.params.dev_type.config_size
+        fresh: list[bytes] = []
+        steps: list[Step] = [
+            lambda v: v.set_config(offset, data),
+            lambda v: fresh.append(v.get_config(0, size_all)),
+        ]
+
+        def refreshed(error: BaseException | None) -> None:
+            if error is None and fresh:
+                self.config_cache = bytes(fresh[0])
+
+        self._exchange("writing config space", steps, after=refreshed)
 
     # -- failures and teardown ---------------------------------------------------
     def _backend(self) -> VhostUserFrontend:
@@ -525,9 +726,14 @@ class VhostDevice:
             raise VhostUserError(f"{self.label}: no backend connected")
         return self.vhost
 
-    def _on_backend_readable(self) -> None:
-        # vhost-user backends speak only when asked; readable means EOF or garbage.
+    def _on_hangup(self, vhost: VhostUserFrontend) -> None:
+        """The worker saw the idle connection readable: EOF or garbage."""
+        if vhost is not self.vhost:
+            return
         log.error("%s: backend %s closed the connection", self.label, self.params.socket_path)
+        self._lose_backend()
+
+    def _lose_backend(self) -> None:
         self.backend_losses += 1
         self._drop_backend()
         if self.regs is not None:
@@ -537,56 +743,92 @@ class VhostDevice:
 
     def _drop_backend(self) -> None:
         for index in list(self.live):
-            self._close_live(index, self.live.pop(index))
-        if self.vhost is not None:
-            self.loop.remove_fd(self.vhost.fileno())
-            self.vhost.close()
-            self.vhost = None
-        if self.shadow is not None:
-            self.shadow.close()
-            self.shadow = None
-        if self.grant_mapper is not None:
-            self.grant_mapper.close()
-            self.grant_mapper = None
+            live = self.live.pop(index)
+            self._quiesce(index, live)
+            self._close_live(index, live)
+        vhost, self.vhost = self.vhost, None
+        shadow, self.shadow = self.shadow, None
+        mapper, self.grant_mapper = self.grant_mapper, None
         self.mem_table_sent = False
+        if vhost is not None:
+            self._close_on_worker(vhost)
+
+        def release(_result: object, _error: BaseException | None) -> None:
+            # After every job that could still touch them.
+            if shadow is not None:
+                shadow.close()
+            if mapper is not None:
+                mapper.close()
+
+        if shadow is not None or mapper is not None:
+            self.worker.submit(lambda: None, release)
 
     @property
     def backend_connected(self) -> bool:
         return self.vhost is not None
 
-    def try_reconnect(self) -> bool:
+    def check(self, now: float) -> None:
+        """Every tick: give up on a backend that keeps a vCPU waiting too long; try
+        to reconnect a lost one."""
+        for since, what in self._waiting.values():
+            if now - since >= BACKEND_ANSWER_LIMIT_S:
+                self.backend_stalls += 1
+                log.error(
+                    "%s: backend %s has not answered (%s) for %.1fs: device marked "
+                    "DEVICE_NEEDS_RESET, connection dropped and re-made",
+                    self.label,
+                    self.params.socket_path,
+                    what,
+                    now - since,
+                )
+                if self.vhost is not None:
+                    self._lose_backend()
+                for token in list(self._waiting):
+                    self._answer(token)
+                break
+        if self.vhost is None and not self.stopped:
+            self._try_reconnect(now)
+
+    def _try_reconnect(self, now: float) -> None:
         """Reconnect to a backend that went away, once its socket is back.
 
         The guest was told DEVICE_NEEDS_RESET when the backend left; its reset
         and re-initialisation then run against the new connection. A socket
         that is there but refuses us is retried with a growing delay (to 5 s).
         """
-        if self.vhost is not None:
-            return True
-        now = time.monotonic()
-        if now < self._next_reconnect or not os.path.exists(self.params.socket_path):
-            return False
-        try:
-            self._connect_backend()
-        except (XvfError, OSError) as exc:
-            self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))
-            self._next_reconnect = now + self._reconnect_delay
-            log.warning(
-                "%s: reconnect to %s failed (next try in %.1fs): %s",
-                self.label,
-                self.params.socket_path,
-                self._reconnect_delay,
-                exc,
-            )
-            return False
-        self._reconnect_delay = 0.0
-        self.reconnects += 1
-        log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
-        return True
+        if self._connecting or now < self._next_reconnect:
+            return
+        if not os.path.exists(self.params.socket_path):
+            return
+        self._connecting = True
+
+        def reconnected(conn: _Connection | None, error: BaseException | None) -> None:
+            self._connecting = False
+            if self.stopped:
+                if conn is not None:
+                    self._close_on_worker(conn.vhost)
+                return
+            if error is not None or conn is None:
+                self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))
+                self._next_reconnect = time.monotonic() + self._reconnect_delay
+                log.warning(
+                    "%s: reconnect to %s failed (next try in %.1fs): %s",
+                    self.label,
+                    self.params.socket_path,
+                    self._reconnect_delay,
+                    error,
+                )
+                return
+            self._install(conn)
+            self._reconnect_delay = 0.0
+            self.reconnects += 1
+            log.info("%s: reconnected to backend %s", self.label, self.params.socket_path)
+
+        self.worker.submit(self._handshake, reconnected)
 
     # -- status ------------------------------------------------------------------
     def _memory_strategy(self) -> str:
-        """How the connected backend reaches guest memory (see _send_mem_table)."""
+        """How the connected backend reaches guest memory (see _mem_table_steps)."""
         if not self.foreign_mapping:
             return "grant regions" if self.backend_maps_grants else "relay"
         xen = self.vhost is not None and self.vhost.protocol_features & PF.XEN_MMAP
@@ -626,27 +868,40 @@ class VhostDevice:
                 "bad_requests": bad,
                 "device_resets": self.device_resets,
                 "backend_losses": self.backend_losses,
+                "backend_stalls": self.backend_stalls,
                 "reconnects": self.reconnects,
                 "relay_requests": relayed,
                 "relay_bytes": copied,
+                "worst_backend_wait_ms": round(self.worst_wait_s * 1000, 1),
             },
         }
 
     def stop(self) -> None:
-        """Take the window off the guest's IOREQ server, stop the rings, unmap everything."""
+        """Take the window off the guest's IOREQ server, stop the rings, unmap everything.
+        Never waits for the backend: what it still holds is released by the worker."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.attached:
             # Xen stops sending this window first; a vCPU already waiting is answered.
             self.guest.detach(self.params.base, MMIO_WINDOW)
             self.attached = False
-        if self.vhost is not None:
-            for index in list(self.live):
-                self.queue_reset(index)
+        self._waiting.clear()
+        self.state.answer_all()
+        if self.vhost is not None and self.live:
+            self._stop_rings(dict(self.live), "stopping the rings", 0)
+            self.live.clear()
         self._drop_backend()
         if self.state.irq is not None and self.state.irq.level:
             try:
                 self.state.irq.set(0)
             except XvfError:
                 pass
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        memory, self.memory = self.memory, None
+
+        def unmap(_result: object, _error: BaseException | None) -> None:
+            if memory is not None:
+                memory.close()
+
+        self.worker.submit(lambda: None, unmap)
+        self.worker.stop()

@@ -90,6 +90,16 @@ class VhostUserFrontend:
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
 
+    def shutdown(self) -> None:
+        """Wake any thread waiting on this connection (it then sees EOF); safe from
+        any thread, unlike close()."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

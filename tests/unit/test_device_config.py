@@ -9,7 +9,7 @@ import pytest
 
 from xvf.argparser import build_parser
 from xvf.config import load_config
-from xvf.device_config import fs_tag_bytes, local_config
+from xvf.device_config import config_space, fs_tag_bytes, local_config
 from xvf.devices import BY_NAME
 from xvf.errors import ConfigError
 from xvf.vhost_device import DeviceParams, VhostDevice
@@ -44,8 +44,11 @@ def test_other_devices_get_nothing_local():
 
 
 def _device(dev_type, supported: bool, tag: str = "xvf") -> SimpleNamespace:
+    """What config_read looks at: the cache made at connection from `config_space`."""
     params = DeviceParams(1, 0, dev_type, 0x2000000, 33, True, "/nonexistent", fs_tag=tag)
-    return SimpleNamespace(params=params, config_supported=supported, vhost=None)
+    from_backend = bytes(range(dev_type.config_size)) if supported else None
+    cache = config_space(dev_type, from_backend, tag)
+    return SimpleNamespace(params=params, config_cache=cache)
 
 
 def test_config_read_answers_the_local_tag_when_the_backend_lacks_config():
@@ -66,3 +69,9 @@ def test_fs_tag_option_and_config_key(tmp_path):
     cfg.write_text("fs_tag = 3\n")
     with pytest.raises(ConfigError, match="fs_tag"):
         load_config(str(cfg))
+
+
+def test_config_read_answers_the_backends_space_when_it_has_one():
+    blk = _device(BY_NAME["blk"], supported=True)
+    assert VhostDevice.config_read(blk, 0, 4) == int.from_bytes(bytes(range(4)), "little")  # type: ignore[arg-type]
+    assert VhostDevice.config_read(blk, 8, 2) == int.from_bytes(bytes([8, 9]), "little")  # type: ignore[arg-type]
