@@ -528,6 +528,10 @@ class GrantRelayQueue:
         """The used index the backend has published on the shadow ring (any thread)."""
         return self._sused_h[1]
 
+    def shadow_avail_idx(self) -> int:
+        """The avail index xvf has published to the backend on the shadow ring."""
+        return self._savail[1]
+
     def stop(self) -> int:
         """Drop every request in flight and all grant mappings; returns the guest's
         last avail index consumed. Stop the backend's ring first (GET_VRING_BASE)."""

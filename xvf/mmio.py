@@ -120,7 +120,10 @@ class VirtioMmioRegisters:
             log.warning("%s: guest " + what, self.name, *args)
 
     def needs_reset(self) -> None:
-        """The device can no longer work (backend gone): tell the driver."""
+        """The device can no longer work (backend gone): tell the driver. A device
+        just reset (status 0) must read 0; its next initialisation fails instead."""
+        if self.state.status == 0:
+            return
         self.state.status = self.state.status | R.STATUS_DEVICE_NEEDS_RESET
         self.config_changed()
 

@@ -80,7 +80,8 @@ class DeviceParams:
 class _LiveQueue:
     kick_fd: int
     call_fd: int
-    used_gpa: int = 0  # where the backend writes used->idx (foreign mapping)
+    avail_gpa: int = 0  # the driver's ring (foreign mapping: xvf can read its indices)
+    used_gpa: int = 0
     relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
     ioeventfd: bool = False  # QueueNotify completed by the Dom0 kernel
 
@@ -520,7 +521,7 @@ class VhostDevice:
         )
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = self._call_eventfd()
-        live = self.live[index] = _LiveQueue(kick, call, used_gpa=q.device)
+        live = self.live[index] = _LiveQueue(kick, call, avail_gpa=q.driver, used_gpa=q.device)
         if not self.use_irqfd:
             self.loop.add_call_fd(call, self.state)
         self.state.set_kick_fd(index, kick)
@@ -633,32 +634,39 @@ class VhostDevice:
         self._exchange(what, steps, token, freed)
 
     def _stop_ring(self, v: VhostUserFrontend, index: int, live: _LiveQueue) -> None:
-        """On the worker: stop one ring and wait until its requests are completed."""
+        """On the worker: let the backend complete what it was given, then stop the ring.
+
+        Drained first, because GET_VRING_BASE does not wait for requests in flight
+        in every backend: qemu-storage-daemon answers at once, closes its call fd,
+        and a late completion then breaks its session ("Error writing eventfd")."""
+        indices = self._ring_indices(live)
+        if indices is not None:
+            avail, used = indices
+            target = avail()  # the guest is resetting: nothing new is published
+            deadline = time.monotonic() + DRAIN_LIMIT_S
+            while used() != target and time.monotonic() < deadline:
+                time.sleep(0.001)
         v.set_vring_enable(index, False)
         base = v.get_vring_base(index)
-        used = self._used_idx_reader(live)
-        if used is None:
-            return
-        deadline = time.monotonic() + DRAIN_LIMIT_S
-        while used() != base:
-            if time.monotonic() >= deadline:
-                raise VhostUserError(
-                    f"{self.label}: queue {index}: {(base - used()) & 0xFFFF} request(s) "
-                    f"still in the backend {DRAIN_LIMIT_S}s after the ring was stopped"
-                )
-            time.sleep(0.001)
+        if indices is not None and indices[1]() != base:
+            raise VhostUserError(
+                f"{self.label}: queue {index}: {(base - indices[1]()) & 0xFFFF} request(s) "
+                f"still in the backend {DRAIN_LIMIT_S}s after the reset began"
+            )
 
-    def _used_idx_reader(self, live: _LiveQueue) -> Callable[[], int] | None:
-        """How to read the used index the backend writes, where xvf can see it."""
+    def _ring_indices(self, live: _LiveQueue) -> tuple[Callable[[], int], Callable[[], int]] | None:
+        """Readers of (avail idx, used idx) of the ring the backend works on, where
+        xvf can see it (any thread): the shadow ring, or guest RAM when foreign-mapped."""
         if live.relay is not None:
-            return live.relay.backend_used_idx
+            return live.relay.shadow_avail_idx, live.relay.backend_used_idx
         if self.foreign_mapping and self.memory is not None and live.used_gpa:
             try:
-                view = self.memory.view(live.used_gpa + 2, 2).cast("H")
+                avail = self.memory.view(live.avail_gpa + 2, 2).cast("H")
+                used = self.memory.view(live.used_gpa + 2, 2).cast("H")
             except XvfError:
                 return None
-            return lambda: view[0]
-        return None  # grant regions: the backend's own mapping of the used ring
+            return (lambda: avail[0]), (lambda: used[0])
+        return None  # grant regions: only the backend maps those rings
 
     def queue_reset(self, index: int) -> None:
         live = self.live.pop(index, None)
