@@ -74,6 +74,8 @@ from xvf.errors import HypercallError, XvfError
 
 log = logging.getLogger("xvf.ioreq")
 
+from xvf.ratelimit import RateLimitedLog  # noqa: E402
+
 DEF MAX_QUEUES = 64
 DEF MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
 DEF DM_OP_SIZE = 32   # sizeof(xvf_dm_op_t), asserted in xen_dmop.h
@@ -183,6 +185,7 @@ cdef class MmioState:
     cdef uint64_t _defer_next
     cdef uint64_t _deferring
     cdef dict _deferred
+    cdef object _handler_errors  # a guest can trigger these at will: rate-limited
 
     def __cinit__(self):
         cdef int i
@@ -190,6 +193,7 @@ cdef class MmioState:
             self.kick_fds[i] = -1
         self._deferred = {}
         self._deferring = <uint64_t>-1
+        self._handler_errors = RateLimitedLog(log)
 
     def defer_access(self) -> int:
         """Called by a register handler: leave the current access unanswered until
@@ -283,7 +287,8 @@ cdef class MmioState:
         try:
             return <uint64_t>self.handler.mmio_read(offset, size)
         except Exception:
-            log.exception("register read at %#x (size %d) failed", offset, size)
+            self._handler_errors(logging.ERROR, "register read at %#x (size %d) failed",
+                                 offset, size, exc_info=True)
             return 0
 
     cdef void c_write(self, uint64_t offset, uint32_t size, uint64_t value) noexcept:
@@ -312,7 +317,8 @@ cdef class MmioState:
         try:
             self.handler.mmio_write(offset, size, value)
         except Exception:
-            log.exception("register write at %#x (size %d) failed", offset, size)
+            self._handler_errors(logging.ERROR, "register write at %#x (size %d) failed",
+                                 offset, size, exc_info=True)
 
     def access(self, uint64_t offset, uint32_t size, bint is_write, uint64_t value=0) -> int:
         """One register access, as the ioreq path performs it (for tests and benchmarks).

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xvf.errors import HypercallError, XvfError
+from xvf.ratelimit import RateLimitedLog
 
 log = logging.getLogger("xvf.ioreq")
 
@@ -141,6 +142,7 @@ class MmioState:
         self._defer_next = 0
         self._deferring: int | None = None  # None: not inside an access
         self._deferred: dict[int, tuple[Any, int, bool]] = {}
+        self._handler_errors = RateLimitedLog(log)
 
     def defer_access(self) -> int:
         if self._deferring is None:
@@ -211,7 +213,9 @@ class MmioState:
                 raise OverflowError(f"register value {value} is not a u64")
             return value
         except Exception:
-            log.exception("register read at %#x (size %d) failed", offset, size)
+            self._handler_errors(
+                logging.ERROR, "register read at %#x (size %d) failed", offset, size, exc_info=True
+            )
             return 0
 
     def c_write(self, offset: int, size: int, value: int) -> None:
@@ -242,7 +246,9 @@ class MmioState:
         try:
             self.handler.mmio_write(offset, size, value)
         except Exception:
-            log.exception("register write at %#x (size %d) failed", offset, size)
+            self._handler_errors(
+                logging.ERROR, "register write at %#x (size %d) failed", offset, size, exc_info=True
+            )
 
     def access(self, offset: int, size: int, is_write: bool, value: int = 0) -> int:
         """One register access, as the ioreq path performs it (for tests and benchmarks)."""

@@ -76,6 +76,8 @@ class BackendWorker:
         self.busy_since: float | None = None  # monotonic start of the running job
         self._lock = threading.Lock()  # _wake is closed by the thread when it ends
         self._ended = False
+        self._submitted = 0  # jobs handed over, and jobs the thread has finished:
+        self._finished = 0  # equal when it runs nothing and has nothing to run
         self._thread = threading.Thread(target=self._run, name=f"xvf {label}", daemon=True)
         self._thread.start()
 
@@ -87,8 +89,14 @@ class BackendWorker:
         with self._lock:
             if self._ended:
                 raise RuntimeError(f"{self.label}: backend worker has ended")
+            self._submitted += 1
             self._jobs.append(item)
             os.eventfd_write(self._wake, 1)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or queued: what jobs read (guest memory...) may be freed now."""
+        return self._submitted == self._finished
 
     def watch(self, fd: int, on_hangup: Callable[[], None]) -> None:
         """From a job: while idle, post `on_hangup` once if `fd` becomes readable."""
@@ -154,5 +162,6 @@ class BackendWorker:
             result, error = None, exc
         finally:
             self.busy_since = None
+            self._finished += 1
         if done is not None:
             self.mailbox.post(lambda: done(result, error))

@@ -37,6 +37,7 @@ from xvf import virtio_consts as V
 from xvf._gnttab import GrantMapping
 from xvf._ioreq import MmioState
 from xvf.errors import GrantError, GuestError, XvfError
+from xvf.ratelimit import RateLimitedLog
 from xvf.vhost_user_wire import VhostUserRegion
 
 log = logging.getLogger("xvf.grant_relay")
@@ -223,7 +224,11 @@ class GrantRelayQueue:
         kick_fd_to_backend: int,
         call_fd_from_backend: int = -1,
         label: str = "",
+        on_broken: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_broken(why)`: the guest broke the ring itself (an avail index further
+        ahead than the queue is long, a head outside it): the queue stops and the
+        device is to be marked DEVICE_NEEDS_RESET, as QEMU's virtio_error does."""
         if not 0 < num <= 32768 or num & (num - 1):
             raise GuestError(f"queue {index}: size {num} is not a power of two up to 32768")
         for name, addr, align in (("desc", desc, 16), ("avail", avail, 2), ("used", used, 4)):
@@ -244,6 +249,10 @@ class GrantRelayQueue:
         self.copied_bytes = 0
         self.stalled = False
         self.stopped = False
+        self.broken = False  # the guest broke the ring: nothing more is relayed
+        self.on_broken = on_broken
+        self._refusals = RateLimitedLog(log)
+        self._lies = RateLimitedLog(log)
         self._grants: list[_Grants] = []
         self._views: list[memoryview] = []
         try:
@@ -313,12 +322,25 @@ class GrantRelayQueue:
             pass
         self._process_avail()
 
+    def _break(self, why: str) -> None:
+        self.broken = True
+        if self.on_broken is not None:
+            self.on_broken(f"queue {self.index}: {why}")
+
     def _process_avail(self) -> None:
-        if self.stopped:
+        if self.stopped or self.broken:
             return
         self.stalled = False
         posted = completed = 0
         while True:
+            ahead = (self._guest_avail[1] - self.last_avail) & 0xFFFF
+            if ahead > self.num:
+                # Bounded work per kick: never walk entries that cannot exist.
+                self._break(
+                    f"avail index {self._guest_avail[1]} is {ahead} entries ahead of "
+                    f"{self.last_avail}, more than the queue's {self.num}"
+                )
+                break
             if self.last_avail == self._guest_avail[1]:
                 # EVENT_IDX: ask for a kick at the very next buffer, then look again
                 # so a buffer published meanwhile (guest saw the old value) is not lost.
@@ -327,10 +349,9 @@ class GrantRelayQueue:
                     break
             head = self._guest_avail[2 + self.last_avail % self.num]
             if head >= self.num:
-                log.error("%s: guest avail head %d out of range", self.where, head)
                 self.bad_requests += 1
-                self.last_avail = (self.last_avail + 1) & 0xFFFF
-                continue
+                self._break(f"avail entry {self.last_avail} names head {head} of {self.num}")
+                break
             try:
                 segments = self._walk_chain(head)
                 req = _Request(head, segments)
@@ -339,7 +360,7 @@ class GrantRelayQueue:
                     break  # resumed by the completions that free room
                 posted += 1
             except RelayError as exc:
-                log.warning("%s: request %d refused: %s", self.where, head, exc)
+                self._refusals(logging.WARNING, "%s: request %d refused: %s", self.where, head, exc)
                 self.bad_requests += 1
                 self._complete_guest(head, 0)
                 completed += 1
@@ -485,7 +506,9 @@ class GrantRelayQueue:
             self._shadow_last_used = (self._shadow_last_used + 1) & 0xFFFF
             req = self._inflight.pop(shead, None)
             if req is None:
-                log.error("%s: backend used id %d is not in flight", self.where, shead)
+                self._lies(
+                    logging.ERROR, "%s: backend used id %d is not in flight", self.where, shead
+                )
                 continue
             self._complete_guest(req.guest_head, self._copy_back(req, written))
             self._release_request(req)

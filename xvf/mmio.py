@@ -15,6 +15,7 @@ from typing import Protocol
 
 from xvf import virtio_consts as R
 from xvf._ioreq import MmioState
+from xvf.ratelimit import RateLimitedLog
 
 log = logging.getLogger("xvf.mmio")
 
@@ -90,6 +91,7 @@ class VirtioMmioRegisters:
         self.queues = [QueueRegisters(num_max=n, num=n) for n in queue_sizes]
         self.config_generation = 0
         self.guest_errors = 0
+        self._guest_log = RateLimitedLog(log, first=10)
         self._reset_registers()
 
     # -- state helpers -------------------------------------------------
@@ -116,8 +118,7 @@ class VirtioMmioRegisters:
     def _guest_error(self, what: str, *args: object) -> None:
         # A guest doing nonsense is answered per spec and logged, never fatal.
         self.guest_errors += 1
-        if self.guest_errors <= 20 or log.isEnabledFor(logging.DEBUG):
-            log.warning("%s: guest " + what, self.name, *args)
+        self._guest_log(logging.WARNING, "%s: guest " + what, self.name, *args)
 
     def needs_reset(self) -> None:
         """The device can no longer work (backend gone): tell the driver. A device
@@ -282,7 +283,11 @@ class VirtioMmioRegisters:
             return
         q.ready = True
         if self.state.status & R.STATUS_DRIVER_OK:
-            self.model.queue_ready(self.queue_sel, q)
+            try:
+                self.model.queue_ready(self.queue_sel, q)
+            except Exception as exc:  # never a queue that reads ready and never works
+                log.error("%s: starting queue %d failed: %s", self.name, self.queue_sel, exc)
+                self.needs_reset()
 
     def _w_status(self, value: int) -> None:
         old = self.state.status

@@ -34,6 +34,7 @@ from xvf.grant_relay import GrantRelayQueue, ShadowMemory, relay_guest_features
 from xvf.guest import Guest
 from xvf.mmio import QueueRegisters, VirtioMmioRegisters
 from xvf.platform import Platform
+from xvf.ratelimit import RateLimitedLog
 from xvf.vhost_user import VhostUserFrontend
 from xvf.vhost_user_wire import ProtocolFeature as PF
 
@@ -76,14 +77,16 @@ class DeviceParams:
         return f"dom{self.domid}/{self.dev_type.name}{self.devid}"
 
 
-@dataclass
+@dataclass(eq=False)
 class _LiveQueue:
+    index: int
     kick_fd: int
     call_fd: int
     avail_gpa: int = 0  # the driver's ring (foreign mapping: xvf can read its indices)
     used_gpa: int = 0
     relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
     ioeventfd: bool = False  # QueueNotify completed by the Dom0 kernel
+    closed: bool = False
 
 
 @dataclass
@@ -135,12 +138,14 @@ class VhostDevice:
         self.state = MmioState()
         self.regs: VirtioMmioRegisters | None = None
         self.live: dict[int, _LiveQueue] = {}
+        self.retiring: set[_LiveQueue] = set()  # stopped by a reset, not yet freed
         self.mem_table_sent = False
         self.grant_rings: set[tuple[int, int]] = set()  # ring spans the grant table names
         self.backend_features = 0
         self.config_supported = False
         self.config_cache = b""  # what config reads answer
         self.ignored_config_writes = 0
+        self._guest_breaks = RateLimitedLog(log)
         self._waiting: dict[int, tuple[float, str]] = {}  # deferred access -> since, what
         self._connecting = False
         self._reconnect_delay = 0.0
@@ -452,12 +457,13 @@ class VhostDevice:
             relay = GrantRelayQueue(
                 index, q.num, q.desc, q.driver, q.device,
                 self.grant_mapper, self.shadow, self.state, kick, call, self.label,
+                on_broken=self._guest_broke_ring,
             )  # fmt: skip
         except Exception:
             os.close(kick)
             os.close(call)
             raise
-        self.live[index] = _LiveQueue(kick, call, relay=relay)
+        self.live[index] = _LiveQueue(index, kick, call, relay=relay)
         self.loop.add_reader(call, relay.on_backend_call)
         self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
         self.state.set_kick_fd(index, relay.guest_kick_fd)
@@ -521,7 +527,9 @@ class VhostDevice:
         )
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = self._call_eventfd()
-        live = self.live[index] = _LiveQueue(kick, call, avail_gpa=q.driver, used_gpa=q.device)
+        live = self.live[index] = _LiveQueue(
+            index, kick, call, avail_gpa=q.driver, used_gpa=q.device
+        )
         if not self.use_irqfd:
             self.loop.add_call_fd(call, self.state)
         self.state.set_kick_fd(index, kick)
@@ -591,6 +599,10 @@ class VhostDevice:
 
     def _close_live(self, index: int, live: _LiveQueue) -> None:
         """Forget a quiesced queue (the backend has stopped it, or is gone)."""
+        if live.closed:
+            return
+        live.closed = True
+        self.retiring.discard(live)
         if live.relay is not None:
             live.relay.stop()
             for i, n in enumerate(live.relay.counters):
@@ -609,7 +621,7 @@ class VhostDevice:
                 log.debug("%s: deassigning ioeventfd of queue %d: %s", self.label, index, exc)
         os.close(live.kick_fd)
         os.close(live.call_fd)
-        if not self.live:
+        if not self.live and not self.retiring:
             self._release_irqfd()
 
     def _stop_rings(self, stopping: dict[int, _LiveQueue], what: str, token: int) -> None:
@@ -618,6 +630,7 @@ class VhostDevice:
         reaches rings the guest sets up afterwards."""
         for index, live in stopping.items():
             self._quiesce(index, live)
+            self.retiring.add(live)
         steps = [
             (lambda v, i=index, lq=live: self._stop_ring(v, i, lq))
             for index, live in stopping.items()
@@ -734,6 +747,13 @@ class VhostDevice:
             raise VhostUserError(f"{self.label}: no backend connected")
         return self.vhost
 
+    def _guest_broke_ring(self, why: str) -> None:
+        """The guest corrupted a ring the relay reads: stop and say so, once."""
+        self._guest_breaks(logging.ERROR, "%s: guest broke its ring (%s): device marked "
+                           "DEVICE_NEEDS_RESET", self.label, why)  # fmt: skip
+        if self.regs is not None:
+            self.regs.needs_reset()
+
     def _on_hangup(self, vhost: VhostUserFrontend) -> None:
         """The worker saw the idle connection readable: EOF or garbage."""
         if vhost is not self.vhost:
@@ -761,14 +781,20 @@ class VhostDevice:
         if vhost is not None:
             self._close_on_worker(vhost)
 
-        def release(_result: object, _error: BaseException | None) -> None:
-            # After every job that could still touch them.
+        for live in list(self.retiring):  # rings a reset is still stopping
+            self._close_live(live.index, live)
+
+        def release(_result: object = None, _error: BaseException | None = None) -> None:
             if shadow is not None:
                 shadow.close()
             if mapper is not None:
                 mapper.close()
 
-        if shadow is not None or mapper is not None:
+        if shadow is None and mapper is None:
+            return
+        if self.worker.idle:
+            release()
+        else:  # after every job that could still touch them
             self.worker.submit(lambda: None, release)
 
     @property
@@ -885,8 +911,11 @@ class VhostDevice:
         }
 
     def stop(self) -> None:
-        """Take the window off the guest's IOREQ server, stop the rings, unmap everything.
-        Never waits for the backend: what it still holds is released by the worker."""
+        """Take the window off the guest's IOREQ server, release the rings, the kernel
+        offload and the guest's memory, all before returning: the caller destroys the
+        IOREQ server and tells the toolstack Closed next, and Xen cannot tear a domain
+        down while Dom0 still holds its pages. Never waits for the backend: it sees
+        the connection close and stops its rings itself."""
         if self.stopped:
             return
         self.stopped = True
@@ -896,9 +925,6 @@ class VhostDevice:
             self.attached = False
         self._waiting.clear()
         self.state.answer_all()
-        if self.vhost is not None and self.live:
-            self._stop_rings(dict(self.live), "stopping the rings", 0)
-            self.live.clear()
         self._drop_backend()
         if self.state.irq is not None and self.state.irq.level:
             try:
@@ -906,10 +932,9 @@ class VhostDevice:
             except XvfError:
                 pass
         memory, self.memory = self.memory, None
-
-        def unmap(_result: object, _error: BaseException | None) -> None:
-            if memory is not None:
+        if memory is not None:
+            if self.worker.idle:
                 memory.close()
-
-        self.worker.submit(lambda: None, unmap)
+            else:  # a reset is still draining a ring it reads in guest RAM
+                self.worker.submit(lambda: None, lambda _r, _e: memory.close())
         self.worker.stop()

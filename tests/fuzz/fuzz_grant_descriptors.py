@@ -8,9 +8,10 @@ flags, next) and any avail ring, then kicks a fresh `GrantRelayQueue`. A small
 backend completes every shadow chain it is given (filling the writable
 segments) until nothing is left. Oracle:
 
-- no exception leaves the relay; every avail entry whose head is in range
+- no exception leaves the relay; every avail entry before the ring breaks
   is completed exactly once (used idx), with len 0 (refused) or at most the
-  chain's writable bytes; out-of-range heads are skipped;
+  chain's writable bytes; an avail index more than the queue size ahead, or a
+  head outside the queue, breaks the ring (nothing from there on is relayed);
 - every shadow descriptor the backend sees lies inside shadow memory;
 - guest RAM outside the device-writable buffers and the used ring is
   unchanged byte for byte (read-only grants, the descriptor table, the
@@ -127,7 +128,16 @@ class GrantRelayHarness:
         finally:
             relay.stop()
 
-        expected = sum(1 for i in range(avail_idx) if heads[i % NUM] < NUM)
+        # An avail index further ahead than the queue is long, or a head outside the
+        # queue, breaks the ring: the relay stops there (the device needs a reset).
+        taken = 0 if avail_idx > NUM else avail_idx
+        for i in range(taken):
+            if heads[i % NUM] >= NUM:
+                taken = i
+                break
+        broken = taken != avail_idx
+        assert relay.broken == broken, f"broken {relay.broken}, expected {broken}"
+        expected = taken
         (used_idx,) = struct.unpack_from("<H", ram.read(used_gpa + 2, 2))
         assert used_idx == expected & 0xFFFF, f"used idx {used_idx}, {expected} requests"
         # A chain may name the used ring's own page as a buffer: then the backend's
@@ -137,7 +147,7 @@ class GrantRelayHarness:
                 struct.unpack_from("<I", ram.read(used_gpa + 4 + 8 * i, 4))[0]
                 for i in range(expected)
             )
-            want = sorted(heads[i % NUM] for i in range(avail_idx) if heads[i % NUM] < NUM)
+            want = sorted(heads[i % NUM] for i in range(taken))
             assert got == want, f"used ids {got}, avail heads {want}"
             limit = sum(BUFFERS[n][0] * PAGE for n in BUFFERS) + 3 * PAGE
             for i in range(expected):

@@ -1,8 +1,8 @@
 """Property: hostile descriptor tables and avail rings in grant mode are relayed safely.
 
 Oracle in tests/fuzz/fuzz_grant_descriptors.py (shared with the atheris
-target): every in-range avail entry is completed exactly once (len 0 when
-refused), nothing escapes the shadow memory, guest RAM outside the pages the
+target): every avail entry before the ring breaks is completed exactly once
+(len 0 when refused), nothing escapes the shadow memory, guest RAM outside the pages the
 guest granted writable is unchanged byte for byte (read-only grants, desc
 and avail rings, ungranted pages), and no grant stays mapped after stop().
 """
