@@ -59,11 +59,13 @@ cdef extern from *:
      * publishing IORESP_READY. */
     static inline void xvf_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void xvf_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+    static inline void xvf_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
     static inline uint8_t xvf_load_flags(volatile uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     void xvf_acquire() nogil
     void xvf_release() nogil
+    void xvf_full() nogil
     uint8_t xvf_load_flags(uint8_t *p) nogil
     void xvf_store_flags(uint8_t *p, uint8_t v) nogil
 
@@ -83,6 +85,24 @@ DEF MAX_EVENTS = 64
 DEF KIND_EVTCHN = 1
 DEF KIND_CALL = 2
 DEF KIND_PYTHON = 3
+
+
+def fence_acquire() -> None:
+    """Split-ring reader's barrier (virtio_rmb): after reading an index, before the
+    entries it covers. A compiler and CPU fence (dmb ishld on aarch64)."""
+    xvf_acquire()
+
+
+def fence_release() -> None:
+    """Split-ring writer's barrier (virtio_wmb): after writing entries, before the
+    index that publishes them."""
+    xvf_release()
+
+
+def fence_full() -> None:
+    """virtio_mb: between publishing an event index and re-reading the other side's
+    index (the EVENT_IDX re-check), which needs a full barrier even on x86."""
+    xvf_full()
 
 
 cdef class IoreqServer

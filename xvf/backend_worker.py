@@ -103,7 +103,8 @@ class BackendWorker:
         self._watched = (fd, on_hangup)
 
     def unwatch(self) -> None:
-        """From a job: stop watching (the connection is about to close)."""
+        """Stop watching (the connection is about to close): from a job, or from the
+        loop thread while the worker is idle."""
         self._watched = None
 
     def stop(self) -> None:

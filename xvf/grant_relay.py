@@ -35,7 +35,7 @@ from typing import Protocol
 
 from xvf import virtio_consts as V
 from xvf._gnttab import GrantMapping
-from xvf._ioreq import MmioState
+from xvf._ioreq import MmioState, fence_acquire, fence_full, fence_release
 from xvf.errors import GrantError, GuestError, XvfError
 from xvf.ratelimit import RateLimitedLog
 from xvf.vhost_user_wire import VhostUserRegion
@@ -345,8 +345,10 @@ class GrantRelayQueue:
                 # EVENT_IDX: ask for a kick at the very next buffer, then look again
                 # so a buffer published meanwhile (guest saw the old value) is not lost.
                 self._guest_used_h[2 + 4 * self.num] = self.last_avail
+                fence_full()
                 if self.last_avail == self._guest_avail[1]:
                     break
+            fence_acquire()  # the entry and its descriptors after the index that covers them
             head = self._guest_avail[2 + self.last_avail % self.num]
             if head >= self.num:
                 self.bad_requests += 1
@@ -368,6 +370,7 @@ class GrantRelayQueue:
         if posted:
             os.write(self.backend_kick_fd, (1).to_bytes(8, "little"))
         if completed:
+            fence_release()
             self._guest_used_h[1] = self._guest_used_idx
             self.state.raise_interrupt(1)
 
@@ -451,7 +454,11 @@ class GrantRelayQueue:
             for s, size in zip(req.segments, sizes, strict=True):
                 g = _Grants(self.mapper, s.addr, s.length, s.writable)
                 if s.writable:
+                    # The whole area goes back at completion (backends under-report
+                    # `len`): start it as the guest's bytes, never stale bounce bytes.
                     req.writes.append((g, off))
+                    with memoryview(g.mapping) as raw:
+                        mem[off : off + s.length] = raw[g.offset : g.offset + s.length]
                 else:  # copied now, so the grant is released now
                     try:
                         with memoryview(g.mapping) as raw:
@@ -475,6 +482,7 @@ class GrantRelayQueue:
         self._inflight[descs[0]] = req
         self._savail[2 + self._shadow_avail_idx % self.num] = descs[0]
         self._shadow_avail_idx = (self._shadow_avail_idx + 1) & 0xFFFF
+        fence_release()  # descriptors, bounce data and entry before the index
         self._savail[1] = self._shadow_avail_idx  # published last
         self.relayed_requests += 1
         return True
@@ -501,6 +509,7 @@ class GrantRelayQueue:
         completed = 0
         used_idx = self._sused_h[1]
         while self._shadow_last_used != used_idx:
+            fence_acquire()  # entries after the index that covers them
             slot = self._shadow_last_used % self.num
             shead, written = self._sused_i[1 + 2 * slot], self._sused_i[2 + 2 * slot]
             self._shadow_last_used = (self._shadow_last_used + 1) & 0xFFFF
@@ -516,26 +525,30 @@ class GrantRelayQueue:
             if self._shadow_last_used == used_idx:
                 # EVENT_IDX on the shadow ring: call me at the next completion.
                 self._savail[2 + self.num] = self._shadow_last_used
+                fence_full()
                 used_idx = self._sused_h[1]
         if completed:
+            fence_release()  # used entries and copied-back data before the index
             self._guest_used_h[1] = self._guest_used_idx  # published last
             self.state.raise_interrupt(1)
             self.shadow.wake_waiters()
 
     def _copy_back(self, req: _Request, written: int) -> int:
+        """Copy the request's whole device-writable area back to the guest; returns the
+        used length to report: the backend's, capped at that area.
+
+        The whole area, not `written` bytes: backends under-report (rust-vmm's
+        vhost-device-i2c says 1 for a failed transfer whose status byte trails the
+        read buffer), and a guest driver may read the status and ignore the length.
+        Bytes the backend did not write go back as the guest's own (see _post)."""
         mem = self.shadow.mem
-        left = written
-        done = 0
+        total = 0
         for g, off in req.writes:
-            if left <= 0:
-                break
-            n = min(left, g.length)
             with memoryview(g.mapping) as raw:
-                raw[g.offset : g.offset + n] = mem[off : off + n]
-            left -= n
-            done += n
-        self.copied_bytes += done
-        return done
+                raw[g.offset : g.offset + g.length] = mem[off : off + g.length]
+            total += g.length
+        self.copied_bytes += total
+        return min(written, total)
 
     def _complete_guest(self, head: int, length: int) -> None:
         slot = self._guest_used_idx % self.num

@@ -770,19 +770,26 @@ class VhostDevice:
             self.on_backend_lost(self)
 
     def _drop_backend(self) -> None:
+        """Forget the connection and what the backend was given. Released at once when
+        the worker runs nothing (stop() then returns with Dom0 holding none of the
+        guest's pages), else after the worker's last job that could touch them."""
+        idle = self.worker.idle
         for index in list(self.live):
             live = self.live.pop(index)
             self._quiesce(index, live)
             self._close_live(index, live)
+        for live in list(self.retiring):  # rings a reset is still stopping
+            self._close_live(live.index, live)
         vhost, self.vhost = self.vhost, None
         shadow, self.shadow = self.shadow, None
         mapper, self.grant_mapper = self.grant_mapper, None
         self.mem_table_sent = False
         if vhost is not None:
-            self._close_on_worker(vhost)
-
-        for live in list(self.retiring):  # rings a reset is still stopping
-            self._close_live(live.index, live)
+            if idle:
+                self.worker.unwatch()
+                vhost.close()
+            else:
+                self._close_on_worker(vhost)
 
         def release(_result: object = None, _error: BaseException | None = None) -> None:
             if shadow is not None:
@@ -790,11 +797,9 @@ class VhostDevice:
             if mapper is not None:
                 mapper.close()
 
-        if shadow is None and mapper is None:
-            return
-        if self.worker.idle:
+        if idle:
             release()
-        else:  # after every job that could still touch them
+        elif shadow is not None or mapper is not None:
             self.worker.submit(lambda: None, release)
 
     @property
@@ -925,6 +930,7 @@ class VhostDevice:
             self.attached = False
         self._waiting.clear()
         self.state.answer_all()
+        idle = self.worker.idle
         self._drop_backend()
         if self.state.irq is not None and self.state.irq.level:
             try:
@@ -933,7 +939,7 @@ class VhostDevice:
                 pass
         memory, self.memory = self.memory, None
         if memory is not None:
-            if self.worker.idle:
+            if idle:
                 memory.close()
             else:  # a reset is still draining a ring it reads in guest RAM
                 self.worker.submit(lambda: None, lambda _r, _e: memory.close())

@@ -74,11 +74,19 @@ class Device:
 
 
 class Server:
-    def __init__(self, device: Device, socket_path: str, require_xen_mmap: bool = False) -> None:
+    def __init__(
+        self,
+        device: Device,
+        socket_path: str,
+        require_xen_mmap: bool = False,
+        xen_mmap: bool = True,
+    ) -> None:
         self.device = device
         self.socket_path = socket_path
         self.require_xen_mmap = require_xen_mmap
-        self.protocol_features = device.protocol_features | p.bit(p.PF_XEN_MMAP)
+        self.protocol_features = device.protocol_features
+        if xen_mmap:  # a rust-vmm build with its `xen` feature offers it; without, not
+            self.protocol_features |= p.bit(p.PF_XEN_MMAP)
         self.queues = [Virtqueue(i, device.queue_size) for i in range(device.num_queues)]
         self.mem = GuestMemory()
         self.sel = selectors.DefaultSelector()
@@ -547,6 +555,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop front-ends that do not ack XEN_MMAP, as a rust-vmm `xen` build does",
     )
+    parser.add_argument(
+        "--no-xen-mmap",
+        action="store_true",
+        help="do not offer XEN_MMAP, as a build without rust-vmm's `xen` feature",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -556,7 +569,12 @@ def run(device: Device, args: argparse.Namespace) -> int:
         format=f"%(asctime)s {device.name}-backend %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    server = Server(device, args.socket_path, require_xen_mmap=args.require_xen_mmap)
+    server = Server(
+        device,
+        args.socket_path,
+        require_xen_mmap=args.require_xen_mmap,
+        xen_mmap=not args.no_xen_mmap,
+    )
     server.listen()
 
     def stop(signum: int, _frame: object) -> None:

@@ -69,3 +69,25 @@ def test_rtc_over_i2c_and_gpio_lines(hypervisor, backends, start_frontend, forei
     mode = "foreign" if foreign else "grant"
     assert fe.log().count(f"{mode} regions (Xen mmap), mapped by the backend") == 2
     assert "ERROR" not in fe.log()
+
+
+def test_a_nacked_read_through_the_grant_relay_reports_its_error(
+    hypervisor, sockets, start_ref_backend, start_frontend
+):
+    """The reference i2c backend, like rust-vmm's vhost-device-i2c, answers a failed
+    transfer with used len 1 although its status byte trails the read buffer. Built
+    without XEN_MMAP it is served through xvf's grant relay, which used to copy back
+    only `len` bytes of the first buffer: the guest then read a successful 0x00."""
+    start_ref_backend("i2c", os.path.join(sockets, "i2c.sock0"), "--no-xen-mmap")
+    fe = start_frontend(sockets, foreign=False)
+    line = 'virtio = [ "type=virtio,device22, transport=mmio, grant_usage=1" ]'
+    dom = hypervisor.create_domain("nack", memory_mib=32, vcpus=1, virtio=line)
+    fe.wait_log("i2c.sock0")
+    i2c = VirtioI2c(attach(dom, 0))
+    i2c.start()
+    assert i2c.read_reg(RTC, 0x00, 1)  # an answered read works through the relay
+    msg = I2cMsg(addr=0x20, read=True, length=4)  # no chip there
+    assert i2c.transfer([msg]) == 0
+    assert msg.status == 1, f"status {msg.status}: the error did not reach the guest"
+    i2c.close()
+    assert "shadow rings relayed by xvf" in fe.log()

@@ -206,13 +206,48 @@ def test_data_both_directions(env: Env) -> None:
     assert len(ring_refs) <= 2  # the 8-entry rings fit in two pages
 
 
-def test_short_write_copies_only_len(env: Env) -> None:
+def test_a_short_write_reports_its_len_and_leaves_the_rest_as_the_guest_had_it(
+    env: Env,
+) -> None:
+    """The whole writable area goes back (backends under-report `len`), but what the
+    backend did not write is the guest's own bytes, never stale bounce-buffer ones."""
+    stale = os.urandom(8192)  # a request before leaves the bounce space dirty
+    roundtrip(env, stale, 8192, "dirty")
     out = b"abcd"
-    token, written, data = roundtrip(env, out, 4096 + 100, "short")
-    assert token == "short"
-    assert written == 4
+    _, _, i = env.submit(out, 4096 + 100, "short")
+    guest_had = os.urandom(4096 + 100)
+    env.dom.ram.write(i, guest_had)
+    env.kick()
+    (t,) = env.backend.take()
+    env.backend.complete(t)
+    env.relay.on_backend_call()
+    assert env.vq.get_used() == [("short", 4)]
+    data = env.dom.ram.read(i, 4096 + 100)
     assert data[:4] == bytes(b ^ 0x5A for b in out)
-    assert data[4:] == bytes(len(data) - 4)
+    assert data[4:] == guest_had[4:]
+
+
+def test_a_status_byte_after_an_under_reported_len_reaches_the_guest(env: Env) -> None:
+    """rust-vmm's vhost-device-i2c answers a failed read with len 1 while the status
+    byte it wrote trails the read buffer; Linux's i2c-virtio reads that status and
+    ignores the length. The relay copied back only `len` bytes of the first buffer,
+    so a NACKed read looked like a successful read of 0x00."""
+    hdr = env.buf(b"\x01" * 8)
+    data_buf = env.buf(4)
+    status = env.buf(b"\x00")  # VIRTIO_I2C_MSG_OK as the guest left it
+    env.vq.add([(hdr, 8)], [(data_buf, 4), (status, 1)], "nack")
+    env.kick()
+    (t,) = env.backend.take()
+    (_, _), (status_addr, _) = t.writable
+    env.backend.mem[status_addr] = 1  # VIRTIO_I2C_MSG_ERR, after an untouched read buffer
+    slot = env.backend.used_idx % env.backend.n
+    env.backend.used_i[1 + 2 * slot] = t.head
+    env.backend.used_i[2 + 2 * slot] = 1  # the length vhost-device-i2c reports
+    env.backend.used_idx += 1
+    env.backend.used_h[1] = env.backend.used_idx
+    env.relay.on_backend_call()
+    assert env.vq.get_used() == [("nack", 1)]
+    assert env.dom.ram.read(status, 1) == b"\x01"
 
 
 def test_several_in_flight_completed_out_of_order(env: Env) -> None:
