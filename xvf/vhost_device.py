@@ -51,7 +51,7 @@ DRAIN_LIMIT_S = 1.5
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 # What xvf uses when a backend offers it. XEN_MMAP when the platform can describe
 # guest memory that way (always on Xen, where backends must map guests themselves).
-WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG
+WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS
 # How the backend reaches guest memory (VhostDevice._memory_strategy), as logged.
 MEMORY_STRATEGIES = {
     "grant regions": "grant regions (Xen mmap), mapped by the backend",
@@ -410,7 +410,7 @@ class VhostDevice:
             regions, handles = [self.shadow.region()], None
         else:
             regions, handles = self._foreign_regions(), self.memory
-        steps.append(lambda v: v.set_mem_table(regions))
+        steps.append(lambda v: v.set_memory(regions))
         self.mem_table_sent = True
 
         def sent(_error: BaseException | None) -> None:

@@ -26,6 +26,7 @@ from xvf.vhost_user_wire import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER_SIZE,
+    MAX_MEM_REGIONS,
     VERSION,
     VERSION_MASK,
     VRING_IDX_MASK,
@@ -40,6 +41,7 @@ from xvf.vhost_user_wire import (
     encode_config,
     encode_header,
     encode_mem_table,
+    encode_single_region,
     encode_u64,
     encode_vring_addr,
     encode_vring_fd,
@@ -60,6 +62,11 @@ _ANC_SIZE = socket.CMSG_SPACE(_ANC_FDS * array.array("i").itemsize)
 _RUNNING = V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
 
 
+def _region_key(r: VhostUserRegion) -> tuple[int, ...]:
+    """What identifies a region to the backend (the fd number is only the carrier)."""
+    return (r.gpa, r.size, r.uva, r.fd_offset, r.xen_mmap_flags, r.domid)
+
+
 class VhostUserFrontend:
     """Front-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst)."""
 
@@ -73,6 +80,11 @@ class VhostUserFrontend:
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
         self.acked_features = 0  # sent by SET_FEATURES
         self.queue_num: int | None = None  # GET_QUEUE_NUM, when MQ is negotiated
+        self.max_mem_slots: int | None = None  # GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS)
+        self.mem_regions: list[VhostUserRegion] = []  # what the backend holds now
+        # ADD_MEM_REG: our dup of each region's fd, sent again with its REM_MEM_REG (the
+        # caller's copy may be closed by then; a stale fd number could be another file).
+        self._region_fds: dict[tuple[int, ...], int] = {}
         self._broken: str | None = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -101,6 +113,9 @@ class VhostUserFrontend:
                 pass
 
     def close(self) -> None:
+        for fd in self._region_fds.values():
+            os.close(fd)
+        self._region_fds.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -168,6 +183,11 @@ class VhostUserFrontend:
         self._send(Request.SET_PROTOCOL_FEATURES, 0, encode_u64(int(features)))
         self.protocol_features = int(features)
 
+    def get_max_mem_slots(self) -> int:
+        self._require(ProtocolFeature.CONFIGURE_MEM_SLOTS, Request.GET_MAX_MEM_SLOTS)
+        self.max_mem_slots = self._get_u64(Request.GET_MAX_MEM_SLOTS)
+        return self.max_mem_slots
+
     def get_queue_num(self) -> int:
         self._require(ProtocolFeature.MQ, Request.GET_QUEUE_NUM)
         self.queue_num = self._get_u64(Request.GET_QUEUE_NUM)
@@ -205,6 +225,45 @@ class VhostUserFrontend:
                 raise VhostUserError(f"memory region at {r.gpa:#x} has no fd")
         payload = encode_mem_table(regions, xen)
         self._set(Request.SET_MEM_TABLE, payload, [r.fd for r in regions])
+        self.mem_regions = list(regions)
+
+    def set_memory(self, regions: list[VhostUserRegion]) -> None:
+        """Give the backend exactly `regions`: with CONFIGURE_MEM_SLOTS (as QEMU does)
+        by removing the regions it holds that are not wanted any more and adding the
+        new ones, which lifts SET_MEM_TABLE's limit of 8; without it, SET_MEM_TABLE."""
+        if not self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            if len(regions) > MAX_MEM_REGIONS:
+                raise VhostUserError(
+                    f"{self.socket_path}: {len(regions)} memory regions needed but the "
+                    f"backend takes {MAX_MEM_REGIONS} (no CONFIGURE_MEM_SLOTS)"
+                )
+            self.set_mem_table(regions)
+            return
+        if self.max_mem_slots is None:
+            self.max_mem_slots = self._get_u64(Request.GET_MAX_MEM_SLOTS)
+        if len(regions) > self.max_mem_slots:
+            raise VhostUserError(
+                f"{self.socket_path}: {len(regions)} memory regions needed but the backend "
+                f"has {self.max_mem_slots} slots (GET_MAX_MEM_SLOTS)"
+            )
+        wanted = {_region_key(r): r for r in regions}
+        held = {_region_key(r): r for r in self.mem_regions}
+        xen = bool(self.protocol_features & ProtocolFeature.XEN_MMAP)
+        for key, r in held.items():
+            if key not in wanted:  # QEMU sends the region's fd along, and backends expect it
+                fd = self._region_fds.pop(key)
+                try:
+                    self._set(Request.REM_MEM_REG, encode_single_region(r, xen), [fd])
+                finally:
+                    os.close(fd)
+                self.mem_regions.remove(r)
+        for key, r in wanted.items():
+            if key not in held:
+                if r.fd < 0:
+                    raise VhostUserError(f"memory region at {r.gpa:#x} has no fd")
+                self._region_fds[key] = os.dup(r.fd)
+                self.mem_regions.append(r)
+                self._set(Request.ADD_MEM_REG, encode_single_region(r, xen), [r.fd])
 
     def set_vring_num(self, q: int, num: int) -> None:
         if not 0 < num <= 32768:

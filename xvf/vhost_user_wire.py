@@ -204,6 +204,24 @@ def encode_vring_fd(index: int, has_fd: bool) -> bytes:
     return U64.pack(index | (0 if has_fd else VRING_NOFD))
 
 
+def _encode_region(r: VhostUserRegion, xen: bool) -> bytes:
+    """One region description; with `xen`, followed by its Xen mmap description."""
+    if r.size <= 0:
+        raise VhostUserError(f"memory region at {r.gpa:#x} has size {r.size}")
+    if r.xen_mmap_flags & ~XEN_MMAP_KNOWN:
+        raise VhostUserError(
+            f"memory region at {r.gpa:#x}: unknown Xen mmap flags {r.xen_mmap_flags:#x}"
+        )
+    if xen:
+        return REGION_XEN.pack(r.gpa, r.size, r.uva, r.fd_offset, r.xen_mmap_flags, r.domid)
+    if r.xen_mmap_flags:
+        raise VhostUserError(
+            f"memory region at {r.gpa:#x} needs Xen mmap flags "
+            f"{r.xen_mmap_flags:#x} but the backend did not negotiate XEN_MMAP"
+        )
+    return REGION.pack(r.gpa, r.size, r.uva, r.fd_offset)
+
+
 def encode_mem_table(regions: list[VhostUserRegion], xen: bool) -> bytes:
     """SET_MEM_TABLE payload; with `xen`, every region carries its Xen mmap description.
 
@@ -216,26 +234,12 @@ def encode_mem_table(regions: list[VhostUserRegion], xen: bool) -> bytes:
         raise VhostUserError(
             f"SET_MEM_TABLE takes at most {MAX_MEM_REGIONS} regions, got {len(regions)}"
         )
-    parts = [MEM_HDR.pack(len(regions), 0)]
-    for r in regions:
-        if r.size <= 0:
-            raise VhostUserError(f"memory region at {r.gpa:#x} has size {r.size}")
-        if r.xen_mmap_flags & ~XEN_MMAP_KNOWN:
-            raise VhostUserError(
-                f"memory region at {r.gpa:#x}: unknown Xen mmap flags {r.xen_mmap_flags:#x}"
-            )
-        if xen:
-            parts.append(
-                REGION_XEN.pack(r.gpa, r.size, r.uva, r.fd_offset, r.xen_mmap_flags, r.domid)
-            )
-        else:
-            if r.xen_mmap_flags:
-                raise VhostUserError(
-                    f"memory region at {r.gpa:#x} needs Xen mmap flags "
-                    f"{r.xen_mmap_flags:#x} but the backend did not negotiate XEN_MMAP"
-                )
-            parts.append(REGION.pack(r.gpa, r.size, r.uva, r.fd_offset))
-    return b"".join(parts)
+    return MEM_HDR.pack(len(regions), 0) + b"".join(_encode_region(r, xen) for r in regions)
+
+
+def encode_single_region(region: VhostUserRegion, xen: bool) -> bytes:
+    """ADD_MEM_REG / REM_MEM_REG payload: u64 padding, then one region description."""
+    return U64.pack(0) + _encode_region(region, xen)
 
 
 def decode_mem_table(data: bytes, xen: bool) -> list[VhostUserRegion]:

@@ -47,8 +47,9 @@ REM_MEM_REG = 38
 # Requests that may carry file descriptors (everything else with fds is malformed).
 FD_REQUESTS = frozenset(
     {SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR,
-     SET_BACKEND_REQ_FD, ADD_MEM_REG}
+     SET_BACKEND_REQ_FD, ADD_MEM_REG, REM_MEM_REG}
 )  # fmt: skip
+MAX_MEM_SLOTS = 32  # what GET_MAX_MEM_SLOTS answers (CONFIGURE_MEM_SLOTS)
 
 # Protocol feature bits.
 PF_MQ = 0

@@ -84,7 +84,9 @@ class Server:
         self.device = device
         self.socket_path = socket_path
         self.require_xen_mmap = require_xen_mmap
-        self.protocol_features = device.protocol_features
+        # CONFIGURE_MEM_SLOTS, as rust-vmm's backends and libvhost-user offer it: more
+        # than SET_MEM_TABLE's 8 regions, added and removed one by one.
+        self.protocol_features = device.protocol_features | p.bit(p.PF_CONFIGURE_MEM_SLOTS)
         if xen_mmap:  # a rust-vmm build with its `xen` feature offers it; without, not
             self.protocol_features |= p.bit(p.PF_XEN_MMAP)
         self.queues = [Virtqueue(i, device.queue_size) for i in range(device.num_queues)]
@@ -112,6 +114,9 @@ class Server:
             p.SET_VRING_ENABLE: self._set_vring_enable,
             p.GET_CONFIG: self._get_config,
             p.SET_CONFIG: self._set_config,
+            p.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            p.ADD_MEM_REG: self._add_mem_reg,
+            p.REM_MEM_REG: self._rem_mem_reg,
         }
 
     # ---- connection lifecycle -------------------------------------------------------------
@@ -376,6 +381,60 @@ class Server:
             self.device.name,
             ", ".join(f"gpa {r.gpa:#x}+{r.size:#x} ({r.kind})" for r in new.regions),
         )
+
+    def _single_region(self, request: int, payload: bytes) -> tuple:
+        """ADD_MEM_REG / REM_MEM_REG payload: u64 padding, then one region description."""
+        self._need_protocol_feature(p.PF_CONFIGURE_MEM_SLOTS, f"request {request}")
+        xen = bool(self.acked_protocol_features & p.bit(p.PF_XEN_MMAP))
+        layout = p.MEM_REGION_XEN if xen else p.MEM_REGION
+        if len(payload) != p.U64.size + layout.size:
+            raise VhostUserError(
+                f"request {request}: {len(payload)} bytes for one region of {layout.size}"
+            )
+        fields = layout.unpack_from(payload, p.U64.size)
+        return fields if xen else (*fields, 0, 0)
+
+    def _get_max_mem_slots(self, request: int, payload: bytes, fds: list[int]) -> bytes:
+        self._need_protocol_feature(p.PF_CONFIGURE_MEM_SLOTS, "GET_MAX_MEM_SLOTS")
+        self._no_body(request, payload)
+        return p.U64.pack(p.MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, request: int, payload: bytes, fds: list[int]) -> None:
+        try:
+            gpa, size, uva, offset, flags, domid = self._single_region(request, payload)
+            if len(fds) != 1:
+                raise VhostUserError(f"ADD_MEM_REG with {len(fds)} fds")
+            if len(self.mem.regions) >= p.MAX_MEM_SLOTS:
+                raise VhostUserError(f"ADD_MEM_REG beyond {p.MAX_MEM_SLOTS} slots")
+            xen = bool(self.acked_protocol_features & p.bit(p.PF_XEN_MMAP))
+            kind = check_xen_mmap(flags, domid) if xen else MAP_FD
+            region = map_xen_region(kind, fds[0], gpa, size, uva, offset, domid)
+        finally:
+            for fd in fds:
+                _close_quietly(fd)
+            fds.clear()
+        try:
+            new = GuestMemory([*self.mem.regions, region])
+        except Exception:
+            region.close()
+            raise
+        self.mem = new  # the other regions stay mapped: only one is added
+        log.info("%s: added gpa %#x+%#x (%s)", self.device.name, gpa, size, region.kind)
+
+    def _rem_mem_reg(self, request: int, payload: bytes, fds: list[int]) -> None:
+        for fd in fds:  # QEMU sends the region's fd along; it is not needed
+            _close_quietly(fd)
+        fds.clear()
+        gpa, size, uva, _offset, _flags, _domid = self._single_region(request, payload)
+        gone = [r for r in self.mem.regions if (r.gpa, r.size, r.uva) == (gpa, size, uva)]
+        if not gone:
+            raise VhostUserError(f"REM_MEM_REG: no region gpa {gpa:#x}+{size:#x} uva {uva:#x}")
+        for vq in self.queues:  # chains held in it go with it
+            vq.release_held()
+        self.mem = GuestMemory([r for r in self.mem.regions if r not in gone])
+        for r in gone:
+            r.close()
+        log.info("%s: removed gpa %#x+%#x", self.device.name, gpa, size)
 
     def _set_vring_num(self, request: int, payload: bytes, fds: list[int]) -> None:
         index, num = self._body(request, payload, p.VRING_STATE)
