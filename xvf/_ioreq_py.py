@@ -154,13 +154,22 @@ class MmioState:
     def answer(self, token: int, value: int = 0) -> bool:
         entry = self._deferred.pop(token, None)
         if entry is None:
+            if token and token == self._deferring:  # answered before its handler returned
+                self._deferring = 0
+                return True
             return False
         if entry[0] is None:
             return True
         return entry[0].c_answer(entry[1], value, entry[2])
 
     def answer_all(self) -> int:
-        return sum(self.answer(token) for token in list(self._deferred))
+        n = 0
+        for token in list(self._deferred):
+            try:
+                n += self.answer(token)
+            except Exception:
+                log.exception("answering a deferred access failed")
+        return n
 
     @property
     def deferred(self) -> int:

@@ -59,9 +59,9 @@ class Mailbox:
                 log.exception("callback from a backend worker failed")
 
     def close(self) -> None:
-        self.loop.remove_fd(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        fd, self._fd = self._fd, -1  # a post() from now on writes nothing
+        self.loop.remove_fd(fd)
+        os.close(fd)
 
 
 class BackendWorker:
@@ -74,29 +74,35 @@ class BackendWorker:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._watched: tuple[int, Callable[[], None]] | None = None
         self.busy_since: float | None = None  # monotonic start of the running job
-        self._lock = threading.Lock()  # _wake is closed by the thread when it ends
+        # _wake is closed by the thread when it ends; _ran counts jobs the thread has
+        # finished running, equal to _submitted when it touches nothing any more.
+        self._cond = threading.Condition()
         self._ended = False
-        self._submitted = 0  # jobs handed over, and jobs the thread has finished:
-        self._finished = 0  # equal when it runs nothing and has nothing to run
+        self._submitted = 0
+        self._ran = 0
         self._thread = threading.Thread(target=self._run, name=f"xvf {label}", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job, done: Done | None = None) -> None:
         """Run `job()` on the worker; then `done(result, error)` on the loop thread."""
-        self._push((job, done))
-
-    def _push(self, item: tuple[Job, Done | None] | None) -> None:
-        with self._lock:
+        with self._cond:
             if self._ended:
                 raise RuntimeError(f"{self.label}: backend worker has ended")
             self._submitted += 1
-            self._jobs.append(item)
+            self._jobs.append((job, done))
             os.eventfd_write(self._wake, 1)
 
     @property
     def idle(self) -> bool:
-        """Nothing running or queued: what jobs read (guest memory...) may be freed now."""
-        return self._submitted == self._finished
+        """Nothing running or queued: what jobs read (guest memory...) may be freed now.
+        (Their done callbacks may still wait in the mailbox.)"""
+        return self._submitted == self._ran
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` for idle. Only once nothing it runs can block on a
+        backend (its socket shut down): the caller is the service loop."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._submitted == self._ran, timeout)
 
     def watch(self, fd: int, on_hangup: Callable[[], None]) -> None:
         """From a job: while idle, post `on_hangup` once if `fd` becomes readable."""
@@ -109,7 +115,7 @@ class BackendWorker:
 
     def stop(self) -> None:
         """Run what was submitted, then end the thread (never waits for it)."""
-        with self._lock:
+        with self._cond:
             if not self._ended:
                 self._jobs.append(None)
                 os.eventfd_write(self._wake, 1)
@@ -126,7 +132,8 @@ class BackendWorker:
         watched_fd = -1
         try:
             while True:
-                want = self._watched[0] if self._watched is not None else -1
+                watched = self._watched  # one read: the loop thread may clear it
+                want = watched[0] if watched is not None else -1
                 if want != watched_fd:
                     if watched_fd >= 0:
                         poller.unregister(watched_fd)
@@ -140,29 +147,34 @@ class BackendWorker:
                     except BlockingIOError:
                         pass
                 if not self._jobs and watched_fd >= 0 and watched_fd in events:
-                    on_hangup = self._watched[1] if self._watched is not None else None
-                    self._watched = None
-                    if on_hangup is not None:
-                        self.mailbox.post(on_hangup)
+                    watched, self._watched = self._watched, None
+                    if watched is not None and watched[0] == watched_fd:
+                        self.mailbox.post(watched[1])
                     continue
                 while self._jobs:
                     item = self._jobs.popleft()
                     if item is None:
                         return
                     self._run_job(*item)
+        except BaseException:  # xvf's own bug: say it; submit() refuses from now on
+            log.exception("%s: backend worker failed", self.label)
         finally:
-            with self._lock:
+            with self._cond:
                 self._ended = True
                 os.close(self._wake)
+                self._cond.notify_all()
 
     def _run_job(self, job: Job, done: Done | None) -> None:
         self.busy_since = time.monotonic()
         try:
             result, error = job(), None
         except BaseException as exc:  # reported to `done`, on the loop thread
-            result, error = None, exc
+            # Without its traceback: the frames would keep views of guest memory alive.
+            result, error = None, exc.with_traceback(None)
         finally:
             self.busy_since = None
-            self._finished += 1
+            with self._cond:
+                self._ran += 1
+                self._cond.notify_all()
         if done is not None:
             self.mailbox.post(lambda: done(result, error))

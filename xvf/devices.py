@@ -30,6 +30,9 @@ class DeviceType:
     # (offset, size) of the config fields the virtio spec lets the driver write; every
     # other config write is ignored (forwarded, qemu-storage-daemon drops the session).
     writable_config: tuple[tuple[int, int], ...] = ()
+    # Queues whose buffers the device keeps until it has something to give (receive
+    # and event queues, spec 5.x): a reset does not wait for them to come back.
+    held_queues: tuple[int, ...] = ()
 
     def config_writable(self, offset: int, size: int) -> bool:
         return any(o <= offset and offset + size <= o + n for o, n in self.writable_config)
@@ -56,6 +59,7 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         # NOTF_COAL 53, HASH_REPORT 57, RSS 60. A Linux guest that accepts CTRL_VQ
         # looks for queue 2 and fails its probe.
         withheld_features=sum(1 << b for b in (17, 18, 19, 20, 21, 22, 23, 52, 53, 57, 60)),
+        held_queues=(0,),
     ),
     # blk: writeback (u8 @32, with CONFIG_WCE), spec 5.2.4
     DeviceType("blk", 2, 1, 128, 60, "block device", writable_config=((32, 1),)),
@@ -68,6 +72,7 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         12,
         "console with multiport (rx, tx, control rx/tx)",
         writable_config=((8, 4),),
+        held_queues=(0, 2),
     ),
     DeviceType("rng", 4, 1, 1024, 0, "entropy source"),
     # scsi: sense_size (u32 @20) and cdb_size (u32 @24), spec 5.6.4
@@ -79,6 +84,7 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         36,
         "SCSI host (control, event, request)",
         writable_config=((20, 4), (24, 4)),
+        held_queues=(1,),
     ),
     DeviceType(
         "gpu",
@@ -102,14 +108,15 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
         136,
         "input device (event, status)",
         writable_config=((0, 1), (1, 1)),
+        held_queues=(0,),
     ),
-    DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)"),
-    DeviceType("sound", 25, 4, 64, 12, "sound card (control, event, tx, rx)"),
+    DeviceType("vsock", 19, 3, 256, 8, "socket device (rx, tx, event)", held_queues=(0, 2)),
+    DeviceType("sound", 25, 4, 64, 12, "sound card (control, event, tx, rx)", held_queues=(1, 3)),
     DeviceType("fs", 26, 2, 1024, 40, "file system (hiprio, request)"),
-    DeviceType("scmi", 32, 2, 1024, 0, "SCMI (command, event)"),
+    DeviceType("scmi", 32, 2, 1024, 0, "SCMI (command, event)", held_queues=(1,)),
     DeviceType("i2c", 34, 1, 1024, 0, "I2C adapter"),
-    DeviceType("can", 36, 3, 64, 2, "CAN controller (tx, rx, control)"),
-    DeviceType("gpio", 41, 2, 256, 8, "GPIO controller (request, event)"),
+    DeviceType("can", 36, 3, 64, 2, "CAN controller (tx, rx, control)", held_queues=(1,)),
+    DeviceType("gpio", 41, 2, 256, 8, "GPIO controller (request, event)", held_queues=(1,)),
     DeviceType("spi", 45, 1, 1024, 32, "SPI controller"),
 )
 

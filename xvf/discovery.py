@@ -20,7 +20,7 @@ and the offending value, and the other devices are still returned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xvf.devices import parse_compatible
 from xvf.errors import ConfigError
@@ -33,6 +33,7 @@ GUEST_VIRTIO_MMIO_SPI_FIRST = 33
 GUEST_VIRTIO_MMIO_SPI_LAST = 43
 COMPATIBLE_PREFIX = "virtio,device"
 TRANSPORTS = ("mmio",)
+XENBUS_STATE_INITIALISING = 1
 XENBUS_STATE_CONNECTED = 4
 XENBUS_STATE_CLOSING = 5
 XENBUS_STATE_CLOSED = 6
@@ -51,6 +52,7 @@ class VirtioDeviceNode:
     backend_path: str
     # The toolstack asked the backend to let go (online=0 or state Closing).
     closing: bool = False
+    state: int | None = field(default=None, compare=False)  # its xenbus state now
 
 
 def backend_dir(backend_domid: int) -> str:
@@ -144,6 +146,7 @@ def parse_device(
     online = (values.get("online") or "1").strip()
     state = (values.get("state") or "").strip()
     closing = online == "0" or state == str(XENBUS_STATE_CLOSING)
+    state_number = int(state) if _ascii_digits(state) and len(state) <= 2 else None
     return VirtioDeviceNode(
         domid=domid,
         devid=devid,
@@ -155,6 +158,7 @@ def parse_device(
         grant_usage=grant_usage,
         backend_path=path,
         closing=closing,
+        state=state_number,
     )
 
 
@@ -208,6 +212,11 @@ def read_virtio_devices(
                 values = _read_device_values(xs, path)
                 if values is None:
                     continue  # removed while we walked
+                if values["state"] is None:
+                    # Not complete yet: libxl writes a device in one transaction with
+                    # its state; a toolstack writing key by key writes the state last
+                    # (the xenbus convention). Judged on the next watch event.
+                    continue
                 devices.append(parse_device(path, domid, devid, values, backend_domid))
             except ConfigError as e:
                 errors.append(e)

@@ -22,6 +22,7 @@ from xvf.devices import device_type, socket_name
 from xvf.discovery import (
     XENBUS_STATE_CLOSED,
     XENBUS_STATE_CONNECTED,
+    XENBUS_STATE_INITIALISING,
     VirtioDeviceNode,
     publish_state,
     read_virtio_devices,
@@ -104,6 +105,7 @@ class Frontend:
         self.placeholders: dict[tuple[int, int], VirtioDeviceNode] = {}
         self.instances: dict[tuple[int, int], int] = {}
         self.published: dict[tuple[int, int], int] = {}  # xenstore state xvf last wrote
+        self.reported: set[str] = set()  # xenstore entry errors said (once each)
         self.notifier = Notifier()  # systemd, when started with Type=notify
         self.started = time.monotonic()
         self.running = False
@@ -128,9 +130,20 @@ class Frontend:
 
     def rescan(self) -> None:
         nodes, errors = read_virtio_devices(self.xs, self.own_domid)
-        for err in errors:
-            log.error("ignoring xenstore entry: %s", err)
+        messages = {str(err) for err in errors}
+        for msg in sorted(messages - self.reported):  # every rescan sees them again
+            log.error("ignoring xenstore entry: %s", msg)
+        self.reported = messages
         present = {(n.domid, n.devid): n for n in nodes if not n.closing}
+        for key, node in present.items():
+            if (
+                node.state == XENBUS_STATE_INITIALISING
+                and self.published.get(key) in (XENBUS_STATE_CONNECTED, XENBUS_STATE_CLOSED)
+                and (key in self.devices or key in self.placeholders or key in self.failed)
+            ):
+                # Written anew by the toolstack after xvf answered it: a guest destroyed
+                # and re-created with the same domain id between two rescans.
+                self._forget(key, "the toolstack wrote it anew (a new guest, same domain id)")
         closing = {(n.domid, n.devid): n for n in nodes if n.closing}
         self.nodes = {**present, **closing}
         self.published = {k: v for k, v in self.published.items() if k in self.nodes}
@@ -331,7 +344,8 @@ class Frontend:
     def _release_guest(self, domid: int) -> None:
         """Destroy the guest's IOREQ server once no device of it is served."""
         guest = self.guests.get(domid)
-        if guest is not None and guest.device_count == 0:
+        starting = any(key[0] == domid for key in self.starting)
+        if guest is not None and guest.device_count == 0 and not starting:
             del self.guests[domid]
             guest.stop()
 
@@ -341,6 +355,20 @@ class Frontend:
             device.label,
             device.params.socket_path,
         )
+
+    def _forget(self, key: tuple[int, int], why: str) -> None:
+        """Drop whatever xvf holds for a device, so the next pass serves it afresh."""
+        self._remove(key, why)
+        if key in self.placeholders:
+            self._drop_placeholder(key)
+        self.failed.discard(key)
+        self.published.pop(key, None)
+        guest = self.guests.get(key[0])
+        if guest is not None and not any(k[0] == key[0] for k in self.devices):
+            # Its IOREQ server belongs to the dead domain: the new one needs its own.
+            for k in [k for k in self.placeholders if k[0] == key[0]]:
+                self._drop_placeholder(k)
+            self.guests.pop(key[0]).stop()
 
     def _remove(self, key: tuple[int, int], why: str) -> None:
         device = self.devices.pop(key, None)
@@ -383,7 +411,10 @@ class Frontend:
                 self._start_pending()
             now = time.monotonic()
             for device in list(self.devices.values()):
-                device.check(now)
+                try:
+                    device.check(now)
+                except Exception:  # xvf's own bug: this device only, never the daemon
+                    log.exception("%s: checking the device failed", device.label)
             self._notify_served()
 
     def _notify_served(self) -> None:

@@ -250,6 +250,7 @@ class GrantRelayQueue:
         self.stalled = False
         self.stopped = False
         self.broken = False  # the guest broke the ring: nothing more is relayed
+        self.quiesced = False  # a reset is stopping the ring: nothing more is posted
         self.on_broken = on_broken
         self._refusals = RateLimitedLog(log)
         self._lies = RateLimitedLog(log)
@@ -328,7 +329,7 @@ class GrantRelayQueue:
             self.on_broken(f"queue {self.index}: {why}")
 
     def _process_avail(self) -> None:
-        if self.stopped or self.broken:
+        if self.stopped or self.broken or self.quiesced:
             return
         self.stalled = False
         posted = completed = 0
@@ -559,6 +560,13 @@ class GrantRelayQueue:
     # -- teardown ---------------------------------------------------------------------
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    def quiesce(self) -> None:
+        """Post nothing more to the backend (its ring is being stopped): also when
+        freed shadow space would have resumed this queue."""
+        self.quiesced = True
+        if self._process_avail in self.shadow.waiters:
+            self.shadow.waiters.remove(self._process_avail)
 
     def backend_used_idx(self) -> int:
         """The used index the backend has published on the shadow ring (any thread)."""

@@ -82,7 +82,10 @@ class Guest:
 
     def _notify_vcpu(self, vcpu: int) -> None:
         if vcpu < len(self.ports):
-            self.evtchn.channel.notify(self.ports[vcpu])
+            try:
+                self.evtchn.channel.notify(self.ports[vcpu])
+            except XvfError as exc:  # the guest may be gone
+                log.debug("%s: notifying vCPU %d: %s", self.label, vcpu, exc)
 
     def attach(self, base: int, size: int, state: MmioState) -> None:
         """Serve [base, base + size) with `state`: routed first, then claimed from Xen."""

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xvf import virtio_consts as V
 from xvf._ioreq import MmioState, ServiceLoop
@@ -48,6 +48,9 @@ BACKEND_ANSWER_LIMIT_S = 2.0
 # complete before the reset goes ahead without them (their late completions would
 # land in rings the guest re-allocates).
 DRAIN_LIMIT_S = 1.5
+# How long the service loop lets a worker finish once its backend's socket is shut
+# down (what is left is local: no backend is waited for).
+WORKER_LET_GO_S = 0.2
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 # What xvf uses when a backend offers it. XEN_MMAP when the platform can describe
 # guest memory that way (always on Xen, where backends must map guests themselves).
@@ -87,6 +90,20 @@ class _LiveQueue:
     relay: GrantRelayQueue | None = None  # grant mode: the shadow-virtqueue relay
     ioeventfd: bool = False  # QueueNotify completed by the Dom0 kernel
     closed: bool = False
+
+
+@dataclass
+class _RingWatch:
+    """How a reset reads a ring's indices while it drains (see VhostDevice._ring_watch)."""
+
+    avail: Callable[[], int]
+    used: Callable[[], int]
+    views: list[memoryview] = field(default_factory=list)  # of guest RAM: released after
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views.clear()
 
 
 @dataclass
@@ -145,6 +162,7 @@ class VhostDevice:
         self.config_supported = False
         self.config_cache = b""  # what config reads answer
         self.ignored_config_writes = 0
+        self._config_writes = 0
         self._guest_breaks = RateLimitedLog(log)
         self._waiting: dict[int, tuple[float, str]] = {}  # deferred access -> since, what
         self._connecting = False
@@ -181,7 +199,7 @@ class VhostDevice:
         def connected(conn: _Connection | None, error: BaseException | None) -> None:
             if error is None and conn is not None:
                 if self.stopped:
-                    self._close_on_worker(conn.vhost)
+                    self._close_now(conn.vhost)
                     return
                 try:
                     self._install(conn)
@@ -333,19 +351,27 @@ class VhostDevice:
                 step(vhost)
 
         def done(_result: object, error: BaseException | None) -> None:
-            try:
-                if after is not None:
-                    after(error)
-            finally:
-                if error is not None and vhost is self.vhost:
-                    log.error("%s: %s failed: %s", self.label, what, error)
-                    if isinstance(error, (VhostUserError, OSError)):
-                        self._lose_backend()
-                    elif self.regs is not None:
-                        self.regs.needs_reset()
-                self._answer(token)
+            # The vCPU first, whatever happens below; stop() already released what
+            # `after` would (and answered every waiting vCPU).
+            self._answer(token)
+            if self.stopped:
+                return
+            if after is not None:
+                after(error)
+            if error is not None and vhost is self.vhost:
+                log.error("%s: %s failed: %s", self.label, what, error)
+                if isinstance(error, (VhostUserError, OSError)):
+                    self._lose_backend()
+                elif self.regs is not None:
+                    self.regs.needs_reset()
 
         self.worker.submit(run, done)
+
+    def _close_now(self, vhost: VhostUserFrontend) -> None:
+        """Close a connection no job uses any more (its handshake has finished)."""
+        if self.worker.idle:
+            self.worker.unwatch()
+        vhost.close()
 
     def _close_on_worker(self, vhost: VhostUserFrontend) -> None:
         vhost.shutdown()  # a job blocked on it fails now instead of at its timeout
@@ -371,12 +397,37 @@ class VhostDevice:
         if self.backend_features & F_PROTOCOL_FEATURES:
             backend_bits |= F_PROTOCOL_FEATURES
         steps: list[Step] = [lambda v: v.set_features(backend_bits)]
-        after_table = self._mem_table_steps(queues, steps)
-        for index, q in enumerate(queues):
-            if q.ready:
-                self._queue_steps(index, q, steps)
-        token = self._defer("DRIVER_OK")
-        self._exchange("starting the device", steps, token, after_table)
+        after: list[Callable[[BaseException | None], None] | None] = [None]
+
+        def prepare() -> None:
+            after[0] = self._mem_table_steps(queues, steps)
+            for index, q in enumerate(queues):
+                if q.ready:
+                    self._queue_steps(index, q, steps)
+
+        self._prepare(prepare)
+        self._exchange("starting the device", steps, self._defer("DRIVER_OK"), after[0])
+
+    def _prepare(self, build: Callable[[], None]) -> None:
+        """Run loop-side preparation; if it fails (a ring outside the guest's memory...),
+        undo what it set up, so that nothing half-made outlives it."""
+        live_before = set(self.live)
+        sent, shadow, mapper = self.mem_table_sent, self.shadow, self.grant_mapper
+        try:
+            build()
+        except BaseException:
+            for index in [i for i in self.live if i not in live_before]:
+                live = self.live.pop(index)
+                self._quiesce(index, live)
+                self._close_live(index, live)
+            if not sent:  # the table it prepared was never sent
+                self.mem_table_sent = False
+                if self.shadow is not shadow and self.shadow is not None:
+                    self.shadow.close()
+                if self.grant_mapper is not mapper and self.grant_mapper is not None:
+                    self.grant_mapper.close()
+                self.shadow, self.grant_mapper = shadow, mapper
+            raise
 
     @property
     def backend_maps_grants(self) -> bool:
@@ -467,8 +518,8 @@ class VhostDevice:
         self.loop.add_reader(call, relay.on_backend_call)
         self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
         self.state.set_kick_fd(index, relay.guest_kick_fd)
-        addrs = relay.vring_addrs
-        steps.append(lambda v: self._start_ring(v, index, q.num, addrs, kick, call))
+        addrs, num = relay.vring_addrs, q.num  # read now: the worker runs later
+        steps.append(lambda v: self._start_ring(v, index, num, addrs, kick, call))
 
     @staticmethod
     def _start_ring(
@@ -499,17 +550,21 @@ class VhostDevice:
         if index in self.live:
             return
         steps: list[Step] = []
-        after = None
-        if (
-            self.backend_maps_grants
-            and not set(ring_spans(q.desc, q.driver, q.device, q.num)) <= self.grant_rings
-        ):
-            # Rings are mapped in advance: a ring the table does not name yet needs a
-            # new table first.
-            self.mem_table_sent = False
-            after = self._mem_table_steps([*self.regs.queues], steps)
-        self._queue_steps(index, q, steps)
-        self._exchange(f"starting queue {index}", steps, self._defer("QueueReady"), after)
+        after: list[Callable[[BaseException | None], None] | None] = [None]
+
+        def prepare() -> None:
+            if (
+                self.backend_maps_grants
+                and not set(ring_spans(q.desc, q.driver, q.device, q.num)) <= self.grant_rings
+            ):
+                # Rings are mapped in advance: a ring the table does not name yet needs
+                # a new table first.
+                self.mem_table_sent = False
+                after[0] = self._mem_table_steps([*self.regs.queues], steps)
+            self._queue_steps(index, q, steps)
+
+        self._prepare(prepare)
+        self._exchange(f"starting queue {index}", steps, self._defer("QueueReady"), after[0])
 
     def _queue_steps(self, index: int, q: QueueRegisters, steps: list[Step]) -> None:
         """Loop-side set-up of a live queue (fds, relay, offload); its messages go to
@@ -550,7 +605,8 @@ class VhostDevice:
                     exc,
                 )
                 self.use_ioeventfd = False
-        steps.append(lambda v: self._start_ring(v, index, q.num, addrs, kick, call))
+        num = q.num  # read now: a reset may clear the register before the worker runs
+        steps.append(lambda v: self._start_ring(v, index, num, addrs, kick, call))
 
     def _call_eventfd(self) -> int:
         if self.use_irqfd:
@@ -596,6 +652,7 @@ class VhostDevice:
         self.loop.remove_fd(live.call_fd)
         if live.relay is not None:
             self.loop.remove_fd(live.relay.guest_kick_fd)
+            live.relay.quiesce()
 
     def _close_live(self, index: int, live: _LiveQueue) -> None:
         """Forget a quiesced queue (the backend has stopped it, or is gone)."""
@@ -625,61 +682,91 @@ class VhostDevice:
             self._release_irqfd()
 
     def _stop_rings(self, stopping: dict[int, _LiveQueue], what: str, token: int) -> None:
-        """Stop the backend's rings (GET_VRING_BASE), wait for the requests it still
-        holds, then free xvf's side and answer the vCPU: no completion from before
-        reaches rings the guest sets up afterwards."""
+        """Let the backend complete what it holds, stop its rings (GET_VRING_BASE), then
+        free xvf's side and answer the vCPU: no completion from before reaches rings
+        the guest sets up afterwards."""
+        held = self.params.dev_type.held_queues
+        watches: dict[int, _RingWatch | None] = {}
         for index, live in stopping.items():
             self._quiesce(index, live)
             self.retiring.add(live)
-        steps = [
-            (lambda v, i=index, lq=live: self._stop_ring(v, i, lq))
-            for index, live in stopping.items()
-        ]
+            # Receive and event queues keep their buffers: nothing to wait for there.
+            watches[index] = None if index in held else self._ring_watch(live)
+        if self.vhost is None:
+            for index, live in stopping.items():
+                self._close_live(index, live)
+            self._release_watches(watches)
+            self._answer(token)
+            return
+        vhost = self.vhost
+        deadline: list[float] = []  # one for the whole reset, set when it starts
+
+        def stop_ring(v: VhostUserFrontend, index: int) -> None:
+            if not deadline:
+                deadline.append(time.monotonic() + DRAIN_LIMIT_S)
+            self._stop_ring(v, index, watches[index], deadline[0], vhost)
+
+        def stop_all(v: VhostUserFrontend) -> None:
+            try:
+                for index in stopping:
+                    stop_ring(v, index)
+            finally:  # on the worker, before anything may unmap what they view
+                self._release_watches(watches)
 
         def freed(_error: BaseException | None) -> None:
             for index, live in stopping.items():
                 self._close_live(index, live)
 
-        if self.vhost is None:
-            freed(None)
-            self._answer(token)
-            return
-        self._exchange(what, steps, token, freed)
+        self._exchange(what, [stop_all], token, freed)
 
-    def _stop_ring(self, v: VhostUserFrontend, index: int, live: _LiveQueue) -> None:
+    def _stop_ring(
+        self,
+        v: VhostUserFrontend,
+        index: int,
+        watch: _RingWatch | None,
+        deadline: float,
+        vhost: VhostUserFrontend,
+    ) -> None:
         """On the worker: let the backend complete what it was given, then stop the ring.
 
         Drained first, because GET_VRING_BASE does not wait for requests in flight
         in every backend: qemu-storage-daemon answers at once, closes its call fd,
         and a late completion then breaks its session ("Error writing eventfd")."""
-        indices = self._ring_indices(live)
-        if indices is not None:
-            avail, used = indices
-            target = avail()  # the guest is resetting: nothing new is published
-            deadline = time.monotonic() + DRAIN_LIMIT_S
-            while used() != target and time.monotonic() < deadline:
+        if watch is not None:
+            target = watch.avail()  # the guest is resetting: nothing new is published
+            while watch.used() != target and time.monotonic() < deadline:
+                if self.stopped or vhost is not self.vhost:
+                    break  # the connection is gone: nothing left to wait for
                 time.sleep(0.001)
         v.set_vring_enable(index, False)
         base = v.get_vring_base(index)
-        if indices is not None and indices[1]() != base:
+        if watch is not None and watch.used() != base:
             raise VhostUserError(
-                f"{self.label}: queue {index}: {(base - indices[1]()) & 0xFFFF} request(s) "
+                f"{self.label}: queue {index}: {(base - watch.used()) & 0xFFFF} request(s) "
                 f"still in the backend {DRAIN_LIMIT_S}s after the reset began"
             )
 
-    def _ring_indices(self, live: _LiveQueue) -> tuple[Callable[[], int], Callable[[], int]] | None:
-        """Readers of (avail idx, used idx) of the ring the backend works on, where
-        xvf can see it (any thread): the shadow ring, or guest RAM when foreign-mapped."""
+    def _ring_watch(self, live: _LiveQueue) -> _RingWatch | None:
+        """Readers of the avail and used index of the ring the backend works on, where
+        xvf can see it: the shadow ring, or guest RAM when foreign-mapped. Made on the
+        loop thread; read by the worker; released by it when the reset is done."""
         if live.relay is not None:
-            return live.relay.shadow_avail_idx, live.relay.backend_used_idx
+            relay = live.relay
+            return _RingWatch(relay.shadow_avail_idx, relay.backend_used_idx)
         if self.foreign_mapping and self.memory is not None and live.used_gpa:
             try:
                 avail = self.memory.view(live.avail_gpa + 2, 2).cast("H")
                 used = self.memory.view(live.used_gpa + 2, 2).cast("H")
             except XvfError:
                 return None
-            return (lambda: avail[0]), (lambda: used[0])
+            return _RingWatch(lambda: avail[0], lambda: used[0], [avail, used])
         return None  # grant regions: only the backend maps those rings
+
+    @staticmethod
+    def _release_watches(watches: dict[int, _RingWatch | None]) -> None:
+        for watch in watches.values():
+            if watch is not None:
+                watch.release()
 
     def queue_reset(self, index: int) -> None:
         live = self.live.pop(index, None)
@@ -729,6 +816,8 @@ class VhostDevice:
         cache[offset : offset + size] = data
         self.config_cache = bytes(cache)  # the guest reads back what it wrote at once
         size_all = self.params.dev_type.config_size
+        self._config_writes += 1
+        seq = self._config_writes
         fresh: list[bytes] = []
         steps: list[Step] = [
             lambda v: v.set_config(offset, data),
@@ -736,7 +825,8 @@ class VhostDevice:
         ]
 
         def refreshed(error: BaseException | None) -> None:
-            if error is None and fresh:
+            # Only the latest write's refresh: an earlier one read before it landed.
+            if error is None and fresh and seq == self._config_writes:
                 self.config_cache = bytes(fresh[0])
 
         self._exchange("writing config space", steps, after=refreshed)
@@ -770,37 +860,43 @@ class VhostDevice:
             self.on_backend_lost(self)
 
     def _drop_backend(self) -> None:
-        """Forget the connection and what the backend was given. Released at once when
-        the worker runs nothing (stop() then returns with Dom0 holding none of the
-        guest's pages), else after the worker's last job that could touch them."""
-        idle = self.worker.idle
-        for index in list(self.live):
-            live = self.live.pop(index)
-            self._quiesce(index, live)
-            self._close_live(index, live)
-        for live in list(self.retiring):  # rings a reset is still stopping
-            self._close_live(live.index, live)
+        """Forget the connection and what the backend was given.
+
+        The socket is shut down first: a job blocked on it fails at once and a drain
+        sees its connection gone, so the worker is idle within moments; released then,
+        synchronously (stop() returns with Dom0 holding none of the guest's pages, and
+        no fd is closed that a job could still send). Only if the worker is not idle
+        by WORKER_LET_GO_S is the release left to run after it."""
         vhost, self.vhost = self.vhost, None
+        if vhost is not None:
+            vhost.shutdown()
+        idle = self.worker.idle or self.worker.wait_idle(WORKER_LET_GO_S)
+        lives = [*self.live.items(), *((live.index, live) for live in self.retiring)]
+        self.live.clear()
+        for index, live in lives:
+            self._quiesce(index, live)
         shadow, self.shadow = self.shadow, None
         mapper, self.grant_mapper = self.grant_mapper, None
         self.mem_table_sent = False
-        if vhost is not None:
-            if idle:
-                self.worker.unwatch()
-                vhost.close()
-            else:
-                self._close_on_worker(vhost)
 
         def release(_result: object = None, _error: BaseException | None = None) -> None:
+            for index, live in lives:
+                self._close_live(index, live)
             if shadow is not None:
                 shadow.close()
             if mapper is not None:
                 mapper.close()
 
         if idle:
+            if vhost is not None:
+                self.worker.unwatch()
+                vhost.close()
             release()
-        elif shadow is not None or mapper is not None:
-            self.worker.submit(lambda: None, release)
+            return
+        log.warning("%s: backend worker still busy; releasing after it", self.label)
+        if vhost is not None:
+            self._close_on_worker(vhost)
+        self.worker.submit(lambda: None, release)
 
     @property
     def backend_connected(self) -> bool:
@@ -845,7 +941,7 @@ class VhostDevice:
             self._connecting = False
             if self.stopped:
                 if conn is not None:
-                    self._close_on_worker(conn.vhost)
+                    self._close_now(conn.vhost)
                 return
             if error is not None or conn is None:
                 self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))
@@ -917,10 +1013,10 @@ class VhostDevice:
 
     def stop(self) -> None:
         """Take the window off the guest's IOREQ server, release the rings, the kernel
-        offload and the guest's memory, all before returning: the caller destroys the
-        IOREQ server and tells the toolstack Closed next, and Xen cannot tear a domain
-        down while Dom0 still holds its pages. Never waits for the backend: it sees
-        the connection close and stops its rings itself."""
+        offload and the guest's memory, before returning: the caller destroys the IOREQ
+        server and tells the toolstack Closed next, and Xen cannot tear a domain down
+        while Dom0 still holds its pages. Never waits for the backend: it sees the
+        connection close and stops its rings itself."""
         if self.stopped:
             return
         self.stopped = True
@@ -930,7 +1026,6 @@ class VhostDevice:
             self.attached = False
         self._waiting.clear()
         self.state.answer_all()
-        idle = self.worker.idle
         self._drop_backend()
         if self.state.irq is not None and self.state.irq.level:
             try:
@@ -939,8 +1034,8 @@ class VhostDevice:
                 pass
         memory, self.memory = self.memory, None
         if memory is not None:
-            if idle:
+            if self.worker.idle:
                 memory.close()
-            else:  # a reset is still draining a ring it reads in guest RAM
+            else:  # after the job that still reads guest RAM
                 self.worker.submit(lambda: None, lambda _r, _e: memory.close())
         self.worker.stop()

@@ -33,7 +33,14 @@ class ConsoleDevice(Device):
     num_queues = 4
     queue_size = QUEUE_SIZE
     device_features = 1 << F_MULTIPORT
-    protocol_features = p.bit(p.PF_MQ) | p.bit(p.PF_CONFIG) | p.bit(p.PF_REPLY_ACK)
+    # CONFIGURE_MEM_SLOTS as libvhost-user and rust-vmm's virtiofsd offer it: more regions
+    # than SET_MEM_TABLE's 8, added and removed one by one.
+    protocol_features = (
+        p.bit(p.PF_MQ)
+        | p.bit(p.PF_CONFIG)
+        | p.bit(p.PF_REPLY_ACK)
+        | p.bit(p.PF_CONFIGURE_MEM_SLOTS)
+    )
 
     def __init__(self) -> None:
         self.rx: deque[Chain] = deque()  # port 0 receive buffers the guest gave

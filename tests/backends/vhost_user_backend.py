@@ -84,9 +84,7 @@ class Server:
         self.device = device
         self.socket_path = socket_path
         self.require_xen_mmap = require_xen_mmap
-        # CONFIGURE_MEM_SLOTS, as rust-vmm's backends and libvhost-user offer it: more
-        # than SET_MEM_TABLE's 8 regions, added and removed one by one.
-        self.protocol_features = device.protocol_features | p.bit(p.PF_CONFIGURE_MEM_SLOTS)
+        self.protocol_features = device.protocol_features
         if xen_mmap:  # a rust-vmm build with its `xen` feature offers it; without, not
             self.protocol_features |= p.bit(p.PF_XEN_MMAP)
         self.queues = [Virtqueue(i, device.queue_size) for i in range(device.num_queues)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
@@ -144,3 +145,37 @@ def test_xenstore_state_says_served_refused_and_closed(
     assert fe.stop() == 0
     assert _backend_state(hypervisor, again, 0) == "6"  # xvf gone: not served
     assert "Traceback" not in fe.log(), fe.log()
+
+
+def test_same_domid_recreated_between_two_rescans(
+    hypervisor, sockets, start_frontend, start_blk_backend
+):
+    """xvf does not run while a guest is destroyed and re-created with the same domain
+    id (here: stopped; in life, a busy Dom0), so it never sees the removal: only a node
+    it answered Connected that reads Initialising again. The old device (IOREQ server of
+    a dead domain) is torn down and the new guest served."""
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    first = hypervisor.create_domain("first", memory_mib=32, virtio=ONE_BLK, domid=9)
+    wait_served(first, 0)
+    blk = VirtioBlk(attach(first, 0))
+    blk.start()
+    blk.write(0, b"\x01" * 4096)
+    fe.proc.send_signal(signal.SIGSTOP)
+    try:
+        hypervisor.destroy_domain(9)  # gives up waiting for xvf's Closed, as libxl does
+        again = hypervisor.create_domain("again", memory_mib=32, virtio=ONE_BLK, domid=9)
+    finally:
+        fe.proc.send_signal(signal.SIGCONT)
+    fe.wait_log("the toolstack wrote it anew")
+    wait_served(again, 0)
+    fresh = VirtioBlk(attach(again, 0))
+    fresh.start()
+    fresh.write(16, b"\x02" * 4096)
+    fresh.flush()
+    with open(image, "rb") as f:
+        f.seek(16 * 512)
+        assert f.read(4096) == b"\x02" * 4096
+    assert fe.log().count("dom9/blk0: serving virtio blk") == 2
+    assert "Traceback" not in fe.log()
+    fresh.close()

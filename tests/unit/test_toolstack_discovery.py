@@ -266,7 +266,11 @@ def test_watch_paths_see_devices_come_and_go(xsd, xs):
 # -- malformed nodes ---------------------------------------------------------------------
 
 
-GOOD = {"type": "virtio,device22", "transport": "mmio", "base": "0x2000000", "irq": "33"}
+# libxl writes state 1 (Initialising) in the same transaction as the other keys
+GOOD = {
+    "type": "virtio,device22", "transport": "mmio", "base": "0x2000000", "irq": "33",
+    "state": "1",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -331,6 +335,23 @@ def test_non_numeric_directories_are_reported(xs):
         f"{root}/3/zero: 'zero' is not a device id",
         f"{root}/guest: 'guest' is not a domain id",
     ]
+
+
+def test_a_node_written_key_by_key_is_judged_once_its_state_is_there(xs):
+    """Another toolstack may write a device key by key (libxl writes it in one
+    transaction). Until its state is written, as the xenbus convention has it last,
+    the node is neither served nor reported; then it is served."""
+    dev = "/local/domain/0/backend/virtio/6/0"
+    for k in ("type", "transport", "base"):  # irq, grant_usage to come
+        xs.write(f"{dev}/{k}", GOOD[k])
+        assert read_virtio_devices(xs, 0) == ([], [])
+    xs.write(f"{dev}/irq", GOOD["irq"])
+    xs.write(f"{dev}/grant_usage", "0")
+    assert read_virtio_devices(xs, 0) == ([], [])
+    xs.write(f"{dev}/state", "1")
+    devices, errors = read_virtio_devices(xs, 0)
+    assert errors == []
+    assert [(d.domid, d.irq, d.grant_usage, d.state) for d in devices] == [(6, 33, False, 1)]
 
 
 def test_no_backend_directory_is_empty(xs):

@@ -126,6 +126,17 @@ def test_mem_table_xen_layout():
     assert struct.unpack_from("<II", plain, 8 + 32) == (0, 5)
 
 
+def test_single_region_layout_for_add_and_rem_mem_reg():
+    """VhostUserSingleMemoryRegion: u64 padding, then the region (Xen mmap fields too)."""
+    plain, xen = W.encode_single_region(_regions()[1], xen=False), None
+    assert len(plain) == 8 + 32
+    assert struct.unpack_from("<Q4Q", plain) == (0, 0x2_0000_0000, 0x20_0000,
+                                                 0x7F10_0000_0000, 0x1000)  # fmt: skip
+    xen = W.encode_single_region(_regions(W.XEN_MMAP_GRANT)[0], xen=True)
+    assert len(xen) == 8 + 40
+    assert struct.unpack_from("<II", xen, 8 + 32) == (W.XEN_MMAP_GRANT, 5)
+
+
 def test_mem_table_refusals():
     with pytest.raises(VhostUserError, match="did not negotiate XEN_MMAP"):
         W.encode_mem_table(_regions(W.XEN_MMAP_FOREIGN), xen=False)
