@@ -10,7 +10,7 @@ register file (xvf.mmio), which shares this module's `MmioState`.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EBADF, ECONNRESET, EFAULT, EINTR, EINVAL, ENOTCONN, errno
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memset
@@ -559,6 +559,9 @@ cdef class ServiceLoop:
     cdef dict _fds          # fd -> (kind, object)
     cdef readonly uint64_t wakeups
     cdef readonly uint64_t evtchn_errors
+    # The event channel's other end went away (the simulator died; on Xen, the
+    # device broke): the daemon then serves nothing and must say so and stop.
+    cdef readonly bint evtchn_lost
 
     def __cinit__(self, EventChannel evtchn):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -625,6 +628,8 @@ cdef class ServiceLoop:
             n = self.evtchn.c_read_pending(ports, 64)
             if n < 0:
                 self.evtchn_errors += 1
+                if -n in (EBADF, EFAULT, EINVAL, ECONNRESET, ENOTCONN):
+                    self.evtchn_lost = True  # it will not get better: the daemon stops
                 log.error("reading the event channel failed: errno %d", -n)
                 return
             if n == 0:
@@ -667,6 +672,9 @@ cdef class ServiceLoop:
                 continue
             kind = entry[0]
             if kind == KIND_EVTCHN:
+                if events[i].events & (EPOLLHUP | EPOLLERR):
+                    self.evtchn_lost = True
+                    continue
                 self._on_evtchn()
             elif kind == KIND_CALL:
                 self._on_call(fd, <MmioState>entry[1])

@@ -419,6 +419,7 @@ class ServiceLoop:
         self._fds: dict[int, tuple[int, Any]] = {}
         self.wakeups = 0
         self.evtchn_errors = 0
+        self.evtchn_lost = False  # its other end went away (see _ioreq.pyx)
         self._add(evtchn.fileno(), KIND_EVTCHN, None)
 
     def __del__(self) -> None:
@@ -490,12 +491,15 @@ class ServiceLoop:
         """Wait up to timeout_ms for events and handle them; returns the number handled."""
         events = self._ep.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, MAX_EVENTS)
         self.wakeups += 1
-        for fd, _mask in events:
+        for fd, mask in events:
             entry = self._fds.get(fd)
             if entry is None:
                 continue
             kind = entry[0]
             if kind == KIND_EVTCHN:
+                if mask & (select.EPOLLHUP | select.EPOLLERR):
+                    self.evtchn_lost = True
+                    continue
                 self._on_evtchn()
             elif kind == KIND_CALL:
                 self._on_call(fd, entry[1])

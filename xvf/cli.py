@@ -105,9 +105,15 @@ def run_daemon(args) -> int:
         finally:
             if status is not None:
                 status.close()
-            frontend.close()
+            try:
+                frontend.close()
+            except XvfError as exc:  # the platform may be the thing that died
+                log.warning("closing: %s", exc)
     finally:
         platform.close()
+    if frontend.failure is not None:
+        log.error("xvf stopped: %s", frontend.failure)
+        return 1
     log.info("xvf stopped")
     return 0
 

@@ -28,13 +28,13 @@ from xvf.discovery import (
     read_virtio_devices,
     watch_paths,
 )
-from xvf.errors import ConfigError, XvfError
+from xvf.errors import ConfigError, XenStoreError, XvfError
 from xvf.guest import Guest
 from xvf.mmio import PlaceholderRegisters
 from xvf.platform import Platform
 from xvf.systemd import Notifier
 from xvf.vhost_device import MMIO_WINDOW, DeviceParams, VhostDevice
-from xvf.xenstore import XenStore
+from xvf.xenstore import XenStore, XenStoreRequestError
 
 log = logging.getLogger("xvf.frontend")
 
@@ -109,6 +109,7 @@ class Frontend:
         self.notifier = Notifier()  # systemd, when started with Type=notify
         self.started = time.monotonic()
         self.running = False
+        self.failure: str | None = None  # why the daemon stopped on its own
 
     # -- discovery ------------------------------------------------------------
     def _instance(self, key: tuple[int, int], name: str) -> int:
@@ -381,15 +382,15 @@ class Frontend:
     def _on_xenstore(self) -> None:
         try:
             events = self.xs.pending_events()
-        except XvfError as exc:
-            log.error("xenstore connection failed: %s", exc)
-            self.running = False
-            return
-        while events:
-            self.rescan()
-            # Events that came in while rescan() waited for replies were buffered
-            # by the client and no longer make its fd readable.
-            events = self.xs.pending_events() if self.xs.has_pending_events() else []
+            while events:
+                self.rescan()
+                # Events that came in while rescan() waited for replies were buffered
+                # by the client and no longer make its fd readable.
+                events = self.xs.pending_events() if self.xs.has_pending_events() else []
+        except XenStoreRequestError as exc:  # xenstored refused one request: next event
+            log.error("rescanning xenstore: %s", exc)
+        except XenStoreError as exc:  # the connection itself
+            self._fail(f"the xenstore connection failed: {exc}")
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> None:
@@ -407,6 +408,12 @@ class Frontend:
         self._notify_served()
         while self.running:
             self.loop.run_once(TICK_MS)
+            if self.loop.evtchn_lost:
+                self._fail(
+                    "the event channel is gone (its device broke, or the simulator "
+                    "exited): no guest can be served"
+                )
+                break
             if self.pending:
                 self._start_pending()
             now = time.monotonic()
@@ -416,6 +423,14 @@ class Frontend:
                 except Exception:  # xvf's own bug: this device only, never the daemon
                     log.exception("%s: checking the device failed", device.label)
             self._notify_served()
+
+    def _fail(self, why: str) -> None:
+        """The platform connection died: say so and stop, with a failing exit status
+        (a service manager restarts the daemon), never serve nothing quietly."""
+        log.error("%s; stopping", why)
+        if self.failure is None:  # the first cause, not its consequences
+            self.failure = why
+        self.running = False
 
     def _notify_served(self) -> None:
         # Guests with a served device: one still connecting to its backend is not yet.

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -199,3 +200,26 @@ def test_a_stale_socket_file_is_retried_until_the_backend_listens(
     assert fe.log().count("trying again until") == 1  # said once, not per attempt
     assert "cannot start" not in fe.log()
     blk.close()
+
+
+def test_a_dead_platform_connection_is_reported_and_the_daemon_exits_failing(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """The software Xen goes away under a running xvf (on Xen: its devices break).
+    xvf must not stay up serving nothing, nor exit 0: it says why and exits 1, so a
+    service manager (Restart=on-failure) starts it again."""
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "gone", memory_mib=32, virtio='virtio = [ "type=virtio,device2, grant_usage=0" ]'
+    )
+    wait_served(dom, 0)
+    hypervisor.close()
+    try:
+        rc = fe.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"xvf kept running without its platform:\n{fe.log()}") from None
+    assert rc == 1, fe.log()
+    log = fe.log()
+    assert "stopping" in log and "xvf stopped:" in log
+    assert "Traceback" not in log, log[log.find("Traceback") - 600 :][:2500]

@@ -17,7 +17,13 @@ from xvf.sim.virtio_driver import DomainMmioTransport, VirtioMmioDevice
 
 
 def attach(dom: Domain, index: int, vcpu: int = 0, timeout: float = 20.0) -> VirtioMmioDevice:
-    """The driver for the guest's `index`-th virtio device (order of its virtio line)."""
+    """The driver for the guest's `index`-th virtio device (order of its virtio line).
+
+    As a guest started paused and unpaused once its device model answered (what
+    the docs ask on real Xen), it first waits up to `timeout` for the device's
+    backend state to say served (4) or refused (6); a device model that never
+    answers is the driver's to find out."""
+    _wait_answered(dom, index, timeout)
     spec = dom.virtio[index]
     if spec.grants:
         dma = GrantDma(dom.ram, dom.grants, spec.backend_domid)
@@ -39,6 +45,18 @@ def backend_state_path(dom: Domain, index: int) -> str:
 
     spec = dom.virtio[index]
     return f"{backend_path(spec.backend_domid, dom.domid, spec.devid)}/state"
+
+
+def _wait_answered(dom: Domain, index: int, timeout: float) -> None:
+    from xvf.discovery import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
+    from xvf.xenstore import XenStore
+
+    answered = {str(XENBUS_STATE_CONNECTED), str(XENBUS_STATE_CLOSED)}
+    path = backend_state_path(dom, index)
+    deadline = time.monotonic() + timeout
+    with XenStore(dom.hv.xenstore_path) as xs:
+        while (xs.read(path) or "").strip() not in answered and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def wait_served(dom: Domain, index: int, timeout: float = 20.0) -> None:

@@ -181,6 +181,7 @@ class Hypervisor:
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         self._stopping = False
+        self._closed = False
         from xvf.sim.xenstored import XenStored
 
         self.xenstored = XenStored(self.xenstore_path)
@@ -215,6 +216,9 @@ class Hypervisor:
         self.close()
 
     def close(self) -> None:
+        if self._closed:  # a test may close it before its fixture does
+            return
+        self._closed = True
         self._stopping = True
         for dom in list(self.domains.values()):
             self.destroy_domain(dom.domid)
