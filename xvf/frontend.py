@@ -33,6 +33,7 @@ from xvf.guest import Guest
 from xvf.mmio import PlaceholderRegisters
 from xvf.platform import Platform
 from xvf.systemd import Notifier
+from xvf.takeover import ServerRecord
 from xvf.vhost_device import MMIO_WINDOW, DeviceParams, VhostDevice
 from xvf.xenstore import XenStore, XenStoreRequestError
 
@@ -94,6 +95,9 @@ class Frontend:
         self.loop = ServiceLoop(self.evtchn.channel)
         self.mailbox = Mailbox(self.loop)
         self.xs = XenStore(platform.xenstore_path())
+        # IOREQ servers created by this daemon, and those a killed one left (xvf.takeover)
+        self.record = ServerRecord(self.xs, self.own_domid)
+        self.predecessors: dict[int, list[int]] = self.record.recorded()
         self.devices: dict[tuple[int, int], VhostDevice] = {}
         self.guests: dict[int, Guest] = {}  # domid -> its one IOREQ server
         self.pending: dict[tuple[int, int], _Pending] = {}
@@ -258,6 +262,7 @@ class Frontend:
             self.devices[key] = device
             # Scripts (and the rig) wait for this before unpausing a guest.
             self._publish(item.node, XENBUS_STATE_CONNECTED)
+            self._retire_predecessors(key[0])
             return
         device.stop()
         if not isinstance(error, (XvfError, OSError)):
@@ -289,6 +294,7 @@ class Frontend:
             log.error("%s: cannot claim its window: %s", node_label(node), exc)
             self._release_guest(node.domid)
         self._publish(node, XENBUS_STATE_CLOSED)
+        self._retire_predecessors(node.domid)
 
     def _drop_placeholder(self, key: tuple[int, int]) -> None:
         node = self.placeholders.pop(key, None)
@@ -340,6 +346,8 @@ class Frontend:
             guest = Guest(domid, self.platform, self.loop, self.evtchn)
             guest.start()
             self.guests[domid] = guest
+            if guest.server is not None:
+                self.record.add(domid, guest.server.id)
         return guest
 
     def _release_guest(self, domid: int) -> None:
@@ -348,7 +356,41 @@ class Frontend:
         starting = any(key[0] == domid for key in self.starting)
         if guest is not None and guest.device_count == 0 and not starting:
             del self.guests[domid]
-            guest.stop()
+            self._stop_guest(guest)
+
+    def _stop_guest(self, guest: Guest) -> None:
+        server_id = guest.server.id if guest.server is not None else None
+        guest.stop()
+        if server_id is not None:
+            self.record.remove(guest.domid, server_id)
+
+    def _retire_predecessors(self, domid: int) -> None:
+        """Once every device of the guest is settled (served or refused) on our own
+        server, take over and destroy the servers a killed xvf left for it."""
+        if domid not in self.predecessors:
+            return
+        if any(k[0] == domid for k in (*self.pending, *self.starting)):
+            return
+        guest = self.guests.get(domid)
+        if guest is None or guest.server is None:
+            return
+        for server_id in self.predecessors.pop(domid):
+            if server_id == guest.server.id:
+                continue  # the slot was free again and we were given it
+            try:
+                answered = guest.retire(server_id)
+            except (XvfError, OSError) as exc:
+                log.warning("dom%d: IOREQ server %d left by an earlier xvf: %s", domid,
+                            server_id, exc)  # fmt: skip
+            else:
+                log.info(
+                    "dom%d: replaced IOREQ server %d left by an earlier xvf "
+                    "(%d waiting vCPU(s) answered)",
+                    domid,
+                    server_id,
+                    answered,
+                )
+            self.record.remove(domid, server_id)
 
     def _backend_lost(self, device: VhostDevice) -> None:
         log.warning(
@@ -369,7 +411,7 @@ class Frontend:
             # Its IOREQ server belongs to the dead domain: the new one needs its own.
             for k in [k for k in self.placeholders if k[0] == key[0]]:
                 self._drop_placeholder(k)
-            self.guests.pop(key[0]).stop()
+            self._stop_guest(self.guests.pop(key[0]))
 
     def _remove(self, key: tuple[int, int], why: str) -> None:
         device = self.devices.pop(key, None)
@@ -520,7 +562,7 @@ class Frontend:
         for key in list(self.placeholders):
             self._drop_placeholder(key)
         for domid in list(self.guests):
-            self.guests.pop(domid).stop()
+            self._stop_guest(self.guests.pop(domid))
         try:
             self.xs.close()
         finally:

@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -223,3 +224,52 @@ def test_a_dead_platform_connection_is_reported_and_the_daemon_exits_failing(
     log = fe.log()
     assert "stopping" in log and "xvf stopped:" in log
     assert "Traceback" not in log, log[log.find("Traceback") - 600 :][:2500]
+
+
+def test_xvf_killed_mid_access_and_started_again_takes_over(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """SIGKILL leaves the dead xvf's IOREQ server behind (servers belong to Dom0), still
+    enabled with the windows mapped, and a vCPU that was mid-access waits on it for
+    good. The next xvf serves the guest on a server of its own, then finds the dead
+    one in its xenstore record, answers that vCPU and destroys it."""
+    _, image = start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain(
+        "survivor", memory_mib=32, vcpus=2,
+        virtio='virtio = [ "type=virtio,device2, grant_usage=0" ]',
+    )  # fmt: skip
+    wait_served(dom, 0)
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    blk.write(0, b"\x10" * 4096)
+    base = dom.virtio[0].base
+    fe.proc.send_signal(signal.SIGKILL)
+    fe.proc.wait(timeout=10)
+    caught: list[object] = []
+
+    def access() -> None:  # this vCPU traps with nobody left to answer it
+        try:
+            caught.append(dom.mmio(1, base + R.CONFIG, 4, False))
+        except Exception as exc:
+            caught.append(exc)
+
+    vcpu = threading.Thread(target=access)
+    vcpu.start()
+    time.sleep(0.5)
+    assert not caught, "answered although no device model runs"
+    again = start_frontend(sockets, foreign=True)
+    again.wait_log("left by an earlier xvf (1 waiting vCPU(s) answered)")
+    vcpu.join(timeout=10)
+    assert caught == [0xFFFFFFFF], caught  # answered like an access nobody serves
+    assert len(dom.servers) == 1  # the dead one is gone
+
+    blk = VirtioBlk(attach(dom, 0))  # the driver starts again, as after a reset
+    blk.start()
+    blk.write(8, b"\x20" * 4096)
+    blk.flush()
+    with open(image, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(4096) == b"\x20" * 4096
+    assert "Traceback" not in again.log()
+    blk.close()

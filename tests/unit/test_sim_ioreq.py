@@ -122,13 +122,25 @@ def test_disabled_server_claims_nothing(served):
     assert dom.mmio(0, BASE, 4, False) == 0
 
 
-def test_overlapping_ranges_are_refused(hypervisor, served):
-    dom, *_ = served
+def test_overlaps_are_refused_per_server_and_the_highest_id_takes_the_access(hypervisor, served):
+    """As Xen 4.20 (xen/common/ioreq.c): ioreq_server_map_io_range refuses an overlap
+    with the server's own ranges only; ioreq_server_select walks the servers from the
+    highest id down. A device model restarted after SIGKILL gets a second server whose
+    windows overlap the dead one's; it is served only if its id is higher."""
+    dom, _, _, first = served
     plat = SimPlatform(hypervisor.run_dir)
     other = plat.create_ioreq_server(dom.domid)
+    assert other.id > first.id  # the lowest free slot, as Xen allocates them
+    other.map_mmio_range(BASE + 0x100, BASE + 0x2FF)  # overlaps `first`: accepted
     with pytest.raises(Exception, match=r"EEXIST|File exists"):
-        other.map_mmio_range(BASE + 0x100, BASE + 0x2FF)
+        other.map_mmio_range(BASE + 0x200, BASE + 0x3FF)  # overlaps its own range
+    other.set_enabled(True)
+    assert dom.servers_claiming(BASE + 0x100) == [other.id, first.id]
     other.destroy()
+    assert dom.servers_claiming(BASE + 0x100) == [first.id]
+    reused = plat.create_ioreq_server(dom.domid)
+    assert reused.id == other.id  # its slot is free again
+    reused.destroy()
     plat.close()
 
 

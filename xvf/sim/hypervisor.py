@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+import uuid
 from dataclasses import dataclass, field
 
 from xvf.errors import GrantError, SimulatorError
@@ -88,7 +89,12 @@ class Domain:
                 os.eventfd_write(efd, 1)
                 return 0
         with self.hv.lock:
-            server = next((s for s in self.servers.values() if s.claims(addr, size)), None)
+            # Xen's ioreq_server_select: FOR_EACH_IOREQ_SERVER walks ids from the top,
+            # the first enabled server whose ranges contain the access takes it.
+            server = next(
+                (s for _, s in sorted(self.servers.items(), reverse=True) if s.claims(addr, size)),
+                None,
+            )
         if server is None:
             raise GuestDataAbort(f"domain {self.domid}: no device at {addr:#x}")
         return issue(
@@ -102,6 +108,14 @@ class Domain:
             value,
             self.access_timeout,
         )
+
+    def servers_claiming(self, addr: int, size: int = 4) -> list[int]:
+        """Ids of the enabled IOREQ servers whose ranges hold the access, in the order
+        Xen would offer it to them (highest id first)."""
+        with self.hv.lock:
+            return [
+                sid for sid, s in sorted(self.servers.items(), reverse=True) if s.claims(addr, size)
+            ]
 
     def invalidate_mapcache(self, vcpu: int = 0) -> int:
         """What Xen does after the guest's p2m dropped a RAM page (Arm: p2m_put_l3_page,
@@ -176,7 +190,6 @@ class Hypervisor:
         self.evtchn = EventChannels()
         self.evtchn.add_domain(DM_DOMID)
         self._next_domid = 1
-        self._next_server = 1
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
@@ -286,6 +299,7 @@ class Hypervisor:
             base = f"/local/domain/{domid}"
             xs.write(f"{base}/name", name)
             xs.write(f"{base}/domid", str(domid))
+            xs.write(f"{base}/vm", f"/vm/{uuid.uuid4()}")  # libxl: the domain's identity
             xs.write(f"{base}/memory/static-max", str(memory_mib << 10))
             xs.write(f"{base}/cpu/nr", str(vcpus))
             self.xenstored.introduce_domain(domid)
@@ -473,8 +487,8 @@ class _Session:
                     raise OSError(
                         errno.ENOSPC, f"domain {domid} has {MAX_SERVERS_PER_DOMAIN} IOREQ servers"
                     )
-                sid = hv._next_server
-                hv._next_server += 1
+                # Xen's ioreq_server_create: the lowest free slot of this domain.
+                sid = min(set(range(MAX_SERVERS_PER_DOMAIN)) - set(dom.servers))
             ports = [
                 hv.evtchn.alloc_unbound(domid, DM_DOMID, dom.vcpu_channels[v].on_event)
                 for v in range(dom.nr_vcpus)
@@ -495,9 +509,10 @@ class _Session:
                 raise OSError(errno.EINVAL, "only MMIO ranges on Arm")
             with hv.lock:
                 if op == DMOP_MAP_IO_RANGE:
-                    for other in dom.servers.values():
-                        if any(r.start <= end and start <= r.end for r in other.ranges):
-                            raise OSError(errno.EEXIST, f"range {start:#x}-{end:#x} taken")
+                    # Xen checks the server's own rangeset only (ioreq_server_map_io_range):
+                    # another server may claim the same range; dispatch then decides.
+                    if any(r.start <= end and start <= r.end for r in server.ranges):
+                        raise OSError(errno.EEXIST, f"range {start:#x}-{end:#x} taken")
                     server.ranges.append(MmioRange(start, end))
                 else:
                     before = len(server.ranges)

@@ -60,11 +60,15 @@ class SimEventChannelHandle:
 
 
 class SimIoreqServer:
-    def __init__(self, platform: SimPlatform, domid: int) -> None:
+    def __init__(self, platform: SimPlatform, domid: int, existing: int | None = None) -> None:
+        """A new server, or with `existing` the server of that id (another process's)."""
         self._p = platform
         self.domid = domid
-        out = platform.dm_op(domid, _dm_op(1, struct.pack("<B3xH", 0, 0)))
-        (self.id,) = struct.unpack_from("<H", out, 8 + 4)
+        if existing is None:
+            out = platform.dm_op(domid, _dm_op(1, struct.pack("<B3xH", 0, 0)))
+            (self.id,) = struct.unpack_from("<H", out, 8 + 4)
+        else:
+            self.id = existing
         out = platform.dm_op(domid, _dm_op(20, b""))
         (self.nr_vcpus,) = struct.unpack_from("<I", out, 8)
         reply, fds = platform.ctl.call(
@@ -297,6 +301,9 @@ class SimPlatform:
 
     def create_ioreq_server(self, domid: int) -> SimIoreqServer:
         return SimIoreqServer(self, domid)
+
+    def open_ioreq_server(self, domid: int, server_id: int) -> SimIoreqServer:
+        return SimIoreqServer(self, domid, existing=server_id)
 
     def irq_line(self, domid: int, irq: int) -> IrqLine:
         # The hot path sends dm_ops itself; it gets a connection of its own so

@@ -57,11 +57,16 @@ class XenEventChannelHandle:
 class XenIoreqServer:
     """An IOREQ server of one guest with its synchronous ioreq page mapped here."""
 
-    def __init__(self, pc: P.Privcmd, domid: int) -> None:
+    def __init__(self, pc: P.Privcmd, domid: int, existing: int | None = None) -> None:
+        """A new server, or with `existing` the server of that id (left by a process
+        that died: IOREQ servers belong to Dom0, not to the process)."""
         self._pc = pc
         self.domid = domid
-        out = pc.dm_op(domid, P.dm_op_create_ioreq_server(P.HVM_IOREQSRV_BUFIOREQ_OFF))
-        self.id = P.parse_created_server_id(out)
+        if existing is None:
+            out = pc.dm_op(domid, P.dm_op_create_ioreq_server(P.HVM_IOREQSRV_BUFIOREQ_OFF))
+            self.id = P.parse_created_server_id(out)
+        else:
+            self.id = existing
         self._mapping: P.Mapping | None = None
         try:
             self.nr_vcpus = P.parse_nr_vcpus(pc.dm_op(domid, P.dm_op_nr_vcpus()))
@@ -303,6 +308,9 @@ class XenPlatform:
 
     def create_ioreq_server(self, domid: int) -> XenIoreqServer:
         return XenIoreqServer(self.privcmd, domid)
+
+    def open_ioreq_server(self, domid: int, server_id: int) -> XenIoreqServer:
+        return XenIoreqServer(self.privcmd, domid, existing=server_id)
 
     def irq_line(self, domid: int, irq: int) -> IrqLine:
         return IrqLine(self.privcmd.fd, domid, irq, False)

@@ -112,6 +112,32 @@ def test_sigterm_while_a_guest_runs_leaves_no_vcpu_blocked(results, sockets, pro
     assert not guest.exists()
 
 
+def test_sigkill_mid_io_then_a_new_xvf_takes_over(results, sockets, procs, guests):
+    """xvf killed with SIGKILL while a guest writes: its IOREQ server stays in Xen (it is
+    Dom0's, not the process's), enabled, and a vCPU may wait on it. The next xvf serves the
+    window on a server of its own, answers what waits on the old one and destroys it (its
+    xenstore record says which it is); the guest finishes its report, the next is served."""
+    image, xvf = serve_one_disk(results, sockets, procs)
+    guest = blk_guest("kill", results, "kill", nbytes=32 * MIB, **{"blk.timeout": 25})
+    guests.append(guest)
+    guest.run_when_served()
+    wait_check_started(guest)
+    xvf.stop(signal.SIGKILL)
+    again = start_xvf(results, sockets, name="xvf-again")
+    procs.append(again)
+    again.wait_log("left by an earlier xvf", timeout=90)
+    report = guest.wait_done(timeout=180)  # no vCPU left waiting on the dead server
+    assert report.done is not None, report
+    guest.destroy()
+    second = blk_guest("kill2", results, "second")
+    guests.append(second)
+    second.run_when_served()
+    result(second.wait_done(), "blk")
+    assert on_image(image, "second", 128 * 1024)
+    assert again.alive()
+    assert "Traceback" not in again.log()
+
+
 def test_backend_killed_and_restarted(results, sockets, procs, guests):
     """qemu-storage-daemon dies under a running guest: xvf marks the device
     DEVICE_NEEDS_RESET, keeps serving, reconnects when the backend is back, and the next
