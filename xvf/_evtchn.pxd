@@ -5,4 +5,5 @@ cdef class EventChannel:
     cdef readonly bint simulated
     cdef int c_notify(self, uint32_t port) noexcept nogil
     cdef int c_unmask(self, uint32_t port) noexcept nogil
+    cdef int c_unmask_many(self, uint32_t *ports, int n) noexcept nogil
     cdef int c_read_pending(self, uint32_t *ports, int max_ports) noexcept nogil

@@ -494,6 +494,7 @@ cdef class IoreqServer:
         cdef uint8_t flags
         cdef uint64_t offset, value
         cdef int w = -1
+        cdef bint is_read
         cdef uint64_t token
         cdef MmioState device
         if self.slots == NULL or vcpu >= self.nr_vcpus:
@@ -634,10 +635,11 @@ cdef class ServiceLoop:
                 return
             if n == 0:
                 return
+            # Unmask first, all in one write: a notification racing with our response
+            # is kept pending.
+            self.evtchn.c_unmask_many(ports, n)
             for i in range(n):
                 port = ports[i]
-                # Unmask first: a notification racing with our response is kept pending.
-                self.evtchn.c_unmask(port)
                 if port >= self._route_len:
                     continue
                 obj = self._route_server[port]
@@ -667,6 +669,12 @@ cdef class ServiceLoop:
         self.wakeups += 1
         for i in range(n):
             fd = <int>events[i].data.u64
+            if fd == self.evtchn.fd:  # the hot one: no dict lookup
+                if events[i].events & (EPOLLHUP | EPOLLERR):
+                    self.evtchn_lost = True
+                else:
+                    self._on_evtchn()
+                continue
             entry = self._fds.get(fd)
             if entry is None:
                 continue

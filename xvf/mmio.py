@@ -92,6 +92,9 @@ class VirtioMmioRegisters:
         self.config_generation = 0
         self.guest_errors = 0
         self._guest_log = RateLimitedLog(log, first=10)
+        # a guest that retries a start that cannot work (rings outside its RAM) would
+        # otherwise write a line per attempt
+        self._start_failures = RateLimitedLog(log)
         self._reset_registers()
 
     # -- state helpers -------------------------------------------------
@@ -286,7 +289,13 @@ class VirtioMmioRegisters:
             try:
                 self.model.queue_ready(self.queue_sel, q)
             except Exception as exc:  # never a queue that reads ready and never works
-                log.error("%s: starting queue %d failed: %s", self.name, self.queue_sel, exc)
+                self._start_failures(
+                    logging.ERROR,
+                    "%s: starting queue %d failed: %s",
+                    self.name,
+                    self.queue_sel,
+                    exc,
+                )
                 self.needs_reset()
 
     def _w_status(self, value: int) -> None:
@@ -310,7 +319,9 @@ class VirtioMmioRegisters:
             try:
                 self.model.driver_ok(self.queues, self.driver_features)
             except Exception as exc:  # the backend failed to start: tell the driver
-                log.error("%s: starting the device failed: %s", self.name, exc)
+                self._start_failures(
+                    logging.ERROR, "%s: starting the device failed: %s", self.name, exc
+                )
                 self.needs_reset()
             return
         if new_bits & R.STATUS_FAILED:
