@@ -179,3 +179,25 @@ def test_same_domid_recreated_between_two_rescans(
     assert fe.log().count("dom9/blk0: serving virtio blk") == 2
     assert "Traceback" not in fe.log()
     fresh.close()
+
+
+def test_destroy_with_relay_io_in_flight_leaves_dom0_holding_nothing(
+    hypervisor, sockets, start_frontend, start_blk_backend
+):
+    """Grant relay: xvf holds the guest's granted pages while requests are in flight.
+    By the time it answers Closed (xl destroy) it must hold none of them."""
+    start_blk_backend(sockets, "blk.sock0", size=8 * MIB)
+    fe = start_frontend(sockets, foreign=False)
+    dom = hypervisor.create_domain(
+        "relayed", memory_mib=32,
+        virtio='virtio = [ "type=virtio,device2, transport=mmio, grant_usage=1" ]',
+    )  # fmt: skip
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    for i in range(8):  # in flight when the guest goes
+        gpa = blk.ram.alloc(128 * 1024)
+        blk.submit(1, i * 256, gpa, 128 * 1024)
+    hypervisor.destroy_domain(dom.domid)
+    assert hypervisor.backends_closed[dom.domid]
+    assert hypervisor.held_at_destroy[dom.domid] == []
+    assert fe.proc.poll() is None

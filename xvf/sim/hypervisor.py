@@ -195,6 +195,10 @@ class Hypervisor:
         self._conns: list[socket.socket] = []
         self._stopping = False
         self._closed = False
+        self.sessions: list[_Session] = []  # device-model connections (privcmd, gntdev)
+        # domid -> what Dom0 still held of the domain once its backends answered Closed
+        # (see destroy_domain)
+        self.held_at_destroy: dict[int, list[str]] = {}
         from xvf.sim.xenstored import XenStored
 
         self.xenstored = XenStored(self.xenstore_path)
@@ -338,6 +342,13 @@ class Hypervisor:
                 xs.close()
         except Exception as exc:  # xenstored may already be gone at shutdown
             log.debug("closing virtio devices of domain %d: %s", domid, exc)
+        if self.backends_closed.get(domid):
+            self.held_at_destroy[domid] = held = self._held_by_dom0(dom)
+            if held:
+                # On real Xen this is no leak but a hang: with Dom0 still holding the
+                # guest's eventfd offloads or grants, `xl destroy` spun in its destroy
+                # hypercall (seen on the rig: RCU stalls in Dom0, the test timed out).
+                log.warning("domain %d destroyed while Dom0 holds %s", domid, ", ".join(held))
         with self.lock:
             self.domains.pop(domid, None)
         try:
@@ -358,6 +369,16 @@ class Hypervisor:
             dom.servers.clear()
         self.evtchn.remove_domain(domid)
         dom.ram.close()
+
+    def _held_by_dom0(self, dom: Domain) -> list[str]:
+        """What the device models still hold of `dom`: kernel eventfd offloads, grants."""
+        with self.lock:
+            sessions = list(self.sessions)
+        held = [f"ioeventfd at {addr:#x} queue {vq}" for addr, _, vq in dom.ioeventfds]
+        for session in sessions:
+            held += [f"irqfd of SPI {irq}" for d, irq in session.irqfds if d == dom.domid]
+            held += [f"grant {ref}" for d, ref, _ in session.mapped_grants if d == dom.domid]
+        return held
 
     def domain(self, domid: int) -> Domain:
         with self.lock:
@@ -380,6 +401,8 @@ class Hypervisor:
 
     def _serve(self, conn: socket.socket) -> None:
         session = _Session(self)
+        with self.lock:
+            self.sessions.append(session)
         try:
             while True:
                 try:
@@ -397,6 +420,8 @@ class Hypervisor:
                     for fd in out_fds:
                         os.close(fd)
         finally:
+            with self.lock:
+                self.sessions.remove(session)
             session.close()
             conn.close()
             if conn in self._conns:
