@@ -41,9 +41,12 @@ from xvf.vhost_user_wire import ProtocolFeature as PF
 log = logging.getLogger("xvf.device")
 
 MMIO_WINDOW = 0x200  # libxl gives every virtio-mmio device 0x200 bytes
-# How long a vCPU may wait for a backend before the device is given up. Linux's
-# virtio-mmio driver cannot be told "later", so the bound is what protects its guest.
-BACKEND_ANSWER_LIMIT_S = 2.0
+# How long the worker may spend on what a waiting vCPU needs before the device is given
+# up. Linux's virtio-mmio driver cannot be told "later", so the bound is what protects
+# its guest; it is above the 5 s after which a single vhost-user message times out
+# (xvf.vhost_user), because a backend mapping a big guest's memory (SET_MEM_TABLE)
+# legitimately takes seconds: 2-3 s for 256 MiB under TCG on the rig.
+BACKEND_ANSWER_LIMIT_S = 8.0
 # After a ring is stopped, how long its requests still in the backend may take to
 # complete before the reset goes ahead without them (their late completions would
 # land in rings the guest re-allocates).
@@ -113,6 +116,7 @@ class _Connection:
     vhost: VhostUserFrontend
     features: int
     config: bytes | None  # None: the backend has no CONFIG protocol feature
+    memory: object = None  # foreign mapping: the guest's RAM, mapped on the worker
 
 
 Step = Callable[[VhostUserFrontend], object]
@@ -200,6 +204,8 @@ class VhostDevice:
             if error is None and conn is not None:
                 if self.stopped:
                     self._close_now(conn.vhost)
+                    if conn.memory is not None:
+                        conn.memory.close()  # type: ignore[attr-defined]
                     return
                 try:
                     self._install(conn)
@@ -263,12 +269,26 @@ class VhostDevice:
         except BaseException:
             vhost.close()
             raise
+        memory = None
+        if self.foreign_mapping and self.memory is None:
+            # Off the service loop: mapping a guest's RAM takes seconds on a slow host,
+            # and no other guest may wait for it.
+            try:
+                memory = self.platform.map_guest_memory(p.domid)
+            except BaseException:
+                vhost.close()
+                raise
         self.worker.watch(vhost.fileno(), lambda: self._on_hangup(vhost))
-        return _Connection(vhost, features, config)
+        return _Connection(vhost, features, config, memory)
 
     def _install(self, conn: _Connection) -> None:
         """On the loop thread: adopt a connection the worker made."""
         p = self.params
+        if conn.memory is not None:
+            if self.memory is None:
+                self.memory = conn.memory
+            else:
+                conn.memory.close()  # type: ignore[attr-defined]
         self.vhost = conn.vhost
         self.backend_features = features = conn.features
         self.config_supported = conn.config is not None
@@ -905,8 +925,11 @@ class VhostDevice:
     def check(self, now: float) -> None:
         """Every tick: give up on a backend that keeps a vCPU waiting too long; try
         to reconnect a lost one."""
-        for since, what in self._waiting.values():
-            if now - since >= BACKEND_ANSWER_LIMIT_S:
+        stuck = self.worker.stuck_for
+        for _since, what in self._waiting.values():
+            # The worker's own time on it: not how long its answer waited for this
+            # loop (a slow loop is not the backend's fault).
+            if stuck >= BACKEND_ANSWER_LIMIT_S:
                 self.backend_stalls += 1
                 log.error(
                     "%s: backend %s has not answered (%s) for %.1fs: device marked "
@@ -914,7 +937,7 @@ class VhostDevice:
                     self.label,
                     self.params.socket_path,
                     what,
-                    now - since,
+                    stuck,
                 )
                 if self.vhost is not None:
                     self._lose_backend()
@@ -942,6 +965,8 @@ class VhostDevice:
             if self.stopped:
                 if conn is not None:
                     self._close_now(conn.vhost)
+                    if conn.memory is not None:
+                        conn.memory.close()  # type: ignore[attr-defined]
                 return
             if error is not None or conn is None:
                 self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))

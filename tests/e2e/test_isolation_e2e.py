@@ -149,10 +149,10 @@ def test_a_stuck_backend_stalls_no_other_guest(
         f.seek(8 * 512)
         assert f.read(4096) == b"\x33" * 4096
     log = fe.log()
-    if fault == "hangs":
-        assert log.count("has not answered") == 1, "the stall is reported once"
+    if fault == "hangs":  # by the message timeout or the watchdog, whichever first
+        assert log.count("marked DEVICE_NEEDS_RESET") == 1, "the stall is reported once"
     elif fault == "answers-after-seconds":
-        assert "has not answered" not in log and "reconnect" not in log
+        assert "DEVICE_NEEDS_RESET" not in log and "reconnect" not in log
     assert fe.proc.poll() is None
     blk_a.close()
     blk_b.close()

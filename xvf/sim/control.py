@@ -15,6 +15,7 @@ import array
 import errno
 import socket
 import struct
+import threading
 
 from xvf.errors import SimulatorError
 
@@ -82,6 +83,7 @@ class ControlClient:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock = threading.Lock()  # a device's worker maps guest RAM through it too
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -110,6 +112,7 @@ class ControlClient:
             raise
         client = cls.__new__(cls)
         client.path = peer if isinstance(peer, str) else ""
+        client._lock = threading.Lock()
         client.sock = sock
         return client
 
@@ -118,6 +121,10 @@ class ControlClient:
 
     def call(self, op: int, payload: bytes = b"", fds: list[int] = ()) -> tuple[bytes, list[int]]:
         """Returns the reply payload and fds; raises OSError(errno) when rc < 0."""
+        with self._lock:  # one request at a time, from whichever thread
+            return self._call(op, payload, fds)
+
+    def _call(self, op: int, payload: bytes = b"", fds: list[int] = ()) -> tuple[bytes, list[int]]:
         send_message(self.sock, HEADER.pack(op, len(payload)), payload, list(fds))
         data, fds = recv_message(self.sock)
         if len(data) < RC.size:
