@@ -261,7 +261,9 @@ def test_xvf_killed_mid_access_and_started_again_takes_over(
     again = start_frontend(sockets, foreign=True)
     again.wait_log("left by an earlier xvf (1 waiting vCPU(s) answered)")
     vcpu.join(timeout=10)
-    assert caught == [0xFFFFFFFF], caught  # answered like an access nobody serves
+    # Answered: all ones (like an access nobody serves) when the vCPU took xvf's answer
+    # before the server went, else 0, which Xen completes it with once no server is left.
+    assert caught in ([0xFFFFFFFF], [0]), caught
     assert len(dom.servers) == 1  # the dead one is gone
 
     blk = VirtioBlk(attach(dom, 0))  # the driver starts again, as after a reset

@@ -59,6 +59,9 @@ class IoreqServer:
     ranges: list[MmioRange] = field(default_factory=list)
     enabled: bool = False
     allocated: bool = False  # the page exists once acquire_resource asked for it
+    destroyed: bool = False
+    _waiting: int = 0  # vCPUs inside issue() on this server
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, server_id: int, domid: int, ports: list[int]) -> IoreqServer:
@@ -92,8 +95,31 @@ class IoreqServer:
         )
 
     def close(self) -> None:
+        """Destroyed (ioreq_server_destroy). A vCPU still waiting on it completes, as
+        in Xen, where it then finds no pending server (vcpu_ioreq_handle_completion);
+        the page goes once the last such vCPU has left it."""
+        with self._lock:
+            self.destroyed = True
+            if self._waiting:
+                return
+        self._release()
+
+    def _release(self) -> None:
         self.page.close()
         os.close(self.fd)
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.destroyed:
+                raise SimulatorError(f"IOREQ server {self.id} of domain {self.domid} is gone")
+            self._waiting += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            last = self.destroyed and not self._waiting
+        if last:
+            self._release()
 
 
 class VcpuChannel:
@@ -120,6 +146,27 @@ def issue(
     count: int = 1,
 ) -> int:
     """Run one access through the ioreq page; returns the value read (0 for writes)."""
+    server.enter()
+    try:
+        return _issue(server, vcpu, chan, notify, addr, size, is_write, value, timeout,
+                      req_type, count)  # fmt: skip
+    finally:
+        server.leave()
+
+
+def _issue(
+    server: IoreqServer,
+    vcpu: int,
+    chan: VcpuChannel,
+    notify,
+    addr: int,
+    size: int,
+    is_write: bool,
+    value: int,
+    timeout: float,
+    req_type: int,
+    count: int,
+) -> int:
     base = vcpu * IOREQ_SIZE
     page = server.page
     state = page[base + FLAGS_OFFSET] & STATE_MASK
@@ -135,6 +182,10 @@ def issue(
     while True:
         if (page[base + FLAGS_OFFSET] & STATE_MASK) == STATE_RESP_READY:
             break
+        if server.destroyed:
+            # Xen completes the access with the request's own data (0 for a read).
+            page[base + FLAGS_OFFSET] = STATE_NONE
+            return 0
         left = deadline - time.monotonic()
         if left <= 0:
             raise VcpuStuck(
