@@ -114,14 +114,8 @@ class Guest:
 
     def answer_pending(self) -> None:
         """Answer every vCPU already waiting in its slot, so none is left blocked."""
-        if self.ioreq is None:
-            return
-        for vcpu, port in enumerate(self.ports):
-            try:
-                if self.ioreq.service(vcpu):
-                    self.evtchn.channel.notify(port)
-            except XvfError as exc:
-                log.debug("%s: answering vCPU %d: %s", self.label, vcpu, exc)
+        if self.ioreq is not None:
+            self._answer_slots(self.ioreq, self.ports)
 
     def retire(self, server_id: int) -> int:
         """Take over and destroy a server of this guest that a killed xvf left: answer
@@ -156,12 +150,18 @@ class Guest:
         return answered
 
     def _answer_slots(self, page: IoreqServer, ports: list[int]) -> int:
+        """Answer each vCPU waiting in its slot of `page` and notify it on its port
+        (-1: none bound); returns how many were answered. An access no window claims
+        is answered as nobody serves it (reads get all ones)."""
         n = 0
         for vcpu, port in enumerate(ports):
-            if page.service(vcpu):  # reads get all ones, like an access nobody serves
-                n += 1
-                if port >= 0:
-                    self.evtchn.channel.notify(port)
+            try:
+                if page.service(vcpu):
+                    n += 1
+                    if port >= 0:
+                        self.evtchn.channel.notify(port)
+            except XvfError as exc:  # the guest may be gone
+                log.debug("%s: answering vCPU %d: %s", self.label, vcpu, exc)
         return n
 
     def stop(self) -> None:

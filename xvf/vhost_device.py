@@ -203,9 +203,7 @@ class VhostDevice:
         def connected(conn: _Connection | None, error: BaseException | None) -> None:
             if error is None and conn is not None:
                 if self.stopped:
-                    self._close_now(conn.vhost)
-                    if conn.memory is not None:
-                        conn.memory.close()  # type: ignore[attr-defined]
+                    self._discard(conn)
                     return
                 try:
                     self._install(conn)
@@ -386,6 +384,12 @@ class VhostDevice:
                     self.regs.needs_reset()
 
         self.worker.submit(run, done)
+
+    def _discard(self, conn: _Connection) -> None:
+        """A handshake that finished after stop(): close what it made."""
+        self._close_now(conn.vhost)
+        if conn.memory is not None:
+            conn.memory.close()  # type: ignore[attr-defined]
 
     def _close_now(self, vhost: VhostUserFrontend) -> None:
         """Close a connection no job uses any more (its handshake has finished)."""
@@ -909,8 +913,7 @@ class VhostDevice:
 
         if idle:
             if vhost is not None:
-                self.worker.unwatch()
-                vhost.close()
+                self._close_now(vhost)
             release()
             return
         log.warning("%s: backend worker still busy; releasing after it", self.label)
@@ -964,9 +967,7 @@ class VhostDevice:
             self._connecting = False
             if self.stopped:
                 if conn is not None:
-                    self._close_now(conn.vhost)
-                    if conn.memory is not None:
-                        conn.memory.close()  # type: ignore[attr-defined]
+                    self._discard(conn)
                 return
             if error is not None or conn is None:
                 self._reconnect_delay = min(5.0, max(0.2, 2 * self._reconnect_delay))

@@ -8,11 +8,13 @@ IORESP_READY and a notify; the vCPU takes the data and returns the slot to NONE.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
@@ -108,18 +110,21 @@ class IoreqServer:
         self.page.close()
         os.close(self.fd)
 
-    def enter(self) -> None:
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """A vCPU's access on this server: its page is not released meanwhile."""
         with self._lock:
             if self.destroyed:
                 raise SimulatorError(f"IOREQ server {self.id} of domain {self.domid} is gone")
             self._waiting += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._waiting -= 1
-            last = self.destroyed and not self._waiting
-        if last:
-            self._release()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                last = self.destroyed and not self._waiting
+            if last:
+                self._release()
 
 
 class VcpuChannel:
@@ -146,56 +151,39 @@ def issue(
     count: int = 1,
 ) -> int:
     """Run one access through the ioreq page; returns the value read (0 for writes)."""
-    server.enter()
-    try:
-        return _issue(server, vcpu, chan, notify, addr, size, is_write, value, timeout,
-                      req_type, count)  # fmt: skip
-    finally:
-        server.leave()
-
-
-def _issue(
-    server: IoreqServer,
-    vcpu: int,
-    chan: VcpuChannel,
-    notify,
-    addr: int,
-    size: int,
-    is_write: bool,
-    value: int,
-    timeout: float,
-    req_type: int,
-    count: int,
-) -> int:
-    base = vcpu * IOREQ_SIZE
-    page = server.page
-    state = page[base + FLAGS_OFFSET] & STATE_MASK
-    if state != STATE_NONE:
-        raise SimulatorError(f"vCPU {vcpu} slot busy (state {state})")
-    chan.event.clear()
-    _REQ_HEAD.pack_into(page, base, addr, value if is_write else 0, count, size, server.ports[vcpu])
-    page[base + 31] = req_type
-    # The flags byte is the publication point: one single-byte store, last.
-    page[base + FLAGS_OFFSET] = STATE_READY | (0 if is_write else DIR_READ_BIT)
-    notify(server.domid, server.ports[vcpu])
-    deadline = time.monotonic() + timeout
-    while True:
-        if (page[base + FLAGS_OFFSET] & STATE_MASK) == STATE_RESP_READY:
-            break
-        if server.destroyed:
-            # Xen completes the access with the request's own data (0 for a read).
-            page[base + FLAGS_OFFSET] = STATE_NONE
-            return 0
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise VcpuStuck(
-                f"domain {server.domid} vCPU {vcpu}: no answer to {'write' if is_write else 'read'}"
-                f" at {addr:#x} within {timeout}s (device model not running?)"
-            )
-        chan.event.wait(min(0.5, left))
+    with server.in_use():  # the page stays while this vCPU waits on it, past a destroy
+        base = vcpu * IOREQ_SIZE
+        page = server.page
+        state = page[base + FLAGS_OFFSET] & STATE_MASK
+        if state != STATE_NONE:
+            raise SimulatorError(f"vCPU {vcpu} slot busy (state {state})")
         chan.event.clear()
-    data = struct.unpack_from("<Q", page, base + 8)[0]
-    page[base + FLAGS_OFFSET] = STATE_NONE
-    if size < 8:
-        data &= (1 << (8 * size)) - 1
-    return 0 if is_write else data
+        _REQ_HEAD.pack_into(
+            page, base, addr, value if is_write else 0, count, size, server.ports[vcpu]
+        )
+        page[base + 31] = req_type
+        # The flags byte is the publication point: one single-byte store, last.
+        page[base + FLAGS_OFFSET] = STATE_READY | (0 if is_write else DIR_READ_BIT)
+        notify(server.domid, server.ports[vcpu])
+        deadline = time.monotonic() + timeout
+        while True:
+            if (page[base + FLAGS_OFFSET] & STATE_MASK) == STATE_RESP_READY:
+                break
+            if server.destroyed:
+                # Xen completes the access with the request's own data (0 for a read).
+                page[base + FLAGS_OFFSET] = STATE_NONE
+                return 0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = "write" if is_write else "read"
+                raise VcpuStuck(
+                    f"domain {server.domid} vCPU {vcpu}: no answer to {what} at {addr:#x} "
+                    f"within {timeout}s (device model not running?)"
+                )
+            chan.event.wait(min(0.5, left))
+            chan.event.clear()
+        data = struct.unpack_from("<Q", page, base + 8)[0]
+        page[base + FLAGS_OFFSET] = STATE_NONE
+        if size < 8:
+            data &= (1 << (8 * size)) - 1
+        return 0 if is_write else data
