@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from tests.e2e.test_isolation_e2e import BYSTANDER_WORST_S, Bystander
+from tests.e2e.test_isolation_e2e import Bystander
 from xvf import virtio_consts as R
 from xvf.sim.drivers.blk import VirtioBlk
 from xvf.sim.guest import attach
@@ -67,14 +67,11 @@ def test_a_guest_breaking_its_ring_costs_others_nothing(
     data = random.Random(4).randbytes(128 * 1024)
     blk_b.write(0, data)
     blk_b.flush()
-    bystander.halt.set()
-    bystander.join(5)
+    bystander.finish()
     print(
         f"{how}: {KICKS} kicks in {kicking:.2f}s; bystander worst access "
         f"{bystander.worst * 1000:.1f} ms over {bystander.accesses} accesses"
     )
-    assert not bystander.errors, bystander.errors
-    assert bystander.worst < BYSTANDER_WORST_S
     with open(image_b, "rb") as f:
         assert f.read(len(data)) == data
 
