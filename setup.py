@@ -6,6 +6,7 @@ compile the extensions and how to fail clearly when the toolchain is missing.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -54,10 +55,9 @@ def _extensions() -> list[Extension]:
 
     include_dirs = [os.path.join(HERE, "include")]
     common = dict(include_dirs=include_dirs, extra_compile_args=["-O2", "-Wall"])
-    exts = [
-        Extension(f"xvf.{name}", [f"xvf/{name}.pyx"], **common)
-        for name in ("_evtchn", "_ioreq", "_gnttab")
-    ]
+    # Every .pyx of the hot path is an extension (the rig's cross build finds them alike).
+    sources = sorted(glob.glob(os.path.join("xvf", "hotpath", "*.pyx")))
+    exts = [Extension(src[:-4].replace(os.sep, "."), [src], **common) for src in sources]
     return cythonize(
         exts,
         language_level=3,

@@ -19,15 +19,15 @@ import time
 import numpy as np
 
 from benchmarks.common import REPO, BenchError, ratio, summarize
-from xvf import virtio_consts as R
 from xvf.errors import SimulatorError
-from xvf.sim.backends import make_disk_image, start_qsd, xvf_command
-from xvf.sim.dma import DirectDma
-from xvf.sim.drivers.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlk
-from xvf.sim.memory import GuestRam
-from xvf.sim.virtqueue import SplitVirtqueue
-from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
-from xvf.vhost_user_wire import F_PROTOCOL_FEATURES
+from xvf.platform.sim.backends import make_disk_image, start_qsd, xvf_command
+from xvf.platform.sim.dma import DirectDma
+from xvf.platform.sim.drivers.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlk
+from xvf.platform.sim.memory import GuestRam
+from xvf.platform.sim.virtqueue import SplitVirtqueue
+from xvf.protocols import virtio as R
+from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
+from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -189,7 +189,7 @@ class Setup:
         return proc
 
     def start_xvf(self, foreign: bool, kernel_eventfds: bool = False) -> subprocess.Popen:
-        from xvf.sim.hypervisor import Hypervisor
+        from xvf.platform.sim.hypervisor import Hypervisor
 
         # kernel_eventfds: the simulated Dom0 kernel has privcmd ioeventfd/irqfd
         # (Linux 6.7+), so QueueNotify and interrupts bypass xvf.
@@ -213,7 +213,7 @@ class Setup:
             time.sleep(0.02)
 
     def guest_blk(self, foreign: bool, name: str = "bench", memory_mib: int = 64) -> VirtioBlk:
-        from xvf.sim.guest import attach
+        from xvf.platform.sim.guest import attach
 
         usage = "0" if foreign else "1"
         line = f'virtio = [ "type=virtio,device2, transport=mmio, grant_usage={usage}" ]'

@@ -1,6 +1,6 @@
 """MMIO access round trip on an ioreq page: the same C requester (benchmarks/c/requester.c,
 playing the guest's vCPUs and Xen's event channel) drives each responder in its own
-process: xvf's Cython service loop, the pure-Python one (xvf._ioreq_py), and the
+process: xvf's Cython service loop, the pure-Python one (xvf.hotpath.ioreq_reference), and the
 C baseline (benchmarks/c/responder.c, plain blocking reads and with xvf's epoll
 structure). Latency, responder CPU per access, and throughput with several vCPUs."""
 

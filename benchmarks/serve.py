@@ -1,5 +1,5 @@
-"""A responder process around xvf's service loop (`--impl cython`: xvf._ioreq,
-`--impl python`: xvf._ioreq_py), on pages and fds inherited from the benchmark.
+"""A responder process around xvf's service loop (`--impl cython`: xvf.hotpath._ioreq,
+`--impl python`: xvf.hotpath.ioreq_reference), on pages and fds inherited from the benchmark.
 
 Ports follow benchmarks/c/requester.c: port t+1 is vCPU t % vpd of device t // vpd.
 Prints "ready" once serving; runs until killed.
@@ -12,9 +12,10 @@ import mmap
 import os
 import sys
 
-from xvf._evtchn import EventChannel
+from xvf.hotpath._evtchn import EventChannel
 
-from xvf import _ioreq, _ioreq_py
+from xvf.hotpath import _ioreq
+from xvf.hotpath import ioreq_reference as _ioreq_py
 
 BASE = 0x2000000
 WINDOW = 0x200

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd, xvf_command
+from xvf.platform.sim.backends import BackendProcess, make_disk_image, start_qsd, xvf_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def run_dir(tmp_path) -> str:
 def hypervisor(run_dir, request) -> Iterator:
     """A software Xen; `@pytest.mark.kernel_eventfds` gives its Dom0 kernel privcmd
     ioeventfd/irqfd (Linux 6.7+), otherwise it is a 6.1 kernel without them."""
-    from xvf.sim.hypervisor import Hypervisor
+    from xvf.platform.sim.hypervisor import Hypervisor
 
     offload = request.node.get_closest_marker("kernel_eventfds") is not None
     # destroy waits for backends to close like libxl, but 3 s, not libxl's 10 s, so tests
@@ -163,7 +163,7 @@ def xsd():
     """The simulator's xenstored on a short socket path (unix paths max 108 bytes)."""
     import tempfile
 
-    from xvf.sim.xenstored import XenStored
+    from xvf.platform.sim.xenstored import XenStored
 
     d = tempfile.mkdtemp(prefix="xvf-xsd-")
     daemon = XenStored(os.path.join(d, "xs.sock")).start()
@@ -176,7 +176,7 @@ def xsd():
 @pytest.fixture
 def xs(xsd):
     """A client connected to `xsd`."""
-    from xvf.xenstore import XenStore
+    from xvf.protocols.xenstore import XenStore
 
     c = XenStore(xsd.path, timeout=5)
     yield c

@@ -1,6 +1,6 @@
 """A qemu-storage-daemon vhost-user-blk export for tests that talk to it directly.
 
-Built on the project's launcher (`xvf.sim.backends.start_qsd`: io_uring AIO with
+Built on the project's launcher (`xvf.platform.sim.backends.start_qsd`: io_uring AIO with
 a fallback to threads, bounded wait for the socket). This adds a short socket
 directory (unix socket paths are limited to 108 bytes, pytest's tmp_path is not)
 and teardown that always kills the daemon and removes its files.
@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from xvf.sim.backends import BackendProcess, make_disk_image, start_qsd
+from xvf.platform.sim.backends import BackendProcess, make_disk_image, start_qsd
 
 
 @dataclass

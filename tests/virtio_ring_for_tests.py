@@ -1,6 +1,6 @@
 """A minimal memfd "guest" and split virtqueue, enough to push virtio-blk requests
 through a real vhost-user backend in tests. The real guest-side virtqueue is
-xvf/sim/virtqueue.py; this one only has to be obviously right.
+xvf/platform/sim/virtqueue.py; this one only has to be obviously right.
 
 Layouts: virtio 1.2 section 2.7 (split virtqueues) and 5.2.6 (virtio-blk requests).
 """
@@ -12,7 +12,7 @@ import os
 import select
 import struct
 
-from xvf.vhost_user import VhostUserRegion
+from xvf.protocols.vhost_user import VhostUserRegion
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 VRING_DESC_F_NEXT = 1

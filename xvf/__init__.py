@@ -1,5 +1,5 @@
 """xvf: a Xen vhost-user frontend (virtio-mmio device model for Xen guests)."""
 
-from xvf.argparser import VERSION as __version__
+from xvf.app.argparser import VERSION as __version__
 
 __all__ = ["__version__"]

@@ -1,5 +1,5 @@
 import sys
 
-from xvf.cli import main
+from xvf.app.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-/* The software Xen's (xvf.sim) stand-ins for kernel interfaces that have no
+/* The software Xen's (xvf.platform.sim) stand-ins for kernel interfaces that have no
  * file-descriptor form Linux could give it. Everything else in the simulator
  * uses Xen's and Linux's own layouts. */
 #ifndef XVF_SIM_ABI_H

@@ -9,7 +9,7 @@ fd that comes with a FOREIGN or GRANT region says which Xen it is (`xen_backend_
 - real Xen: the front-end's own /dev/xen/privcmd (FOREIGN) or /dev/xen/gntdev (GRANT), a
   character device; mapped through their ioctls (xen_devices.py).
 - the software Xen: a connection to the simulator's control socket (its privcmd/gntdev
-  stand-in, xvf.sim.control).
+  stand-in, xvf.platform.sim.control).
 
 - FOREIGN: guest-physical [gpa, gpa + size) of the domain, mapped writable at SET_MEM_TABLE
   (software Xen: from the guest's RAM memfd, the region must lie in one bank).
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from xvf.errors import GuestError, SimulatorError, VhostUserError, XvfError
-from xvf.sim import control as C
+from xvf.platform.sim import control as C
 
 from . import xen_devices as xd
 from .pages import PageMapping, map_file_pages

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from tests.backends.console import F_MULTIPORT, PORT0_RX, PORT0_TX
-from xvf.sim.guest import attach
+from xvf.platform.sim.guest import attach
 
 pytestmark = pytest.mark.e2e
 

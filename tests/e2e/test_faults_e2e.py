@@ -13,10 +13,10 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach, wait_served
-from xvf.sim.ioreq import GuestDataAbort
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach, wait_served
+from xvf.platform.sim.ioreq import GuestDataAbort
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from tests.conftest import wait_for_socket
-from xvf.sim.drivers.fs import VirtioFs
-from xvf.sim.guest import attach
+from xvf.platform.sim.drivers.fs import VirtioFs
+from xvf.platform.sim.guest import attach
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 

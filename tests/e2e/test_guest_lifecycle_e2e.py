@@ -10,9 +10,9 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach, backend_state_path, wait_served
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach, backend_state_path, wait_served
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -105,7 +105,7 @@ def test_guest_destroyed_mid_io_and_same_domid_recreated(
 
 
 def _backend_state(hypervisor, dom, index: int) -> str | None:
-    from xvf.xenstore import XenStore
+    from xvf.protocols.xenstore import XenStore
 
     with XenStore(hypervisor.xenstore_path) as xs:
         return xs.read(backend_state_path(dom, index))

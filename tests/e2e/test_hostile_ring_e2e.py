@@ -17,9 +17,9 @@ import pytest
 
 from tests.conftest import needs_qsd
 from tests.e2e.test_isolation_e2e import Bystander
-from xvf import virtio_consts as R
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

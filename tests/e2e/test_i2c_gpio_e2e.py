@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from xvf.sim.drivers.gpio import VIRTIO_GPIO_DIRECTION_OUT, VirtioGpio
-from xvf.sim.drivers.i2c import I2cMsg, VirtioI2c
-from xvf.sim.guest import attach
+from xvf.platform.sim.drivers.gpio import VIRTIO_GPIO_DIRECTION_OUT, VirtioGpio
+from xvf.platform.sim.drivers.i2c import I2cMsg, VirtioI2c
+from xvf.platform.sim.guest import attach
 
 pytestmark = pytest.mark.e2e
 

@@ -17,12 +17,12 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
-from xvf.sim.backends import start_qsd
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
-from xvf.sim.virtio_driver import DomainMmioTransport
-from xvf.vhost_device import BACKEND_ANSWER_LIMIT_S
+from xvf.device.vhost_device import BACKEND_ANSWER_LIMIT_S
+from xvf.platform.sim.backends import start_qsd
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach
+from xvf.platform.sim.virtio_driver import DomainMmioTransport
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from xvf.sim.drivers.net import MAX_FRAME, VirtioNet
-from xvf.sim.guest import attach
+from xvf.platform.sim.drivers.net import MAX_FRAME, VirtioNet
+from xvf.platform.sim.guest import attach
 
 TESTPMD = "dpdk-testpmd"
 

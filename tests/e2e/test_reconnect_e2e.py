@@ -16,11 +16,11 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
 from xvf.errors import SimulatorError
-from xvf.sim.backends import start_qsd
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.platform.sim.backends import start_qsd
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

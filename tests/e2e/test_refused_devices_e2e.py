@@ -9,11 +9,11 @@ import threading
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
-from xvf.frontend import Frontend
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach, wait_served
-from xvf.sim.platform import SimPlatform
+from xvf.daemon.frontend import Frontend
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach, wait_served
+from xvf.platform.sim.platform import SimPlatform
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

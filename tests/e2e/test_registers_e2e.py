@@ -7,9 +7,9 @@ import os
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import virtio_consts as R
-from xvf.devices import BY_NAME
-from xvf.sim.ioreq import GuestDataAbort
+from xvf.device.types import BY_NAME
+from xvf.platform.sim.ioreq import GuestDataAbort
+from xvf.protocols import virtio as R
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

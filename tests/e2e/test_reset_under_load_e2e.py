@@ -16,8 +16,8 @@ import random
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

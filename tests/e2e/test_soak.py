@@ -15,9 +15,9 @@ import time
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.drivers.i2c import VirtioI2c
-from xvf.sim.guest import attach, wait_served
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.drivers.i2c import VirtioI2c
+from xvf.platform.sim.guest import attach, wait_served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_qsd]
 

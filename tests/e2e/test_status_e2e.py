@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from tests.conftest import REPO, needs_qsd
-from xvf.sim.backends import status_socket_of
-from xvf.sim.drivers.blk import VirtioBlk
-from xvf.sim.guest import attach
+from xvf.platform.sim.backends import status_socket_of
+from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.guest import attach
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -113,7 +113,7 @@ class _Loop:
 
 
 def test_a_socket_held_by_a_live_daemon_is_left_alone_and_a_stale_one_replaced(run_dir, caplog):
-    from xvf.status import StatusServer
+    from xvf.app.status import StatusServer
 
     path = os.path.join(run_dir, "st", "status.sock")
     first = StatusServer(path, _Loop(), dict)

@@ -24,9 +24,9 @@ from tests.virtio_ring_for_tests import (
     blk_request,
 )
 from xvf.errors import VhostUserError
-from xvf.vhost_user import VhostUserFrontend
-from xvf.vhost_user_wire import F_PROTOCOL_FEATURES, XEN_MMAP_FOREIGN
-from xvf.vhost_user_wire import ProtocolFeature as PF
+from xvf.protocols.vhost_user import VhostUserFrontend
+from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES, XEN_MMAP_FOREIGN
+from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 

@@ -26,14 +26,14 @@ import shutil
 import struct
 import tempfile
 
-from xvf._ioreq import MmioState
+from xvf.hotpath._ioreq import MmioState
 
 from tests.fuzz._common import Bytes, run_atheris, tmp_root
-from xvf.grant_relay import GrantRelayQueue, ShadowMemory
-from xvf.sim.dma import GrantDma
-from xvf.sim.grant_table import GTF_READING, GTF_WRITING
-from xvf.sim.hypervisor import Hypervisor
-from xvf.sim.platform import SimPlatform
+from xvf.platform.sim.dma import GrantDma
+from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
+from xvf.platform.sim.hypervisor import Hypervisor
+from xvf.platform.sim.platform import SimPlatform
+from xvf.protocols.grant_relay import GrantRelayQueue, ShadowMemory
 
 DESC = struct.Struct("<QIHH")
 NUM = 8

@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import struct
 
-from xvf._ioreq import IoreqServer, MmioState
+from xvf.hotpath._ioreq import IoreqServer, MmioState
 
 from tests.fuzz._common import Bytes, run_atheris
 

@@ -1,7 +1,7 @@
 """Fuzz target: arbitrary guest register-access sequences on the virtio-mmio register file.
 
 Accesses go through `MmioState.access`, the path the ioreq loop takes (hot
-registers in Cython, the rest in `xvf.mmio.VirtioMmioRegisters`). Between
+registers in Cython, the rest in `xvf.protocols.virtio_mmio.VirtioMmioRegisters`). Between
 accesses the harness also injects what the backend side can do at any time:
 a used-buffer interrupt, a config change, "device needs reset". Invariants
 checked after every step:
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import logging
 
-from xvf._ioreq import MmioState
+from xvf.hotpath._ioreq import MmioState
 
 from tests.fuzz._common import Bytes, run_atheris
-from xvf import virtio_consts as R
-from xvf.mmio import QueueRegisters, VirtioMmioRegisters
+from xvf.protocols import virtio as R
+from xvf.protocols.virtio_mmio import QueueRegisters, VirtioMmioRegisters
 
 FEATURES = (1 << R.F_VERSION_1) | (1 << R.F_RING_RESET) | (1 << R.F_EVENT_IDX) | 0b1011
 QUEUE_SIZES = [8, 256, 1]

@@ -23,9 +23,9 @@ import time
 
 from tests.fuzz._common import Bytes, run_atheris, tmp_root
 from xvf.errors import VhostUserError
-from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
-from xvf.vhost_user_wire import F_PROTOCOL_FEATURES
-from xvf.vhost_user_wire import ProtocolFeature as PF
+from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
+from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
+from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
 
 TIMEOUT = 1.0
 ALL_PROTOCOL = int(PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.STATUS | PF.RESET_DEVICE | PF.XEN_MMAP)

@@ -7,7 +7,7 @@ Three harnesses, one oracle each:
   no internal error, and a second, well-behaved client still gets correct
   answers (write/read/directory/watch) afterwards.
 - `ClientHarness`: a scripted "xenstored" answers with any bytes, then
-  hangs up. Every `xvf.xenstore.XenStore` call returns a well-typed value or
+  hangs up. Every `xvf.protocols.xenstore.XenStore` call returns a well-typed value or
   raises XenStoreError; nothing else escapes, nothing waits for the timeout.
 - `check_discovery`: any values in a device's nodes give either a
   VirtioDeviceNode inside the virtio MMIO window and SPI range, or ConfigError.
@@ -23,10 +23,10 @@ import struct
 import tempfile
 
 from tests.fuzz._common import Bytes, run_atheris, tmp_root
-from xvf import discovery as D
+from xvf.daemon import discovery as D
 from xvf.errors import ConfigError, XenStoreError
-from xvf.sim.xenstored import XenStored
-from xvf.xenstore import XenStore
+from xvf.platform.sim.xenstored import XenStored
+from xvf.protocols.xenstore import XenStore
 
 HEADER = struct.Struct("=IIII")
 

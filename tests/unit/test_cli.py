@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import REPO
 from xvf import __version__
-from xvf.argparser import build_parser
-from xvf.config import load_config
+from xvf.app.argparser import build_parser
+from xvf.app.config import load_config
 from xvf.errors import ConfigError
 
 

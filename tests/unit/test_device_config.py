@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from xvf.argparser import build_parser
-from xvf.config import load_config
-from xvf.device_config import config_space, fs_tag_bytes, local_config
-from xvf.devices import BY_NAME
+from xvf.app.argparser import build_parser
+from xvf.app.config import load_config
+from xvf.device.config_space import config_space, fs_tag_bytes, local_config
+from xvf.device.types import BY_NAME
+from xvf.device.vhost_device import DeviceParams, VhostDevice
 from xvf.errors import ConfigError
-from xvf.vhost_device import DeviceParams, VhostDevice
 
 FS = BY_NAME["fs"]
 

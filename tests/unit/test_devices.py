@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.qsd import QsdExport, qsd_export
-from xvf.devices import (
+from xvf.device.types import (
     BY_ID,
     BY_NAME,
     DEVICE_TYPES,
@@ -28,8 +28,8 @@ from xvf.devices import (
     socket_name,
 )
 from xvf.errors import ConfigError
-from xvf.vhost_user import VhostUserError, VhostUserFrontend
-from xvf.vhost_user_wire import ProtocolFeature
+from xvf.protocols.vhost_user import VhostUserError, VhostUserFrontend
+from xvf.protocols.vhost_user_wire import ProtocolFeature
 
 VIRTIO_IDS_H = "/usr/include/linux/virtio_ids.h"
 

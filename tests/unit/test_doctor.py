@@ -10,10 +10,10 @@ import socket
 import pytest
 
 from tests.conftest import needs_qsd
-from xvf import doctor
-from xvf.cli import main
+from xvf.app import doctor
+from xvf.app.cli import main
 from xvf.errors import HypercallError
-from xvf.xenstore import XenStore
+from xvf.protocols.xenstore import XenStore
 
 BLK = "type=virtio,device2, transport=mmio, grant_usage=1"
 UNKNOWN = "type=virtio,device99, transport=mmio, grant_usage=1"

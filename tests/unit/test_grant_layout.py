@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from xvf.errors import ConfigError
-from xvf.grant_layout import GRANT_ADDR_OFF, grant_regions, ring_spans
-from xvf.vhost_user_wire import XEN_MMAP_GRANT, XEN_MMAP_MAP_ON_DEMAND
+from xvf.protocols.grant_layout import GRANT_ADDR_OFF, grant_regions, ring_spans
+from xvf.protocols.vhost_user_wire import XEN_MMAP_GRANT, XEN_MMAP_MAP_ON_DEMAND
 
 G = GRANT_ADDR_OFF
 MIB = 1 << 20

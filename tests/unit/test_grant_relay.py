@@ -14,19 +14,19 @@ import struct
 from dataclasses import dataclass
 
 import pytest
-from xvf._ioreq import MmioState
+from xvf.hotpath._ioreq import MmioState
 
-from xvf.grant_relay import (
+from xvf.platform.sim.dma import GrantDma, grant_to_dma
+from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
+from xvf.platform.sim.platform import SimPlatform
+from xvf.platform.sim.virtqueue import VIRTQ_DESC_F_NEXT, SplitVirtqueue
+from xvf.protocols.grant_relay import (
     GRANT_ADDR_BIT,
     GUEST_FEATURE_MASK,
     GrantRelayQueue,
     ShadowMemory,
     relay_guest_features,
 )
-from xvf.sim.dma import GrantDma, grant_to_dma
-from xvf.sim.grant_table import GTF_READING, GTF_WRITING
-from xvf.sim.platform import SimPlatform
-from xvf.sim.virtqueue import VIRTQ_DESC_F_NEXT, SplitVirtqueue
 
 DESC = struct.Struct("<QIHH")
 QSIZE = 8

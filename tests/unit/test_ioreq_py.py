@@ -1,5 +1,5 @@
-"""The pure-Python hot path (xvf._ioreq_py) against the Cython one (xvf._ioreq):
-the same access sequences give the same results, counters and page bytes."""
+"""The pure-Python reference (xvf.hotpath.ioreq_reference) against the Cython hot path
+(xvf.hotpath._ioreq): the same access sequences give the same results, counters and page bytes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import threading
 
 import pytest
 
-from xvf import _ioreq, _ioreq_py
-from xvf import virtio_consts as R
 from xvf.errors import XvfError
-from xvf.sim.platform import SimPlatform
+from xvf.hotpath import _ioreq
+from xvf.hotpath import ioreq_reference as _ioreq_py
+from xvf.platform.sim.platform import SimPlatform
+from xvf.protocols import virtio as R
 
 IMPLS = [_ioreq, _ioreq_py]
 BASE = 0x2000000

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from xvf._ioreq import MmioState
+from xvf.hotpath._ioreq import MmioState
 
-from xvf import virtio_consts as R
-from xvf.mmio import QueueRegisters, VirtioMmioRegisters
+from xvf.protocols import virtio as R
+from xvf.protocols.virtio_mmio import QueueRegisters, VirtioMmioRegisters
 
 FEATURES = (1 << R.F_VERSION_1) | (1 << R.F_RING_RESET) | 0b101
 

@@ -22,7 +22,7 @@ from tests.fuzz.fuzz_registers import (
     REGISTERS,
     RegisterHarness,
 )
-from xvf import virtio_consts as R
+from xvf.protocols import virtio as R
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xvf.sim import control as C
+from xvf.platform.sim import control as C
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from tests.fuzz.fuzz_vhost_reply import (
     VhostReplyHarness,
     call,
 )
-from xvf import vhost_user_wire as W
 from xvf.errors import VhostUserError
+from xvf.protocols import vhost_user_wire as W
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

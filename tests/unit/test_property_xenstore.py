@@ -21,7 +21,7 @@ from tests.fuzz.fuzz_xenstore import (
     DaemonHarness,
     check_discovery,
 )
-from xvf.xenstore import HEADER, PAYLOAD_MAX, XsType
+from xvf.protocols.xenstore import HEADER, PAYLOAD_MAX, XsType
 
 SETTINGS = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -155,7 +155,7 @@ def test_device_oracle_is_not_vacuous():
          "grant_usage": "1"}
     )  # fmt: skip
     from tests.fuzz.fuzz_xenstore import assert_valid_device
-    from xvf.discovery import parse_device
+    from xvf.daemon.discovery import parse_device
 
     dev = parse_device("/p", 1, 0, {"type": "virtio,device22", "transport": "mmio",
                                     "base": "0x2000000", "irq": "33"}, 0)  # fmt: skip
@@ -171,7 +171,7 @@ def test_client_directory_part_without_progress_ends(client):
     import threading
 
     from xvf.errors import XenStoreError
-    from xvf.xenstore import XenStore
+    from xvf.protocols.xenstore import XenStore
 
     xs = XenStore(client.path, timeout=5.0)
     conn, _ = client.srv.accept()

@@ -34,11 +34,11 @@ from tests.backends import xen_devices as xd
 from tests.backends.guest_memory import XEN_MMAP_FOREIGN, XEN_MMAP_GRANT, XEN_MMAP_NO_ADVANCE_MAP
 from tests.unit.test_ref_backends import Backend
 from xvf.errors import VhostUserError
-from xvf.grant_layout import grant_regions, ring_spans
-from xvf.sim.dma import DirectDma, GrantDma, dma_to_grant
-from xvf.sim.grant_table import GTF_READING, GTF_WRITING
-from xvf.sim.memory import XEN_PAGE_SIZE
-from xvf.sim.virtqueue import SplitVirtqueue, ring_layout
+from xvf.platform.sim.dma import DirectDma, GrantDma, dma_to_grant
+from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
+from xvf.platform.sim.memory import XEN_PAGE_SIZE
+from xvf.platform.sim.virtqueue import SplitVirtqueue, ring_layout
+from xvf.protocols.grant_layout import grant_regions, ring_spans
 
 UVA_BASE = 0x7F00_0000_0000  # foreign mode: front-end addresses differ from guest-physical ones
 QUEUE_SIZE = 64

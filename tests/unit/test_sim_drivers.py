@@ -1,6 +1,7 @@
 """The guest's virtio-mmio driver and its blk/i2c/gpio drivers.
 
-The driver talks to xvf's real register file (xvf.mmio.VirtioMmioRegisters behind the
+The driver talks to xvf's real register file
+(xvf.protocols.virtio_mmio.VirtioMmioRegisters behind the
 Cython MmioState, the same objects the ioreq path drives). Behind the registers sits
 a small in-test device that decodes requests as the virtio spec lays them out, so
 these tests check the wire layouts and the driver's protocol; real backends are the
@@ -18,20 +19,20 @@ import types
 from collections.abc import Callable
 
 import pytest
-from xvf._ioreq import MmioState
+from xvf.hotpath._ioreq import MmioState
 
 from tests.unit.test_sim_virtqueue import DeviceSide
-from xvf import virtio_consts as R
 from xvf.errors import SimulatorError
-from xvf.mmio import QueueRegisters, VirtioMmioRegisters
-from xvf.sim.dma import DirectDma, GrantDma
-from xvf.sim.drivers import DeviceError
-from xvf.sim.drivers import blk as B
-from xvf.sim.drivers import gpio as GP
-from xvf.sim.drivers import i2c as I2
-from xvf.sim.grant_table import GrantTable
-from xvf.sim.memory import GuestRam
-from xvf.sim.virtio_driver import NoDevice, VirtioMmioDevice
+from xvf.platform.sim.dma import DirectDma, GrantDma
+from xvf.platform.sim.drivers import DeviceError
+from xvf.platform.sim.drivers import blk as B
+from xvf.platform.sim.drivers import gpio as GP
+from xvf.platform.sim.drivers import i2c as I2
+from xvf.platform.sim.grant_table import GrantTable
+from xvf.platform.sim.memory import GuestRam
+from xvf.platform.sim.virtio_driver import NoDevice, VirtioMmioDevice
+from xvf.protocols import virtio as R
+from xvf.protocols.virtio_mmio import QueueRegisters, VirtioMmioRegisters
 
 MIB = 1 << 20
 VERSION_1 = 1 << R.F_VERSION_1

@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-from xvf._evtchn import EventChannel
+from xvf.hotpath._evtchn import EventChannel
 
-from xvf.sim.evtchn import EventChannels
+from xvf.platform.sim.evtchn import EventChannels
 
 GUEST = 5
 

@@ -8,10 +8,10 @@ import struct
 import threading
 
 import pytest
-from xvf._ioreq import IoreqServer, MmioState, ServiceLoop
+from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
 
-from xvf.sim.ioreq import IOREQ_SIZE, GuestDataAbort, VcpuStuck
-from xvf.sim.platform import SimPlatform
+from xvf.platform.sim.ioreq import IOREQ_SIZE, GuestDataAbort, VcpuStuck
+from xvf.platform.sim.platform import SimPlatform
 
 BASE = 0x2000000
 
@@ -158,7 +158,7 @@ def test_no_device_model_means_a_stuck_vcpu(hypervisor):
 
 
 def test_bad_control_requests_get_errors(hypervisor):
-    from xvf.sim import control as C
+    from xvf.platform.sim import control as C
 
     client = C.ControlClient(hypervisor.control_path)
     with pytest.raises(OSError):
@@ -215,8 +215,8 @@ def test_at_most_eight_ioreq_servers_per_domain(hypervisor):
 
 def test_one_guest_server_routes_eleven_devices_by_address(hypervisor):
     """libxl gives a guest up to 11 virtio devices; xvf serves them all on ONE
-    IOREQ server (xvf.guest.Guest), each window answered by its own device."""
-    from xvf.guest import Guest
+    IOREQ server (xvf.daemon.guest.Guest), each window answered by its own device."""
+    from xvf.daemon.guest import Guest
 
     dom = hypervisor.create_domain("eleven", memory_mib=4, vcpus=2)
     plat = SimPlatform(hypervisor.run_dir)

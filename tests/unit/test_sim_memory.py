@@ -10,17 +10,17 @@ import threading
 import pytest
 
 from xvf.errors import GrantError, SimulatorError
-from xvf.sim import grant_table as G
-from xvf.sim import memory as M
-from xvf.sim.dma import (
+from xvf.platform.sim import grant_table as G
+from xvf.platform.sim import memory as M
+from xvf.platform.sim.dma import (
     XEN_GRANT_DMA_ADDR_OFF,
     DirectDma,
     GrantDma,
     dma_to_grant,
     grant_to_dma,
 )
-from xvf.sim.grant_table import GrantTable
-from xvf.sim.memory import GUEST_RAM0_BASE, GUEST_RAM1_BASE, GuestRam
+from xvf.platform.sim.grant_table import GrantTable
+from xvf.platform.sim.memory import GUEST_RAM0_BASE, GUEST_RAM1_BASE, GuestRam
 
 MIB = 1 << 20
 PAGE = 4096

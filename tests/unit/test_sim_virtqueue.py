@@ -10,10 +10,10 @@ import threading
 import pytest
 
 from xvf.errors import GrantError, SimulatorError
-from xvf.sim.dma import XEN_GRANT_DMA_ADDR_OFF, DirectDma, GrantDma, dma_to_grant
-from xvf.sim.grant_table import GrantTable
-from xvf.sim.memory import GuestRam
-from xvf.sim.virtqueue import (
+from xvf.platform.sim.dma import XEN_GRANT_DMA_ADDR_OFF, DirectDma, GrantDma, dma_to_grant
+from xvf.platform.sim.grant_table import GrantTable
+from xvf.platform.sim.memory import GuestRam
+from xvf.platform.sim.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,

@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, needs_qsd
-from xvf import systemd
-from xvf.cli import JournalFormatter
+from xvf.app import systemd
+from xvf.app.cli import JournalFormatter
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_journal_format_has_priorities_and_no_timestamp(level, prio):
 
 
 def test_journal_stream_is_recognised_only_when_it_is_stderr(run_dir):
-    code = "import logging; from xvf.cli import setup_logging; setup_logging('info'); "
+    code = "import logging; from xvf.app.cli import setup_logging; setup_logging('info'); "
     code += "logging.getLogger('xvf.t').warning('hello')"
     out = os.path.join(run_dir, "stderr")
     open(out, "wb").close()

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from xvf.discovery import VirtioDeviceNode, read_virtio_devices, watch_paths
+from xvf.daemon.discovery import VirtioDeviceNode, read_virtio_devices, watch_paths
 from xvf.errors import ConfigError
-from xvf.sim import toolstack
-from xvf.sim.toolstack import (
+from xvf.platform.sim import toolstack
+from xvf.platform.sim.toolstack import (
     VirtioSpec,
     add_virtio_devices,
     assign_mmio_resources,
     parse_virtio_line,
     remove_virtio_devices,
 )
-from xvf.xenstore import XenStore
+from xvf.protocols.xenstore import XenStore
 
 I2C_GPIO = (
     'virtio = [ "type=virtio,device22, transport=mmio, grant_usage=1", "type=virtio,device29" ]'

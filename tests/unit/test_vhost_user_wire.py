@@ -22,11 +22,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from xvf import vhost_user_wire as W
 from xvf.errors import VhostUserError, XvfError
-from xvf.vhost_user import VhostUserFrontend, VhostUserRegion
-from xvf.vhost_user_wire import ProtocolFeature as PF
-from xvf.vhost_user_wire import Request as R
+from xvf.protocols import vhost_user_wire as W
+from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
+from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
+from xvf.protocols.vhost_user_wire import Request as R
 
 # -- codecs ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Packing: a C program fills the structs declared by Debian's libxen-dev and
 linux-libc-dev headers (ours for the two ioctls those predate) with distinctive
-values and prints their bytes; xvf.xen.privcmd must produce the same bytes.
+values and prints their bytes; xvf.platform.xen.privcmd must produce the same bytes.
 Errors: this machine has no /dev/xen, and devices that are not Xen's can be
 put where XenPlatform(dev_dir=...) looks.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from xvf.errors import HypercallError, PlatformUnavailable
-from xvf.xen import privcmd as P
-from xvf.xen.platform import XenPlatform, read_guest_memory_bytes
+from xvf.platform.xen import privcmd as P
+from xvf.platform.xen.platform import XenPlatform, read_guest_memory_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -206,7 +206,7 @@ def test_eventfd_structs_match_our_verified_headers(c_values: dict[str, str]) ->
 
 
 def test_ioctl_numbers(c_values: dict[str, str]) -> None:
-    from xvf.xen.platform import IOCTL_EVTCHN_RESET
+    from xvf.platform.xen.platform import IOCTL_EVTCHN_RESET
 
     pairs = {
         "IOCTL_PRIVCMD_MMAPBATCH_V2": P.IOCTL_PRIVCMD_MMAPBATCH_V2,
@@ -266,7 +266,7 @@ def test_missing_single_device_names_its_module(tmp_path: Path) -> None:
     os.symlink("/dev/null", tmp_path / "privcmd")
     # privcmd is checked first; with it failing its probe, evtchn is never reached,
     # so check the evtchn message through the device helper directly.
-    from xvf.xen.devices import open_device
+    from xvf.platform.xen.devices import open_device
 
     with pytest.raises(PlatformUnavailable) as info:
         open_device(str(tmp_path), "evtchn")
@@ -311,7 +311,7 @@ def test_permission_denied_message_as_root(tmp_path: Path) -> None:
     dev.chmod(0)
     script = (
         "import os\n"
-        "from xvf.xen.devices import open_device\n"
+        "from xvf.platform.xen.devices import open_device\n"
         "from xvf.errors import PlatformUnavailable\n"
         "os.setgid(65534); os.setuid(65534)  # drop root after the imports\n"
         "try:\n"
@@ -386,7 +386,7 @@ def test_mapping_stays_while_a_consumer_holds_its_buffer() -> None:
 
 
 def test_mapping_stays_while_the_ioreq_hot_path_holds_the_page() -> None:
-    from xvf._ioreq import IoreqServer, MmioState
+    from xvf.hotpath._ioreq import IoreqServer, MmioState
 
     fd = os.open("/dev/zero", os.O_RDWR)
     try:
@@ -401,8 +401,8 @@ def test_mapping_stays_while_the_ioreq_hot_path_holds_the_page() -> None:
 
 
 def test_guest_memory_size_from_xenstore(tmp_path: Path) -> None:
-    from xvf.sim.xenstored import XenStored
-    from xvf.xenstore import XenStore
+    from xvf.platform.sim.xenstored import XenStored
+    from xvf.protocols.xenstore import XenStore
 
     sock = str(tmp_path / "xs.sock")
     server = XenStored(sock).start()

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xvf import xenstore
 from xvf.errors import PlatformUnavailable, XenStoreError
-from xvf.sim.xenstored import XenStored
-from xvf.xenstore import (
+from xvf.platform.sim.xenstored import XenStored
+from xvf.protocols import xenstore
+from xvf.protocols.xenstore import (
     HEADER,
     PAYLOAD_MAX,
     XSD_ERRORS,

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xvf.errors import XenStoreError
-from xvf.sim.xenstored import XenStored
-from xvf.xenstore import (
+from xvf.platform.sim.xenstored import XenStored
+from xvf.protocols.xenstore import (
     HEADER,
     HEADER_SIZE,
     PAYLOAD_MAX,

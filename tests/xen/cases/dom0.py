@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from tests.xen.rig.domu import GuestReport, parse_console, plan_cmdline, xl_config
-from xvf.xenstore import XenStore
+from xvf.protocols.xenstore import XenStore
 
 WORK = Path(os.environ.get("XVF_RIG_WORK", "/xvf"))
 RESULTS = WORK / "results"

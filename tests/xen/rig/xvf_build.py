@@ -11,6 +11,7 @@ xvf-<version>-cp313-cp313-linux_aarch64.whl, for
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -29,7 +30,7 @@ PY_TAG = "cp313"
 PLATFORM = "linux_aarch64"
 TRIPLET = "aarch64-linux-gnu"
 CC = os.environ.get("XVF_RIG_CROSS_CC", f"{TRIPLET}-gcc")
-EXTENSIONS = ("_evtchn", "_ioreq", "_gnttab")
+HOTPATH = "xvf/hotpath"  # where setup.py finds the extensions
 # The same directives as setup.py's cythonize() call.
 DIRECTIVES = {"boundscheck": "False", "wraparound": "False", "cdivision": "True"}
 # setup.py's -O2 -Wall, plus what Debian's sysconfig adds for extensions
@@ -106,12 +107,29 @@ def _package_files(repo: Path, project: dict) -> list[str]:
     tool = project.get("tool", {}).get("setuptools", {})
     data = tool.get("package-data", {})
     paths: list[str] = []
-    for package in tool["packages"]:
+    for package in _packages(repo, tool):
         pdir = repo / package.replace(".", "/")
         patterns = ["*.py", *data.get(package, [])]
         for pattern in patterns:
             paths += [str(p.relative_to(repo)) for p in pdir.glob(pattern) if p.is_file()]
     return sorted(set(paths))
+
+
+def _packages(repo: Path, tool: dict) -> list[str]:
+    """The packages `packages.find` picks: every folder with an __init__.py under the
+    included tops (xvf*)."""
+    tops = tool["packages"]["find"]["include"]
+    found = []
+    for init in repo.glob("*/**/__init__.py"):
+        package = ".".join(init.parent.relative_to(repo).parts)
+        if any(fnmatch.fnmatch(package, top) for top in tops):
+            found.append(package)
+    return sorted(found)
+
+
+def _extensions(repo: Path) -> list[str]:
+    """The Cython extensions, as setup.py finds them: every .pyx of the hot path."""
+    return sorted(str(p.relative_to(repo).with_suffix("")) for p in (repo / HOTPATH).glob("*.pyx"))
 
 
 def _metadata(meta: dict) -> str:
@@ -155,10 +173,11 @@ def _compile(repo: Path, out: Path) -> dict[str, bytes]:
     work.mkdir(parents=True)
     directives = [a for k, v in DIRECTIVES.items() for a in ("-X", f"{k}={v}")]
     built: dict[str, bytes] = {}
-    for ext in EXTENSIONS:
-        c_file = work / f"{ext}.c"
-        so = work / f"{ext}.cpython-{PY_TAG[2:]}-{TRIPLET}.so"
-        _run([cython, "-3", "-I", repo, *directives, f"xvf/{ext}.pyx", "-o", c_file], cwd=repo)
+    for ext in _extensions(repo):
+        name = Path(ext).name
+        c_file = work / f"{name}.c"
+        so = work / f"{name}.cpython-{PY_TAG[2:]}-{TRIPLET}.so"
+        _run([cython, "-3", "-I", repo, *directives, f"{ext}.pyx", "-o", c_file], cwd=repo)
         # Python.h first; <aarch64-linux-gnu/python3.13/pyconfig.h> after the cross
         # compiler's own dirs, so none of the host's /usr/include is ever seen.
         _run(
@@ -177,7 +196,7 @@ def _compile(repo: Path, out: Path) -> dict[str, bytes]:
                 so,
             ]
         )
-        built[f"xvf/{so.name}"] = so.read_bytes()
+        built[f"{Path(ext).parent}/{so.name}"] = so.read_bytes()
     return built
 
 

@@ -1,0 +1,128 @@
+# cython: language_level=3
+"""Event-channel handle: the fd semantics of Linux's /dev/xen/evtchn.
+
+Reading yields 4-byte pending port numbers (each port stays masked until
+unmasked by writing its number back). The same class drives the real device
+and the simulator's socket; only `notify` differs (ioctl versus a tagged write).
+"""
+
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint32_t
+from posix.unistd cimport read, write, close
+
+from xvf.hotpath.abi cimport (
+    XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_UNBIND,
+    XVF_IOCTL_EVTCHN_RESTRICT_DOMID, XVF_SIM_EVTCHN_NOTIFY, xvf_evtchn_bind_interdomain_t,
+    xvf_evtchn_port_arg_t, xvf_evtchn_restrict_domid_t,
+)
+
+cdef extern from "sys/ioctl.h" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+from xvf.errors import EventChannelError
+
+
+cdef class EventChannel:
+    """One open event-channel handle (real device fd or simulated socket)."""
+
+    def __cinit__(self, int fd, bint simulated=False):
+        self.fd = fd
+        self.simulated = simulated
+
+    def fileno(self) -> int:
+        return self.fd
+
+    cdef int c_notify(self, uint32_t port) noexcept nogil:
+        cdef xvf_evtchn_port_arg_t arg
+        cdef uint32_t tagged
+        if self.simulated:
+            tagged = port | XVF_SIM_EVTCHN_NOTIFY
+            if write(self.fd, &tagged, 4) != 4:
+                return -errno
+            return 0
+        arg.port = port
+        if ioctl(self.fd, XVF_IOCTL_EVTCHN_NOTIFY, &arg) < 0:
+            return -errno
+        return 0
+
+    cdef int c_unmask(self, uint32_t port) noexcept nogil:
+        if write(self.fd, &port, 4) != 4:
+            return -errno
+        return 0
+
+    cdef int c_unmask_many(self, uint32_t *ports, int n) noexcept nogil:
+        """Unmask `n` ports in one write: /dev/xen/evtchn takes an array of ports
+        (evtchn_write), as the simulator's handle does."""
+        if n <= 0:
+            return 0
+        if write(self.fd, ports, n * 4) != n * 4:
+            return -errno
+        return 0
+
+    cdef int c_read_pending(self, uint32_t *ports, int max_ports) noexcept nogil:
+        """Read up to max_ports pending ports; 0 when none, -errno on error."""
+        cdef ssize_t n
+        while True:
+            n = read(self.fd, ports, max_ports * 4)
+            if n >= 0:
+                return <int>(n // 4)
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            return -errno
+
+    def notify(self, uint32_t port) -> None:
+        cdef int rc = self.c_notify(port)
+        if rc < 0:
+            raise EventChannelError(f"notify of port {port} failed", -rc)
+
+    def unmask(self, uint32_t port) -> None:
+        cdef int rc = self.c_unmask(port)
+        if rc < 0:
+            raise EventChannelError(f"unmask of port {port} failed", -rc)
+
+    def read_pending(self, int max_ports=64) -> list:
+        cdef uint32_t buf[256]
+        if max_ports > 256:
+            max_ports = 256
+        cdef int n = self.c_read_pending(buf, max_ports)
+        if n < 0:
+            raise EventChannelError("reading pending ports failed", -n)
+        return [buf[i] for i in range(n)]
+
+    # The ioctls below exist only on the real device; the simulator binds
+    # through its control socket (xvf.platform.sim.platform).
+    def bind_interdomain(self, unsigned int remote_domain, unsigned int remote_port) -> int:
+        cdef xvf_evtchn_bind_interdomain_t arg
+        self._require_device("bind_interdomain")
+        arg.remote_domain = remote_domain
+        arg.remote_port = remote_port
+        cdef int rc = ioctl(self.fd, XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, &arg)
+        if rc < 0:
+            raise EventChannelError(
+                f"binding to port {remote_port} of domain {remote_domain} failed", errno)
+        return rc
+
+    def unbind(self, unsigned int port) -> None:
+        cdef xvf_evtchn_port_arg_t arg
+        self._require_device("unbind")
+        arg.port = port
+        if ioctl(self.fd, XVF_IOCTL_EVTCHN_UNBIND, &arg) < 0:
+            raise EventChannelError(f"unbinding port {port} failed", errno)
+
+    def restrict_domid(self, unsigned int domid) -> None:
+        cdef xvf_evtchn_restrict_domid_t arg
+        self._require_device("restrict_domid")
+        arg.domid = domid
+        if ioctl(self.fd, XVF_IOCTL_EVTCHN_RESTRICT_DOMID, &arg) < 0:
+            raise EventChannelError(f"restricting to domain {domid} failed", errno)
+
+    def _require_device(self, what):
+        if self.simulated:
+            raise EventChannelError(f"{what} is a device ioctl; the simulator binds via its platform")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1

@@ -1,0 +1,231 @@
+"""Event channels of the software Xen, with Linux /dev/xen/evtchn handle semantics.
+
+Ports are per domain. A Dom0 process holds handles (one end of a SOCK_SEQPACKET
+socketpair, see include/xvf/sim_abi.h, so that each write() stays one message
+as on the real device): a port that fires is written to the
+handle as a u32 and masked until the process writes the number back. Guest-side
+ports wake a callback (a vCPU waiting for its ioreq to complete).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xvf.errors import SimulatorError
+
+log = logging.getLogger("xvf.platform.sim.evtchn")
+
+NOTIFY_BIT = 0x80000000  # XVF_SIM_EVTCHN_NOTIFY
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class Port:
+    domid: int
+    number: int
+    remote_domid: int  # who may bind (unbound) or is bound (interdomain)
+    remote_port: int = 0
+    bound: bool = False
+    handle: Handle | None = None  # set for ports owned by a Dom0 process
+    on_event: Callable[[], None] | None = None  # set for guest-side ports
+    masked: bool = False
+    pending: bool = False
+
+
+@dataclass
+class Handle:
+    id: int
+    sock: socket.socket
+    ports: set[int] = field(default_factory=set)
+
+
+class EventChannels:
+    """All ports of all domains, and the I/O thread serving Dom0 handles."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._ports: dict[int, dict[int, Port]] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_handle = 1
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="sim-evtchn", daemon=True)
+        self._thread.start()
+
+    # -- domains and ports ---------------------------------------------
+    def add_domain(self, domid: int) -> None:
+        with self._lock:
+            self._ports.setdefault(domid, {})
+
+    def remove_domain(self, domid: int) -> None:
+        with self._lock:
+            for port in list(self._ports.get(domid, {}).values()):
+                self._close_port(port)
+            self._ports.pop(domid, None)
+
+    def _alloc(self, domid: int, remote_domid: int) -> Port:
+        ports = self._ports.get(domid)
+        if ports is None:
+            raise SimulatorError(f"no domain {domid}")
+        number = 1  # port 0 is never valid in Xen
+        while number in ports:
+            number += 1
+        port = Port(domid=domid, number=number, remote_domid=remote_domid)
+        ports[number] = port
+        return port
+
+    def alloc_unbound(self, domid: int, remote_domid: int, on_event: Callable[[], None]) -> int:
+        """EVTCHNOP_alloc_unbound in a guest: the port a vCPU's ioreqs are signalled on."""
+        with self._lock:
+            port = self._alloc(domid, remote_domid)
+            port.on_event = on_event
+            return port.number
+
+    def _close_port(self, port: Port) -> None:
+        if port.bound:
+            peer = self._ports.get(port.remote_domid, {}).get(port.remote_port)
+            if peer is not None and peer.bound:
+                peer.bound = False  # the peer goes back to unbound, as in Xen
+        if port.handle is not None:
+            port.handle.ports.discard(port.number)
+        self._ports.get(port.domid, {}).pop(port.number, None)
+
+    def close_port(self, domid: int, number: int) -> None:
+        with self._lock:
+            port = self._ports.get(domid, {}).get(number)
+            if port is not None:
+                self._close_port(port)
+
+    # -- Dom0 handles ----------------------------------------------------
+    def open_handle(self) -> tuple[int, socket.socket]:
+        """A new /dev/xen/evtchn open; returns the handle id and the process's end."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with self._lock:
+            handle = Handle(id=self._next_handle, sock=ours)
+            self._next_handle += 1
+            self._handles[handle.id] = handle
+            self._selector.register(ours, selectors.EVENT_READ, handle)
+        os.write(self._wake_w, b"x")
+        return handle.id, theirs
+
+    def bind_interdomain(self, handle_id: int, remote_domid: int, remote_port: int) -> int:
+        """IOCTL_EVTCHN_BIND_INTERDOMAIN from Dom0 (domain 0)."""
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is None:
+                raise OSError(9, "bad event channel handle")  # EBADF
+            remote = self._ports.get(remote_domid, {}).get(remote_port)
+            if remote is None or remote.bound or remote.remote_domid != 0:
+                raise OSError(22, f"port {remote_port} of domain {remote_domid} is not bindable")
+            local = self._alloc(0, remote_domid)
+            local.remote_port = remote_port
+            local.bound = True
+            local.handle = handle
+            remote.remote_port = local.number
+            remote.bound = True
+            handle.ports.add(local.number)
+            return local.number
+
+    def unbind(self, handle_id: int, number: int) -> None:
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is None or number not in handle.ports:
+                raise OSError(22, f"port {number} is not bound by this handle")
+            self._close_port(self._ports[0][number])
+
+    def _close_handle(self, handle: Handle) -> None:
+        with self._lock:
+            for number in list(handle.ports):
+                port = self._ports.get(0, {}).get(number)
+                if port is not None:
+                    self._close_port(port)
+            self._handles.pop(handle.id, None)
+        try:
+            self._selector.unregister(handle.sock)
+        except (KeyError, ValueError):
+            pass
+        handle.sock.close()
+
+    # -- signalling ------------------------------------------------------
+    def notify(self, domid: int, number: int) -> None:
+        """EVTCHNOP_send from `domid`'s port `number` to its peer."""
+        with self._lock:
+            port = self._ports.get(domid, {}).get(number)
+            if port is None or not port.bound:
+                return  # Xen silently drops sends on unbound ports
+            peer = self._ports.get(port.remote_domid, {}).get(port.remote_port)
+            if peer is None:
+                return
+            self._deliver(peer)
+
+    def _deliver(self, port: Port) -> None:
+        if port.on_event is not None:
+            port.on_event()
+            return
+        if port.handle is None:
+            return
+        if port.masked:
+            port.pending = True
+            return
+        port.masked = True
+        try:
+            port.handle.sock.send(_U32.pack(port.number))
+        except OSError:
+            port.pending = True  # the process is gone or not reading; keep it pending
+
+    def _on_handle_data(self, handle: Handle) -> None:
+        while True:
+            try:
+                data = handle.sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_handle(handle)
+                return
+            # Like evtchn_write(): a write is cut down to whole 4-byte words.
+            self._on_words(handle, data[: len(data) - len(data) % 4])
+
+    def _on_words(self, handle: Handle, data: bytes) -> None:
+        for (word,) in _U32.iter_unpack(data):
+            number = word & ~NOTIFY_BIT
+            with self._lock:
+                if number not in handle.ports:
+                    continue  # not ours: Linux returns EINVAL, we ignore
+                if word & NOTIFY_BIT:
+                    self.notify(0, number)
+                    continue
+                port = self._ports[0][number]
+                port.masked = False
+                if port.pending:
+                    port.pending = False
+                    self._deliver(port)
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select(timeout=0.5):
+                if key.data is None:
+                    os.read(self._wake_r, 64)
+                    continue
+                self._on_handle_data(key.data)
+
+    def close(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=2)
+        for handle in list(self._handles.values()):
+            self._close_handle(handle)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,331 @@
+"""The device model's view of the software Xen: `Platform` over its control socket.
+
+Everything the frontend gets is what the real platform gives: an event-channel
+fd with /dev/xen/evtchn semantics, an ioreq page in Xen's layout, a guest-RAM
+mapping, grant mappings, and IrqLine objects issuing real xen_dm_op structures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import struct
+
+from xvf.errors import GrantError, HypercallError, PlatformUnavailable
+from xvf.hotpath._evtchn import EventChannel
+from xvf.hotpath._gnttab import GrantMapping, map_file_pages
+from xvf.hotpath._ioreq import IrqLine
+from xvf.platform.interface import MemoryRegion
+from xvf.platform.sim import control as C
+from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
+
+XENMEM_RESOURCE_IOREQ_SERVER = 0
+FRAME_IOREQ = 1
+
+
+def _control_connection(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.connect(path)
+    return sock
+
+
+def _dm_op(op: int, body: bytes) -> bytes:
+    raw = struct.pack("<II", op, 0) + body
+    return raw + bytes(C.DM_OP_SIZE - len(raw))
+
+
+class SimEventChannelHandle:
+    def __init__(self, ctl: C.ControlClient) -> None:
+        self._ctl = ctl
+        reply, fds = ctl.call(C.OP_EVTCHN_OPEN)
+        (self.handle_id,) = struct.unpack("<I", reply[:4])
+        fd = fds[0]
+        os.set_blocking(fd, False)
+        self.channel = EventChannel(fd, True)
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        reply, _ = self._ctl.call(
+            C.OP_EVTCHN_BIND, struct.pack("<III", self.handle_id, domid, remote_port)
+        )
+        return struct.unpack("<I", reply[:4])[0]
+
+    def unbind(self, local_port: int) -> None:
+        self._ctl.call(C.OP_EVTCHN_UNBIND, struct.pack("<II", self.handle_id, local_port))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class SimIoreqServer:
+    def __init__(self, platform: SimPlatform, domid: int, existing: int | None = None) -> None:
+        """A new server, or with `existing` the server of that id (another process's)."""
+        self._p = platform
+        self.domid = domid
+        if existing is None:
+            out = platform.dm_op(domid, _dm_op(1, struct.pack("<B3xH", 0, 0)))
+            (self.id,) = struct.unpack_from("<H", out, 8 + 4)
+        else:
+            self.id = existing
+        out = platform.dm_op(domid, _dm_op(20, b""))
+        (self.nr_vcpus,) = struct.unpack_from("<I", out, 8)
+        reply, fds = platform.ctl.call(
+            C.OP_MMAP_RESOURCE,
+            struct.pack("<HHIIIQ", domid, 0, XENMEM_RESOURCE_IOREQ_SERVER, self.id, FRAME_IOREQ, 1),
+        )
+        (offset,) = struct.unpack("<Q", reply[:8])
+        try:
+            self._mmap = mmap.mmap(fds[0], 4096, offset=offset)
+        finally:
+            os.close(fds[0])
+        self.page = memoryview(self._mmap)
+
+    def _range(self, op: int, start: int, end_inclusive: int) -> None:
+        self._p.dm_op(
+            self.domid, _dm_op(op, struct.pack("<HHIQQ", self.id, 0, 1, start, end_inclusive))
+        )
+
+    def map_mmio_range(self, start: int, end_inclusive: int) -> None:
+        self._range(3, start, end_inclusive)
+
+    def unmap_mmio_range(self, start: int, end_inclusive: int) -> None:
+        self._range(4, start, end_inclusive)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._p.dm_op(self.domid, _dm_op(5, struct.pack("<HBx", self.id, int(enabled))))
+
+    def destroy(self) -> None:
+        try:
+            self._p.dm_op(self.domid, _dm_op(6, struct.pack("<H2x", self.id)))
+        finally:
+            self.page.release()
+            self._mmap.close()
+
+
+class SimGuestMemory:
+    def __init__(self, ctl: C.ControlClient, domid: int, control_path: str) -> None:
+        reply, fds = ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
+        self.fd = fds[0]
+        (count,) = struct.unpack_from("<I", reply)
+        total = max(
+            off + size
+            for _, size, off in (
+                struct.unpack_from("<QQQ", reply, 4 + 24 * i) for i in range(count)
+            )
+        )
+        self._mmap = mmap.mmap(self.fd, total)
+        self._base = memoryview(self._mmap)
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        addr = ctypes.addressof(anchor)
+        del anchor  # release the export, or the mapping could never be closed
+        self.domid = domid
+        self.control_path = control_path
+        self._sent: list[socket.socket] = []
+        self.regions = []
+        for i in range(count):
+            gpa, size, off = struct.unpack_from("<QQQ", reply, 4 + 24 * i)
+            self.regions.append(
+                MemoryRegion(
+                    gpa=gpa, size=size, uva=addr + off, fd=self.fd, fd_offset=off, domid=domid
+                )
+            )
+
+    def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.fd_offset + (gpa - r.gpa), r.uva + (gpa - r.gpa)
+        return None
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        t = self.translate(gpa, length)
+        if t is None:
+            raise GrantError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+        return self._base[t[0] : t[0] + length]
+
+    def xen_regions(self) -> list[MemoryRegion]:
+        """The same RAM described with the vhost-user Xen mmap extension: FOREIGN
+        regions whose fd is, as /dev/xen/privcmd is on a Dom0, the handle a Xen-aware
+        backend maps the guest with (here: a fresh connection to the software Xen,
+        which the backend alone uses once it has it; see `after_mem_table`)."""
+        handle = _control_connection(self.control_path)
+        self._sent.append(handle)
+        return [
+            MemoryRegion(
+                gpa=r.gpa,
+                size=r.size,
+                uva=r.uva,
+                fd=handle.fileno(),
+                fd_offset=0,
+                xen_mmap_flags=XEN_MMAP_FOREIGN,
+                domid=self.domid,
+            )
+            for r in self.regions
+        ]
+
+    def after_mem_table(self) -> None:
+        """The backend holds its copies of the handles now; ours would keep its
+        mappings alive after it is gone."""
+        for handle in self._sent:
+            handle.close()
+        self._sent.clear()
+
+    def close(self) -> None:
+        self._base.release()
+        self._mmap.close()
+        os.close(self.fd)
+        self.after_mem_table()
+
+
+class SimGrantMapper:
+    def __init__(self, ctl: C.ControlClient, domid: int, control_path: str) -> None:
+        self._ctl = ctl
+        self.domid = domid
+        self.control_path = control_path
+        self._sent: list[socket.socket] = []
+
+    def map(self, refs: list[int], writable: bool) -> GrantMapping:
+        payload = struct.pack("<HBBI", self.domid, int(writable), 0, len(refs))
+        payload += struct.pack(f"<{len(refs)}I", *refs)
+        try:
+            reply, fds = self._ctl.call(C.OP_GNT_MAP, payload)
+        except OSError as exc:
+            raise GrantError(
+                f"mapping grants {refs[:4]}... of domain {self.domid}", exc.errno
+            ) from None
+        try:
+            offsets = struct.unpack(f"<{len(refs)}Q", reply)
+            return map_file_pages(fds[0], list(offsets), writable)
+        finally:
+            os.close(fds[0])
+
+    def fileno(self) -> int:
+        """What a Xen-aware backend maps this guest's grants through (gntdev on a
+        Dom0; a fresh connection to the software Xen here, closed by
+        `after_mem_table` once the backend has its copy)."""
+        handle = _control_connection(self.control_path)
+        self._sent.append(handle)
+        return handle.fileno()
+
+    def after_mem_table(self) -> None:
+        for handle in self._sent:
+            handle.close()
+        self._sent.clear()
+
+    def unmap(self, refs: list[int]) -> None:
+        payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
+            f"<{len(refs)}I", *refs
+        )
+        self._ctl.call(C.OP_GNT_UNMAP, payload)
+
+    def close(self) -> None:
+        self.after_mem_table()
+
+
+class SimPlatform:
+    """Platform for a software Xen whose sockets live in `run_dir`."""
+
+    name = "sim"
+    simulated = True
+    guest_ram_shareable = True  # guest RAM is a memfd
+
+    def __init__(self, run_dir: str, xen_mmap: bool = True) -> None:
+        """`xen_mmap`: offer backends the vhost-user Xen mmap extension (they then map
+        the guest through the software Xen, as Xen-aware backends do through
+        /dev/xen/privcmd and gntdev); otherwise guest RAM is a plain shared memfd."""
+        self.run_dir = run_dir
+        self.xen_mmap = xen_mmap
+        path = self.control_path = os.path.join(run_dir, "privcmd.sock")
+        if not os.path.exists(path):
+            raise PlatformUnavailable(
+                f"no software Xen at {run_dir} (missing {path}); start one with `xvf sim`"
+            )
+        self.ctl = C.ControlClient(path)
+        self._irq_sock: socket.socket | None = None
+        self.supports_irqfd = self.supports_ioeventfd = self._probe_eventfds()
+
+    def dm_op(self, domid: int, op: bytes) -> bytes:
+        try:
+            reply, _ = self.ctl.call(C.OP_DM_OP, C.DM_OP_PREFIX.pack(domid, 0, 0) + op)
+        except OSError as exc:
+            raise HypercallError(f"dm_op {op[0]} for domain {domid}", exc.errno) from None
+        return reply
+
+    # -- privcmd eventfd offloads (Linux 6.7+), probed like on a real Dom0 --------
+    def _probe_eventfds(self) -> bool:
+        try:
+            self.ctl.call(C.OP_IRQFD, struct.pack("<HHII", 0, 0, C.FLAG_DEASSIGN, 32))
+        except OSError as exc:
+            return exc.errno != errno.ENOTTY
+        return True
+
+    def assign_irqfd(self, domid: int, irq: int, eventfd: int, deassign: bool = False) -> None:
+        flags = C.FLAG_DEASSIGN if deassign else 0
+        try:
+            self.ctl.call(
+                C.OP_IRQFD,
+                struct.pack("<HHII", domid, 0, flags, irq),
+                [] if deassign else [eventfd],
+            )
+        except OSError as exc:
+            raise HypercallError(f"irqfd for irq {irq} of domain {domid}", exc.errno) from None
+
+    def assign_ioeventfd(
+        self,
+        server: SimIoreqServer,
+        ports: list[int],
+        addr: int,
+        eventfd: int,
+        vq: int,
+        addr_len: int = 4,
+        deassign: bool = False,
+    ) -> None:
+        flags = C.FLAG_DEASSIGN if deassign else 0
+        payload = struct.pack("<HHIQII", server.domid, 0, flags, addr, addr_len, vq)
+        try:
+            self.ctl.call(C.OP_IOEVENTFD, payload, [] if deassign else [eventfd])
+        except OSError as exc:
+            raise HypercallError(
+                f"ioeventfd at {addr:#x} for domain {server.domid}", exc.errno
+            ) from None
+
+    def xenstore_path(self) -> str:
+        return os.path.join(self.run_dir, "xenstored.sock")
+
+    def own_domid(self) -> int:
+        return 0
+
+    def open_event_channel(self) -> SimEventChannelHandle:
+        return SimEventChannelHandle(self.ctl)
+
+    def create_ioreq_server(self, domid: int) -> SimIoreqServer:
+        return SimIoreqServer(self, domid)
+
+    def open_ioreq_server(self, domid: int, server_id: int) -> SimIoreqServer:
+        return SimIoreqServer(self, domid, existing=server_id)
+
+    def irq_line(self, domid: int, irq: int) -> IrqLine:
+        # The hot path sends dm_ops itself; it gets a connection of its own so
+        # its replies never interleave with Python-level calls.
+        if self._irq_sock is None:
+            self._irq_sock = _control_connection(self.control_path)
+        return IrqLine(self._irq_sock.fileno(), domid, irq, True)
+
+    def guest_memory_bytes(self, domid: int) -> int:
+        reply, fds = self.ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
+        for fd in fds:
+            os.close(fd)
+        (count,) = struct.unpack_from("<I", reply)
+        return sum(struct.unpack_from("<QQQ", reply, 4 + 24 * i)[1] for i in range(count))
+
+    def map_guest_memory(self, domid: int) -> SimGuestMemory:
+        return SimGuestMemory(self.ctl, domid, self.control_path)
+
+    def open_grant_mapper(self, domid: int) -> SimGrantMapper:
+        return SimGrantMapper(self.ctl, domid, self.control_path)
+
+    def close(self) -> None:
+        if self._irq_sock is not None:
+            self._irq_sock.close()
+        self.ctl.close()

@@ -1,0 +1,282 @@
+"""The driver side of a split virtqueue (virtio 1.2 section 2.7) in guest RAM.
+
+The three rings live in one coherent DMA allocation, like Linux's
+vring_create_virtqueue_split: descriptor table at 0 (16-byte aligned), avail
+ring right after it (2-byte aligned), used ring at the next 4-byte boundary.
+Buffers are mapped with the DMA ops for each request and unmapped when the
+device returns them, so in grant mode every request travels on fresh grants.
+
+Ordering (real-backends.md pitfall 1): ring indices a backend reads
+concurrently are stored through `memoryview.cast("H")`, never with
+struct.pack_into, and avail idx is published after the descriptors and ring
+slot it covers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass, field
+
+from xvf.errors import SimulatorError
+from xvf.platform.sim.dma import DmaOps
+from xvf.platform.sim.memory import GuestRam
+
+DESC_SIZE = 16
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+
+_DESC = struct.Struct("<QIHH")
+
+
+class QueueFull(SimulatorError):
+    """Not enough free descriptors for the request (Linux: -ENOSPC)."""
+
+
+class DeviceBroke(SimulatorError):
+    """The device returned something no correct device returns (Linux: BAD_RING)."""
+
+
+def ring_layout(size: int) -> tuple[int, int, int]:
+    """(avail offset, used offset, total bytes) of the rings for `size` entries."""
+    avail = DESC_SIZE * size
+    used = (avail + 6 + 2 * size + 3) & ~3
+    return avail, used, used + 6 + 8 * size
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event: did idx pass `event_idx` going from old to new?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass
+class _InFlight:
+    token: object
+    descs: list[int] = field(default_factory=list)  # the chain, kept driver-side
+    mappings: list[tuple[int, int]] = field(default_factory=list)  # (dma, length)
+    indirect_gpa: int | None = None
+
+
+class SplitVirtqueue:
+    """One split virtqueue, driver side."""
+
+    def __init__(
+        self,
+        ram: GuestRam,
+        dma: DmaOps,
+        size: int,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise SimulatorError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
+        self.ram = ram
+        self.dma = dma
+        self.size = size
+        self.index = index
+        self.event_idx = event_idx
+        self.indirect = indirect
+        avail_off, used_off, total = ring_layout(size)
+        self._ring_bytes = total
+        self.ring_gpa, ring_dma = dma.alloc_coherent(total)
+        self.desc_dma = ring_dma
+        self.avail_dma = ring_dma + avail_off
+        self.used_dma = ring_dma + used_off
+        self._desc = ram.view(self.ring_gpa, DESC_SIZE * size)
+        self._avail = ram.view(self.ring_gpa + avail_off, 6 + 2 * size).cast("H")
+        used = ram.view(self.ring_gpa + used_off, 6 + 8 * size)
+        self._used_h = used.cast("H")
+        self._used_i = used[: 4 + 8 * size].cast("I")
+        used.release()
+        # Free descriptors are chained through a Python list (the device never
+        # reads free descriptors, so their `next` fields need not be written).
+        self._next_free = list(range(1, size + 1))
+        self._free_head = 0
+        self.num_free = size
+        self._inflight: list[_InFlight | None] = [None] * size
+        self._avail_idx = 0  # shadow of avail->idx
+        self._last_used = 0
+        self._added_since_kick = 0
+        self.closed = False
+
+    # -- adding buffers -----------------------------------------------------
+    def add(
+        self,
+        out_bufs: list[tuple[int, int]],
+        in_bufs: list[tuple[int, int]],
+        token: object,
+    ) -> int:
+        """Expose one request: device-readable `out_bufs` then device-writable `in_bufs`
+        (each (gpa, length)). Returns the head descriptor index."""
+        if self.closed:
+            raise SimulatorError(f"virtqueue {self.index} is closed")
+        total = len(out_bufs) + len(in_bufs)
+        if total == 0:
+            raise SimulatorError("a request needs at least one buffer")
+        if token is None:
+            raise SimulatorError("a request token must not be None")
+        use_indirect = self.indirect and total > 1
+        needed = 1 if use_indirect else total
+        if needed > self.num_free:
+            raise QueueFull(
+                f"virtqueue {self.index}: {needed} descriptors needed, {self.num_free} free"
+            )
+        entry = _InFlight(token)
+        try:
+            segs = []
+            for bufs, writes in ((out_bufs, False), (in_bufs, True)):
+                for gpa, length in bufs:
+                    addr = self.dma.map(gpa, length, writes)
+                    entry.mappings.append((addr, length))
+                    segs.append((addr, length, VIRTQ_DESC_F_WRITE if writes else 0))
+            if use_indirect:
+                head = self._add_indirect(entry, segs)
+            else:
+                head = self._add_direct(entry, segs)
+        except Exception:
+            for addr, length in entry.mappings:
+                self.dma.unmap(addr, length)
+            if entry.indirect_gpa is not None:
+                self.ram.free(entry.indirect_gpa)
+            raise
+        self._inflight[head] = entry
+        # Ring slot first, then publish the index with a single 16-bit store.
+        self._avail[2 + (self._avail_idx % self.size)] = head
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        self._avail[1] = self._avail_idx
+        self._added_since_kick += 1
+        return head
+
+    def _take_desc(self) -> int:
+        d = self._free_head
+        self._free_head = self._next_free[d]
+        self.num_free -= 1
+        return d
+
+    def _add_direct(self, entry: _InFlight, segs: list[tuple[int, int, int]]) -> int:
+        descs = entry.descs = [self._take_desc() for _ in segs]
+        for i, (addr, length, flags) in enumerate(segs):
+            last = i + 1 == len(segs)
+            nxt = 0 if last else descs[i + 1]
+            _DESC.pack_into(
+                self._desc,
+                descs[i] * DESC_SIZE,
+                addr,
+                length,
+                flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                nxt,
+            )
+        return descs[0]
+
+    def _add_indirect(self, entry: _InFlight, segs: list[tuple[int, int, int]]) -> int:
+        table_len = DESC_SIZE * len(segs)
+        gpa = self.ram.alloc(table_len)
+        entry.indirect_gpa = gpa
+        table = self.ram.view(gpa, table_len)
+        for i, (addr, length, flags) in enumerate(segs):
+            last = i + 1 == len(segs)
+            _DESC.pack_into(
+                table,
+                i * DESC_SIZE,
+                addr,
+                length,
+                flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                0 if last else i + 1,
+            )
+        table_dma = self.dma.map(gpa, table_len, False)
+        entry.mappings.append((table_dma, table_len))
+        head = self._take_desc()
+        entry.descs = [head]
+        _DESC.pack_into(
+            self._desc, head * DESC_SIZE, table_dma, table_len, VIRTQ_DESC_F_INDIRECT, 0
+        )
+        return head
+
+    # -- notifications ----------------------------------------------------------
+    def kick_needed(self) -> bool:
+        """Whether the device wants a notify for what was added since the last call
+        (virtqueue_kick_prepare)."""
+        added = self._added_since_kick
+        self._added_since_kick = 0
+        if added == 0:
+            return False
+        if self.event_idx:
+            avail_event = self._used_h[2 + 4 * self.size]
+            old = (self._avail_idx - added) & 0xFFFF
+            return need_event(avail_event, self._avail_idx, old)
+        return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
+
+    def suppress_interrupts(self, suppress: bool) -> None:
+        """Ask the device not to interrupt (a hint; with EVENT_IDX, used_event is used)."""
+        if self.event_idx:
+            return
+        self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0
+
+    # -- completions -----------------------------------------------------------
+    def has_used(self) -> bool:
+        return self._used_h[1] != self._last_used
+
+    def get_used(self) -> list[tuple[object, int]]:
+        """Take every buffer the device returned: [(token, written_len)], in used order."""
+        done: list[tuple[object, int]] = []
+        used_idx = self._used_h[1]
+        while self._last_used != used_idx:
+            slot = self._last_used % self.size
+            head = self._used_i[1 + 2 * slot]
+            written = self._used_i[2 + 2 * slot]
+            if head >= self.size or self._inflight[head] is None:
+                raise DeviceBroke(f"virtqueue {self.index}: used id {head} is not a head in flight")
+            entry = self._inflight[head]
+            self._inflight[head] = None
+            self._release(head, entry)
+            self._last_used = (self._last_used + 1) & 0xFFFF
+            done.append((entry.token, written))
+            if self._last_used == used_idx:
+                used_idx = self._used_h[1]
+        if self.event_idx:
+            # Interrupt me at the next buffer (pitfall 7: keep used_event moving).
+            self._avail[2 + self.size] = self._last_used
+        return done
+
+    def _release(self, head: int, entry: _InFlight) -> None:
+        # Splice the whole chain back onto the free list (from the driver's own
+        # record: the device could have scribbled over the table).
+        chain = entry.descs
+        for a, b in itertools.pairwise(chain):
+            self._next_free[a] = b
+        self._next_free[chain[-1]] = self._free_head
+        self._free_head = head
+        self.num_free += len(chain)
+        for addr, length in entry.mappings:
+            self.dma.unmap(addr, length)
+        if entry.indirect_gpa is not None:
+            self.ram.free(entry.indirect_gpa)
+
+    def in_flight(self) -> int:
+        return sum(1 for e in self._inflight if e is not None)
+
+    def detach_unused(self) -> list[object]:
+        """After a device reset: reclaim every request still in flight; returns the tokens."""
+        tokens = []
+        for head, entry in enumerate(self._inflight):
+            if entry is not None:
+                self._inflight[head] = None
+                self._release(head, entry)
+                tokens.append(entry.token)
+        return tokens
+
+    def close(self) -> None:
+        """Free the rings (the device must be reset or the queue disabled first)."""
+        if self.closed:
+            return
+        self.detach_unused()
+        self.closed = True
+        for v in (self._used_i, self._used_h, self._avail, self._desc):
+            v.release()
+        self.dma.free_coherent(self.ring_gpa, self._ring_bytes, self.desc_dma)
