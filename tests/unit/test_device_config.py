@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import struct
-from types import SimpleNamespace
 
 import pytest
 
 from xvf.app.argparser import build_parser
 from xvf.app.config import load_config
-from xvf.device.config_space import config_space, fs_tag_bytes, local_config
+from xvf.device.config_space import ConfigCache, fs_tag_bytes, local_config
 from xvf.device.types import BY_NAME
-from xvf.device.vhost_device import DeviceParams, VhostDevice
 from xvf.errors import ConfigError
 
 FS = BY_NAME["fs"]
@@ -43,21 +41,20 @@ def test_other_devices_get_nothing_local():
     assert local_config(BY_NAME["blk"], {"fs_tag": "x"}) is None
 
 
-def _device(dev_type, supported: bool, tag: str = "xvf") -> SimpleNamespace:
-    """What config_read looks at: the cache made at connection from `config_space`."""
-    params = DeviceParams(1, 0, dev_type, 0x2000000, 33, True, "/nonexistent", fs_tag=tag)
-    from_backend = bytes(range(dev_type.config_size)) if supported else None
-    cache = config_space(dev_type, from_backend, tag)
-    return SimpleNamespace(params=params, config_cache=cache)
+def _config(dev_type, supported: bool, tag: str = "xvf") -> ConfigCache:
+    """The cache config reads answer, as a connection fills it."""
+    cache = ConfigCache("dom1/test0", dev_type, tag)
+    cache.connect(bytes(range(dev_type.config_size)) if supported else None)
+    return cache
 
 
 def test_config_read_answers_the_local_tag_when_the_backend_lacks_config():
-    dev = _device(FS, supported=False, tag="docs")
-    assert VhostDevice.config_read(dev, 0, 4) == int.from_bytes(b"docs", "little")  # type: ignore[arg-type]
-    assert VhostDevice.config_read(dev, 36, 4) == 1  # type: ignore[arg-type]
-    assert VhostDevice.config_read(dev, 40, 4) == 0  # type: ignore[arg-type]  # beyond the space
-    blk = _device(BY_NAME["blk"], supported=False)
-    assert VhostDevice.config_read(blk, 0, 8) == 0  # type: ignore[arg-type]
+    fs = _config(FS, supported=False, tag="docs")
+    assert fs.read(0, 4) == int.from_bytes(b"docs", "little")
+    assert fs.read(36, 4) == 1
+    assert fs.read(40, 4) == 0  # beyond the space
+    blk = _config(BY_NAME["blk"], supported=False)
+    assert blk.read(0, 8) == 0
 
 
 def test_fs_tag_option_and_config_key(tmp_path):
@@ -72,6 +69,30 @@ def test_fs_tag_option_and_config_key(tmp_path):
 
 
 def test_config_read_answers_the_backends_space_when_it_has_one():
-    blk = _device(BY_NAME["blk"], supported=True)
-    assert VhostDevice.config_read(blk, 0, 4) == int.from_bytes(bytes(range(4)), "little")  # type: ignore[arg-type]
-    assert VhostDevice.config_read(blk, 8, 2) == int.from_bytes(bytes([8, 9]), "little")  # type: ignore[arg-type]
+    blk = _config(BY_NAME["blk"], supported=True)
+    assert blk.read(0, 4) == int.from_bytes(bytes(range(4)), "little")
+    assert blk.read(8, 2) == int.from_bytes(bytes([8, 9]), "little")
+
+
+def test_config_writes_forward_only_writable_fields_and_keep_the_latest_refresh(caplog):
+    blk = _config(BY_NAME["blk"], supported=True)
+    before = blk.cache
+    assert blk.write(0, 8, 1 << 40, connected=True) is None  # capacity: read-only
+    assert blk.write(0, 8, 1 << 40, connected=True) is None
+    assert blk.cache == before and blk.ignored_writes == 2
+    assert caplog.text.count("read-only config offset") == 1  # said once, then counted
+    assert blk.write(32, 1, 1, connected=False) is None  # no backend: nowhere to go
+    first = blk.write(32, 1, 1, connected=True)  # writeback (writable)
+    second = blk.write(32, 1, 0, connected=True)
+    assert first == (b"\x01", 1) and second == (b"\x00", 2)
+    assert blk.read(32, 1) == 0  # the guest reads back what it wrote last, at once
+    blk.refreshed(1, bytes([7]) * 60)  # the first write's refresh came late: dropped
+    assert blk.read(32, 1) == 0
+    blk.refreshed(2, bytes([9]) * 60)
+    assert blk.read(32, 1) == 9
+
+
+def test_config_writes_go_nowhere_without_the_config_feature():
+    fs = _config(FS, supported=False)
+    assert fs.write(0, 4, 0, connected=True) is None or not FS.config_writable(0, 4)
+    assert fs.read(0, 4) == int.from_bytes(b"xvf\0", "little")

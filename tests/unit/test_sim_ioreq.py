@@ -215,8 +215,8 @@ def test_at_most_eight_ioreq_servers_per_domain(hypervisor):
 
 def test_one_guest_server_routes_eleven_devices_by_address(hypervisor):
     """libxl gives a guest up to 11 virtio devices; xvf serves them all on ONE
-    IOREQ server (xvf.daemon.guest.Guest), each window answered by its own device."""
-    from xvf.daemon.guest import Guest
+    IOREQ server (xvf.guest.guest.Guest), each window answered by its own device."""
+    from xvf.guest.guest import Guest
 
     dom = hypervisor.create_domain("eleven", memory_mib=4, vcpus=2)
     plat = SimPlatform(hypervisor.run_dir)

@@ -25,13 +25,13 @@ from xvf.daemon.discovery import (
     read_virtio_devices,
     watch_paths,
 )
-from xvf.daemon.guest import Guest
 from xvf.daemon.takeover import ServerRecord
 from xvf.device.backend_worker import Mailbox
 from xvf.device.config_space import DEFAULT_FS_TAG, fs_tag_bytes
 from xvf.device.types import device_type, socket_name
 from xvf.device.vhost_device import MMIO_WINDOW, DeviceParams, VhostDevice
 from xvf.errors import ConfigError, XenStoreError, XvfError
+from xvf.guest.guest import Guest
 from xvf.hotpath._ioreq import MmioState, ServiceLoop
 from xvf.platform.interface import Platform
 from xvf.protocols.virtio_mmio import PlaceholderRegisters

@@ -7,7 +7,7 @@ middle of an access waits on its slot for good. Xen hands an access to the enabl
 server with the highest id whose ranges contain it (ioreq_server_select), so a new server
 gets the windows only if its id is higher. Each server xvf creates is therefore recorded
 in xenstore, and a later xvf retires the recorded ones once it serves that guest itself
-(xvf.daemon.guest.Guest.retire): it answers their waiting vCPUs, then destroys them.
+(xvf.guest.guest.Guest.retire): it answers their waiting vCPUs, then destroys them.
 
 Layout, per guest: /local/domain/<own domid>/xvf/<guest domid>/ioreq-servers = "<id> ...",
 and .../vm = the guest's /local/domain/<domid>/vm (libxl's /vm/<uuid>) when they were

@@ -37,6 +37,16 @@ def _dm_op(op: int, body: bytes) -> bytes:
     return raw + bytes(C.DM_OP_SIZE - len(raw))
 
 
+def _close_sent(sent: list[socket.socket], regions: list[MemoryRegion] | None = None) -> None:
+    """Close the handles given to a backend in `regions` (None: all of them): several
+    devices of one guest share its memory, each table's handles are its own."""
+    fds = None if regions is None else {r.fd for r in regions}
+    for handle in list(sent):
+        if fds is None or handle.fileno() in fds:
+            handle.close()
+            sent.remove(handle)
+
+
 class SimEventChannelHandle:
     def __init__(self, ctl: C.ControlClient) -> None:
         self._ctl = ctl
@@ -164,18 +174,16 @@ class SimGuestMemory:
             for r in self.regions
         ]
 
-    def after_mem_table(self) -> None:
-        """The backend holds its copies of the handles now; ours would keep its
-        mappings alive after it is gone."""
-        for handle in self._sent:
-            handle.close()
-        self._sent.clear()
+    def after_mem_table(self, regions: list[MemoryRegion]) -> None:
+        """The backend holds its copies of these regions' handles now; ours would
+        keep its mappings alive after it is gone."""
+        _close_sent(self._sent, regions)
 
     def close(self) -> None:
         self._base.release()
         self._mmap.close()
         os.close(self.fd)
-        self.after_mem_table()
+        _close_sent(self._sent)
 
 
 class SimGrantMapper:
@@ -208,10 +216,8 @@ class SimGrantMapper:
         self._sent.append(handle)
         return handle.fileno()
 
-    def after_mem_table(self) -> None:
-        for handle in self._sent:
-            handle.close()
-        self._sent.clear()
+    def after_mem_table(self, regions: list[MemoryRegion]) -> None:
+        _close_sent(self._sent, regions)
 
     def unmap(self, refs: list[int]) -> None:
         payload = struct.pack("<HHI", self.domid, 0, len(refs)) + struct.pack(
@@ -220,7 +226,7 @@ class SimGrantMapper:
         self._ctl.call(C.OP_GNT_UNMAP, payload)
 
     def close(self) -> None:
-        self.after_mem_table()
+        _close_sent(self._sent)
 
 
 class SimPlatform:

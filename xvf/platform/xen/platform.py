@@ -183,7 +183,7 @@ class XenGuestMemory:
         """On Xen the regions always carry the Xen mmap description."""
         return list(self.regions)
 
-    def after_mem_table(self) -> None:
+    def after_mem_table(self, regions: list[MemoryRegion]) -> None:
         """Nothing to drop: the fd sent is xvf's own privcmd, which stays open."""
 
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
@@ -225,7 +225,7 @@ class XenGrantMapper:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
         return self.gntdev.fd
 
-    def after_mem_table(self) -> None:
+    def after_mem_table(self, regions: list[MemoryRegion]) -> None:
         """Nothing to drop: the gntdev fd stays xvf's."""
 
     def close(self) -> None:

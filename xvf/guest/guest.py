@@ -1,4 +1,5 @@
-"""One guest as the device model sees it: its IOREQ server, ioreq page and event channels.
+"""One guest as the device model sees it: its IOREQ server, ioreq page, event channels,
+the routing of its MMIO windows to devices, and its RAM when foreign-mapped (xvf.guest.ram).
 
 Xen allows at most 8 IOREQ servers per domain and libxl gives a guest up to 11
 virtio devices, so all of a guest's devices share ONE server: each device adds
@@ -21,10 +22,11 @@ from __future__ import annotations
 import logging
 
 from xvf.errors import XvfError
+from xvf.guest.ram import GuestRam
 from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.platform.interface import EventChannelHandle, IoreqServerHandle, Platform
 
-log = logging.getLogger("xvf.daemon.guest")
+log = logging.getLogger("xvf.guest.guest")
 
 
 class Guest:
@@ -41,6 +43,7 @@ class Guest:
         self.ioreq: IoreqServer | None = None
         self.ports: list[int] = []  # local port of each vCPU, index = vCPU id
         self.enabled = False
+        self.ram = GuestRam(platform, domid)  # foreign mapping, shared by its devices
 
     @property
     def label(self) -> str:
