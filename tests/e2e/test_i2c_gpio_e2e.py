@@ -91,3 +91,45 @@ def test_a_nacked_read_through_the_grant_relay_reports_its_error(
     assert msg.status == 1, f"status {msg.status}: the error did not reach the guest"
     i2c.close()
     assert "shadow rings relayed by xvf" in fe.log()
+
+
+@pytest.mark.kernel_eventfds
+def test_grant_regions_hand_kicks_and_interrupts_to_the_kernel(
+    hypervisor, backends, start_frontend
+):
+    """The backends map the guest's grants themselves, so xvf need not see their kicks:
+    the Dom0 kernel carries them (privcmd ioeventfd/irqfd), as in foreign mode."""
+    line = 'virtio = [ "type=virtio,device22, transport=mmio, grant_usage=1" ]'
+    fe = start_frontend(backends, foreign=False)
+    dom = hypervisor.create_domain("offload", memory_mib=32, vcpus=1, virtio=line)
+    fe.wait_log("interrupts injected by")
+    assert "QueueNotify handled by the kernel (privcmd ioeventfd)" in fe.log()
+    assert "interrupts injected by the kernel (privcmd irqfd)" in fe.log()
+    i2c = VirtioI2c(attach(dom, 0))
+    i2c.start()
+    for i in range(8):
+        i2c.write_reg(EEPROM, 0x20 + i, bytes([i]))
+    assert i2c.read_reg(EEPROM, 0x20, 8) == bytes(range(8))
+    assert dom.ioeventfd_hits > 0  # notifies completed without an ioreq to xvf
+    i2c.close()
+    assert "grant regions (Xen mmap), mapped by the backend" in fe.log()
+    hypervisor.destroy_domain(dom.domid)
+    assert hypervisor.held_at_destroy[dom.domid] == []  # offloads released first
+    assert "ERROR" not in fe.log()
+
+
+@pytest.mark.kernel_eventfds
+def test_the_relay_keeps_kicks_with_xvf_even_where_the_kernel_could_take_them(
+    hypervisor, sockets, start_frontend, start_ref_backend
+):
+    start_ref_backend("i2c", os.path.join(sockets, "i2c.sock0"), "--no-xen-mmap")
+    line = 'virtio = [ "type=virtio,device22, transport=mmio, grant_usage=1" ]'
+    fe = start_frontend(sockets, foreign=False)
+    dom = hypervisor.create_domain("relay", memory_mib=32, vcpus=1, virtio=line)
+    fe.wait_log("interrupts injected by")
+    assert "QueueNotify handled by xvf (ioreq service loop)" in fe.log()
+    i2c = VirtioI2c(attach(dom, 0))
+    i2c.start()
+    i2c.write_reg(EEPROM, 0x30, b"relay")
+    assert i2c.read_reg(EEPROM, 0x30, 5) == b"relay"
+    i2c.close()

@@ -53,6 +53,9 @@ class BackendMemory(ABC):
 
     name = ""  # in `xvf status` and the log
     description = ""
+    # The backend works on the guest's rings itself, so the Dom0 kernel may carry their
+    # kicks and calls (privcmd ioeventfd/irqfd); the relay must see every one.
+    direct_rings = True
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -219,6 +222,7 @@ class ShadowRelay(_GrantMemory):
 
     name = "relay"
     description = "shadow rings relayed by xvf (backend cannot map grants)"
+    direct_rings = False
 
     def __init__(self, label: str, platform: Platform, domid: int) -> None:
         super().__init__(label, platform, domid)

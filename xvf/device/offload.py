@@ -4,7 +4,8 @@ With privcmd ioeventfd the Dom0 kernel completes the guest's QueueNotify write
 itself and signals the queue's kick eventfd; with privcmd irqfd it raises the
 guest's SPI when a backend signals the call eventfd. Either is used only where the
 platform offers it (probed once per Dom0) and the memory strategy lets the backend
-talk to the guest's rings directly; a refused assignment falls back to xvf, said once.
+work on the guest's rings itself (foreign or grant regions; not the relay, which must
+see every kick); a refused assignment falls back to xvf, said once.
 """
 
 from __future__ import annotations
@@ -44,9 +45,18 @@ class KernelOffload:
         self.base = base
         self.irq = irq
         self.state = state
-        self.notify = wanted and platform.supports_ioeventfd
-        self.interrupts = wanted and platform.supports_irqfd
+        self.wanted = wanted
+        self.notify = False  # QueueNotify completed by the kernel (ioeventfd)
+        self.interrupts = False  # interrupts injected by the kernel (irqfd)
+        self._refused: set[str] = set()  # what the kernel refused once: not tried again
         self._irqfd = -1  # the device's one call eventfd while irqfd is assigned
+
+    def allow(self, direct_rings: bool) -> None:
+        """A connection's memory strategy is known: the kernel may take kicks and calls
+        only where the backend works on the guest's rings itself (not relayed)."""
+        on = self.wanted and direct_rings
+        self.notify = on and self.platform.supports_ioeventfd and "notify" not in self._refused
+        self.interrupts = on and self.platform.supports_irqfd and "interrupts" not in self._refused
 
     def call_fd(self) -> int:
         """A new call eventfd for a queue: the shared irqfd (dup'd) when the kernel
@@ -58,6 +68,7 @@ class KernelOffload:
                 log.warning("%s: privcmd irqfd refused (%s); interrupts stay with xvf",
                             self.label, exc)  # fmt: skip
                 self.interrupts = False
+                self._refused.add("interrupts")
         return new_eventfd()
 
     def _shared_irqfd(self) -> int:
@@ -87,6 +98,7 @@ class KernelOffload:
             log.warning("%s: privcmd ioeventfd refused (%s); QueueNotify stays with xvf",
                         self.label, exc)  # fmt: skip
             self.notify = False
+            self._refused.add("notify")
             return False
         return True
 

@@ -125,12 +125,10 @@ class VhostDevice:
         self.stopped = False
         self.state = MmioState()
         self.regs: VirtioMmioRegisters | None = None
-        # The kernel takes notifications and interrupts only of queues whose rings the
-        # backend reaches itself (foreign mapping); relayed queues need xvf.
+        # Allowed per connection by its memory strategy (relayed queues need xvf).
         self.offload = KernelOffload(
-            self.label, platform, guest, params.base, params.irq, self.state,
-            wanted=offload and foreign_mapping,
-        )  # fmt: skip
+            self.label, platform, guest, params.base, params.irq, self.state, wanted=offload
+        )
         self.queues = Queues(loop, self.state, self.offload, self._guest_broke_ring)
         self.config = ConfigCache(self.label, params.dev_type, params.fs_tag)
         self.reconnect = Reconnect(params.socket_path)
@@ -254,6 +252,7 @@ class VhostDevice:
         self.vhost = conn.vhost
         self.memory = conn.memory
         self.memory_name = conn.memory.name
+        self.offload.allow(conn.memory.direct_rings)
         self.backend_features = features = conn.features
         self.config.connect(conn.config)  # refreshed at every reconnection
         guest_features = features & (V.DEVICE_SPECIFIC_MASK | V.TRANSPORT_BITS_FROM_BACKEND)
