@@ -96,7 +96,10 @@ def _python_headers() -> Path:
 def _sources(repo: Path) -> list[Path]:
     """Everything the wheel is made of: xvf's sources, the C headers, the metadata."""
     files = [repo / "pyproject.toml"]
-    for top, patterns in (("xvf", ("*.py", "*.pyx", "*.pxd", "*.service")), ("include", ("*",))):
+    for top, patterns in (
+        ("xvf", ("*.py", "*.pyx", "*.pxd", "*.pyi", "py.typed", "*.service")),
+        ("include", ("*",)),
+    ):
         for pattern in patterns:
             files += [p for p in (repo / top).rglob(pattern) if p.is_file()]
     return sorted(set(files))
