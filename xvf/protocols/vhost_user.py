@@ -365,10 +365,10 @@ class VhostUserFrontend:
             )
 
     def _set_vring_fd(self, req: Request, q: int, fd: int | None) -> None:
-        has_fd = fd is not None
-        if has_fd and fd < 0:
+        if fd is not None and fd < 0:
             raise VhostUserError(f"{req.name} for queue {q}: invalid fd {fd}")
-        self._set(req, encode_vring_fd(self._q(q), has_fd), [fd] if has_fd else [])
+        fds = [] if fd is None else [fd]
+        self._set(req, encode_vring_fd(self._q(q), fd is not None), fds)
 
     def _get_u64(self, req: Request) -> int:
         self._send(req, 0, b"")

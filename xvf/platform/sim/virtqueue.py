@@ -230,9 +230,9 @@ class SplitVirtqueue:
             slot = self._last_used % self.size
             head = self._used_i[1 + 2 * slot]
             written = self._used_i[2 + 2 * slot]
-            if head >= self.size or self._inflight[head] is None:
+            entry = self._inflight[head] if head < self.size else None
+            if entry is None:
                 raise DeviceBroke(f"virtqueue {self.index}: used id {head} is not a head in flight")
-            entry = self._inflight[head]
             self._inflight[head] = None
             self._release(head, entry)
             self._last_used = (self._last_used + 1) & 0xFFFF

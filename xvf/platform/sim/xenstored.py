@@ -37,6 +37,7 @@ import socket
 import stat
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from xvf.errors import SimulatorError, XenStoreError
@@ -727,7 +728,7 @@ class XenStored:
         raise _XsErr("ENOSYS")  # debug/control commands are not simulated
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[[XenStored, _Conn, int, bytes], bytes]] = {
     XsType.CONTROL: XenStored._do_control,
     XsType.DIRECTORY: XenStored._do_directory,
     XsType.READ: XenStored._do_read,
