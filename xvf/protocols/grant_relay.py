@@ -132,9 +132,6 @@ class ShadowMemory:
             prev = self._free.pop(i - 1)
             self._free[i - 1] = (prev[0], prev[1] + length)
 
-    def free_bytes(self) -> int:
-        return sum(span for _, span in self._free)
-
     def wake_waiters(self) -> None:
         waiters, self.waiters = self.waiters, []
         for retry in waiters:

@@ -329,11 +329,6 @@ class XenStored:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    @property
-    def connection_count(self) -> int:
-        with self._lock:
-            return len(self._conns)
-
     # -- the simulator's own API (called from other threads) --------------------
 
     def introduce_domain(self, domid: int) -> None:
