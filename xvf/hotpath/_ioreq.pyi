@@ -23,7 +23,7 @@ class IrqLine:
     def __init__(self, fd: int, domid: int, irq: int, simulated: bool = False) -> None: ...
     def set(self, level: int) -> None: ...
 
-class RegisterHandler(Protocol):
+class _RegisterHandler(Protocol):  # stub only: what the .pyx calls on `handler`
     """What `MmioState.handler` must offer: every register the hot path does not answer."""
 
     def mmio_read(self, offset: int, size: int) -> int: ...
@@ -34,7 +34,7 @@ class MmioState:
 
     status: int
     int_status: int
-    handler: RegisterHandler | None
+    handler: _RegisterHandler | None
     irq: IrqLine | None
     vring_sticky: bool
     num_queues: int
