@@ -28,6 +28,7 @@ from xvf.platform.sim.virtqueue import SplitVirtqueue
 from xvf.protocols import virtio as R
 from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
 from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
+from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -66,7 +67,17 @@ class DirectVhostDevice:
 
     def initialize(self, wanted: int, queue_sizes: list[int]) -> int:
         fe = self.fe
-        fe.negotiate(wanted | (1 << R.F_VERSION_1))
+        # The handshake in QEMU's order; of QSD's protocol features: MQ, REPLY_ACK, CONFIG.
+        offered = fe.get_features()
+        acked = offered & (wanted | (1 << R.F_VERSION_1))
+        if offered & F_PROTOCOL_FEATURES:
+            wanted_protocol = PF.MQ | PF.REPLY_ACK | PF.CONFIG
+            fe.set_protocol_features(fe.get_protocol_features() & wanted_protocol)
+            if fe.protocol_features & PF.MQ:
+                fe.get_queue_num()
+            acked |= F_PROTOCOL_FEATURES
+        fe.set_owner()
+        fe.set_features(acked)
         self.features = fe.acked_features & ~F_PROTOCOL_FEATURES
         regions = [
             VhostUserRegion(r.gpa, r.size, FAKE_UVA + r.fd_offset, self.ram.fd, r.fd_offset)

@@ -12,10 +12,9 @@ import mmap
 import os
 import sys
 
-from xvf.hotpath._evtchn import EventChannel
-
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
+from xvf.hotpath._evtchn import EventChannel
 
 BASE = 0x2000000
 WINDOW = 0x200

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: install everything, lint, then pytest (unit and end-to-end).
+# The whole test suite: install everything, lint and type-check, then pytest (unit and end-to-end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -7,4 +7,5 @@ scripts/install-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # the xvf package, settings in pyproject.toml ([tool.mypy])
 .venv/bin/python -m pytest -p no:cacheprovider -q "$@"

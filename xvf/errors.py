@@ -13,7 +13,8 @@ class XvfError(Exception):
 class OsCallError(XvfError):
     """A system call or hypercall failed; carries the errno."""
 
-    def __init__(self, message: str, err: int = 0) -> None:
+    def __init__(self, message: str, err: int | None = 0) -> None:
+        err = err or 0  # OSError.errno may be None
         self.errno = err
         if err:
             name = _errno.errorcode.get(err, str(err))

@@ -32,6 +32,8 @@ def test_wheel_contents(tmp_path):
         for mod in hotpath:
             so = f"xvf/hotpath/{mod}."
             assert any(n.startswith(so) and n.endswith(".so") for n in names), mod
+            assert f"xvf/hotpath/{mod}.pyi" in names, mod  # its types, for mypy and IDEs
+        assert "xvf/py.typed" in names
         for package in ("app", "daemon", "device", "protocols", "hotpath", "platform/xen"):
             assert f"xvf/{package}/__init__.py" in names, package
         assert "xvf/platform/sim/drivers/blk.py" in names
@@ -66,6 +68,7 @@ def test_the_rig_wheel_takes_the_unit_file_too():
     project = tomllib.loads((repo / "pyproject.toml").read_text())
     files = _package_files(repo, project)
     assert "xvf/data/xen-vhost-frontend.service" in files
+    assert {"xvf/py.typed", "xvf/hotpath/_ioreq.pyi"} <= set(files)
     # packages.find: every module of every layer's folder goes into Dom0's wheel
     modules = {str(p.relative_to(repo)) for p in (repo / "xvf").rglob("*.py")}
     assert modules <= set(files), sorted(modules - set(files))

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import needs_qsd
 from tests.qsd import QsdExport, qsd_export
+from tests.vhost_handshake import handshake
 from tests.virtio_ring_for_tests import (
     BLK_T_IN,
     BLK_T_OUT,
@@ -79,14 +80,14 @@ class LiveQueue:
 
 @pytest.fixture
 def live(fe: VhostUserFrontend) -> Iterator[LiveQueue]:
-    fe.negotiate(WANTED)
+    handshake(fe, WANTED)
     q = LiveQueue(fe)
     yield q
     q.close()
 
 
 def test_full_negotiation(fe: VhostUserFrontend):
-    fe.negotiate(WANTED)
+    handshake(fe, WANTED)
     assert fe.backend_features & VERSION_1 and fe.backend_features & F_PROTOCOL_FEATURES
     assert fe.backend_features & EVENT_IDX  # offered, not wanted, so not acked
     assert fe.acked_features == WANTED | F_PROTOCOL_FEATURES
@@ -98,7 +99,7 @@ def test_full_negotiation(fe: VhostUserFrontend):
 
 
 def test_config_capacity_is_image_size(fe: VhostUserFrontend, export: QsdExport):
-    fe.negotiate(WANTED)
+    handshake(fe, WANTED)
     cfg = fe.get_config(0, 60)
     capacity, blk_size, num_queues = (
         struct.unpack_from("<Q", cfg, 0)[0],
@@ -147,14 +148,13 @@ def test_backend_killed_mid_session(fe: VhostUserFrontend, live: LiveQueue, expo
         fe.get_features()
 
 
-def test_reset_then_new_session(fe: VhostUserFrontend, live: LiveQueue, export: QsdExport):
-    # QSD has no RESET_DEVICE, so this is RESET_OWNER, acked under REPLY_ACK
-    fe.reset_device()
+def test_new_session_after_close(fe: VhostUserFrontend, live: LiveQueue, export: QsdExport):
+    # What xvf does when a device reconnects: close the session, open another.
     fe.close()
     # QSD serves the next client: a fresh session does I/O again
     fe2 = VhostUserFrontend(export.socket_path)
     try:
-        fe2.negotiate(WANTED)
+        handshake(fe2, WANTED)
         q = LiveQueue(fe2)
         try:
             q.mem.write(q.data, b"\x5a" * SECTOR)
@@ -170,7 +170,7 @@ def test_reset_then_new_session(fe: VhostUserFrontend, live: LiveQueue, export: 
 def test_session_leaks_no_fds(export: QsdExport):
     before = open_fds()
     fe = VhostUserFrontend(export.socket_path)
-    fe.negotiate(WANTED)
+    handshake(fe, WANTED)
     q = LiveQueue(fe)
     q.mem.write(q.data, b"\x01" * SECTOR)
     assert blk_request(q.ring, q.scratch, BLK_T_OUT, 0, q.data, SECTOR) == 0
@@ -203,7 +203,7 @@ def xen_backend(start_ref_backend) -> Iterator[str]:
 
 def test_xen_mmap_regions_accepted(xen_backend: str):
     with VhostUserFrontend(xen_backend) as fe:
-        fe.negotiate(VERSION_1)
+        handshake(fe, VERSION_1)
         assert fe.protocol_features & PF.XEN_MMAP
         q = LiveQueue(fe)  # SET_MEM_TABLE with the 40-byte region layout, flags 0
         try:
@@ -217,7 +217,7 @@ def test_xen_mmap_foreign_region_refused_by_backend(xen_backend: str):
     mem = GuestMemory(1 << 20)
     try:
         with VhostUserFrontend(xen_backend) as fe:
-            fe.negotiate(VERSION_1)
+            handshake(fe, VERSION_1)
             region = mem.region()
             region.xen_mmap_flags, region.domid = XEN_MMAP_FOREIGN, 7
             fe.set_mem_table([region])  # this backend cannot map privcmd: it hangs up
@@ -230,4 +230,4 @@ def test_xen_mmap_foreign_region_refused_by_backend(xen_backend: str):
 def test_not_acking_xen_mmap_is_fatal_for_a_xen_backend(xen_backend: str):
     with VhostUserFrontend(xen_backend) as fe:
         with pytest.raises(VhostUserError, match="closed the connection"):
-            fe.negotiate(VERSION_1, want_protocol=PF.MQ)
+            handshake(fe, VERSION_1, protocol=PF.MQ)

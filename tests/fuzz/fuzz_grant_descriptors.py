@@ -26,9 +26,8 @@ import shutil
 import struct
 import tempfile
 
-from xvf.hotpath._ioreq import MmioState
-
 from tests.fuzz._common import Bytes, run_atheris, tmp_root
+from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import GrantDma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.hypervisor import Hypervisor

@@ -21,9 +21,8 @@ from __future__ import annotations
 import mmap
 import struct
 
-from xvf.hotpath._ioreq import IoreqServer, MmioState
-
 from tests.fuzz._common import Bytes, run_atheris
+from xvf.hotpath._ioreq import IoreqServer, MmioState
 
 PAGE = 4096
 SLOT = struct.Struct("<QQIIIHBB")  # addr, data, count, size, vp_eport, pad, flags, type

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 
-from xvf.hotpath._ioreq import MmioState
-
 from tests.fuzz._common import Bytes, run_atheris
+from xvf.hotpath._ioreq import MmioState
 from xvf.protocols import virtio as R
 from xvf.protocols.virtio_mmio import QueueRegisters, VirtioMmioRegisters
 

@@ -22,15 +22,16 @@ import tempfile
 import time
 
 from tests.fuzz._common import Bytes, run_atheris, tmp_root
+from tests.vhost_handshake import handshake
 from xvf.errors import VhostUserError
 from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
 from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
 from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
 
 TIMEOUT = 1.0
-ALL_PROTOCOL = int(PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.STATUS | PF.RESET_DEVICE | PF.XEN_MMAP)
+ALL_PROTOCOL = int(PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.XEN_MMAP)
 N_CALLS = 10
-DROPPABLE = [int(f) for f in (PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE)]
+DROPPABLE = [int(f) for f in (PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.CONFIGURE_MEM_SLOTS)]
 
 
 def open_fds() -> set[int]:
@@ -59,7 +60,7 @@ def call(fe: VhostUserFrontend, which: int, arg: int) -> None:
     elif which == 5:
         assert fe.set_owner() is None
     elif which == 6:
-        v = fe.get_status()
+        v = fe.get_max_mem_slots()
         assert 0 <= v < 2**64
     elif which == 7:
         fd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC)
@@ -69,10 +70,10 @@ def call(fe: VhostUserFrontend, which: int, arg: int) -> None:
         finally:
             os.close(fd)
     elif which == 8:
-        fe.negotiate((1 << 32) | (arg & 0xFFFF))
+        handshake(fe, (1 << 32) | (arg & 0xFFFF))
         assert fe.protocol_features & ~fe.offered_protocol_features == 0
     else:
-        assert fe.set_started(bool(arg & 1)) is None
+        assert fe.set_vring_enable(arg % 4, bool(arg & 4)) is None
 
 
 class VhostReplyHarness:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.qsd import QsdExport, qsd_export
+from tests.vhost_handshake import handshake
 from xvf.device.types import (
     BY_ID,
     BY_NAME,
@@ -326,7 +327,7 @@ def test_qsd_answers_blk_config_size(qsd: QsdExport) -> None:
     # asks for, and refuses one larger than its struct virtio_blk_config.
     blk = BY_NAME["blk"]
     with VhostUserFrontend(qsd.socket_path) as vu:
-        vu.negotiate(1 << 32)  # VIRTIO_F_VERSION_1
+        handshake(vu, 1 << 32)  # VIRTIO_F_VERSION_1
         assert vu.protocol_features & ProtocolFeature.CONFIG
         assert vu.queue_num is not None and vu.queue_num >= blk.num_queues
         data = vu.get_config(0, blk.config_size)

@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 
 import pytest
-from xvf.hotpath._ioreq import MmioState
 
+from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import GrantDma, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.platform import SimPlatform

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from xvf.hotpath._ioreq import MmioState
 
+from xvf.hotpath._ioreq import MmioState
 from xvf.protocols import virtio as R
 from xvf.protocols.virtio_mmio import QueueRegisters, VirtioMmioRegisters
 

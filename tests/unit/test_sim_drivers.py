@@ -19,10 +19,10 @@ import types
 from collections.abc import Callable
 
 import pytest
-from xvf.hotpath._ioreq import MmioState
 
 from tests.unit.test_sim_virtqueue import DeviceSide
 from xvf.errors import SimulatorError
+from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import DirectDma, GrantDma
 from xvf.platform.sim.drivers import DeviceError
 from xvf.platform.sim.drivers import blk as B

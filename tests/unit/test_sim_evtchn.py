@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from xvf.hotpath._evtchn import EventChannel
 
+from xvf.hotpath._evtchn import EventChannel
 from xvf.platform.sim.evtchn import EventChannels
 
 GUEST = 5

@@ -8,8 +8,8 @@ import struct
 import threading
 
 import pytest
-from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
 
+from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.platform.sim.ioreq import IOREQ_SIZE, GuestDataAbort, VcpuStuck
 from xvf.platform.sim.platform import SimPlatform
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from xvf.app.argparser import build_parser
 from xvf.errors import ConfigError, XvfError
+
+if TYPE_CHECKING:  # the platforms themselves are imported only when chosen
+    from xvf.platform.interface import Platform
 
 log = logging.getLogger("xvf")
 
@@ -51,7 +55,7 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
-def open_platform(sim_dir: str | None):
+def open_platform(sim_dir: str | None) -> Platform:
     if sim_dir:
         from xvf.platform.sim.platform import SimPlatform
 

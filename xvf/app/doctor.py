@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 from xvf.errors import ConfigError, HypercallError, PlatformUnavailable, XvfError
 
@@ -553,7 +554,18 @@ def domu_needs(nodes) -> list[Finding]:
 # ---- the whole check ----------------------------------------------------------------------
 
 
-def _dom0_findings(args) -> tuple[list[Finding], object, object]:
+class _DmOpHandle(Protocol):
+    """What the IOREQ probe issues its dm_ops through: privcmd, or the software Xen."""
+
+    def dm_op(self, domid: int, op: bytes) -> bytes: ...
+    def close(self) -> None: ...
+
+
+# (findings, handle for dm_ops or None, xenstore path or None for the default)
+_HostFindings = tuple[list[Finding], _DmOpHandle | None, str | None]
+
+
+def _dom0_findings(args) -> _HostFindings:
     """Host findings; (findings, open Privcmd or None, xenstore path: None = the default)."""
     findings = [check_under_xen()]
     if findings[0].ok is not True:
@@ -577,7 +589,7 @@ def _dom0_findings(args) -> tuple[list[Finding], object, object]:
     return findings, pc, None
 
 
-def _sim_findings(args) -> tuple[list[Finding], object, object]:
+def _sim_findings(args) -> _HostFindings:
     from xvf.platform.sim.platform import SimPlatform
 
     try:

@@ -190,11 +190,14 @@ def query(path: str, timeout: float = CLIENT_TIMEOUT) -> dict:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
+    if n < 1024:
+        return f"{n}B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}GiB"
 
 
 def format_table(status: dict) -> str:

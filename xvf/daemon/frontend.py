@@ -9,6 +9,7 @@ backend: each device's vhost-user traffic runs on its own worker thread
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -246,7 +247,7 @@ class Frontend:
                 continue
             self.starting[key] = (item, device)
             try:
-                device.start(lambda dev, error, key=key: self._started(key, dev, error))
+                device.start(functools.partial(self._started, key))
             except (XvfError, OSError) as exc:
                 self._started(key, device, exc)
 

@@ -1,13 +1,13 @@
-"""Pure-Python implementation of the ioreq hot path (`xvf.hotpath._ioreq`): the reference
-and the fallback where the Cython extension cannot be built.
+"""Pure-Python reference implementation of the ioreq hot path (`xvf.hotpath._ioreq`).
 
-Same classes, methods, counters and semantics as `_ioreq.pyx`: `IrqLine`,
-`MmioState`, `IoreqServer`, `ServiceLoop`. tests/unit/test_ioreq_py.py runs the
-same access sequences through both and compares every result. Memory ordering
-against the other side of the ioreq page relies on CPython executing each
-statement in program order and on the flags byte being one single-byte store;
-that is enough on x86 (TSO) and what the benchmarks measure, but the Cython
-module, with explicit fences, is the one to use on Arm.
+Not a fallback: xvf always runs the Cython module. This one is the specification
+the Cython is checked against (tests/unit/test_ioreq_py.py runs the same access
+sequences through both and compares every result) and the pure-Python side of the
+benchmarks. Same classes, methods, counters and semantics as `_ioreq.pyx`:
+`IrqLine`, `MmioState`, `IoreqServer`, `ServiceLoop`. Memory ordering against the
+other side of the ioreq page relies on CPython executing each statement in program
+order and on the flags byte being one single-byte store; that is enough on x86 (TSO)
+and what the benchmarks measure, but only the Cython module has explicit fences.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ MemoryRegion = VhostUserRegion
 class EventChannelHandle(Protocol):
     """An open /dev/xen/evtchn (or the simulator's): binds ports, hands out the hot-path object."""
 
-    channel: EventChannel
+    @property
+    def channel(self) -> EventChannel: ...
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int: ...
     def unbind(self, local_port: int) -> None: ...
@@ -32,12 +33,23 @@ class EventChannelHandle(Protocol):
 
 
 class IoreqServerHandle(Protocol):
-    """An IOREQ server created for one device of one guest."""
+    """One guest's IOREQ server with its synchronous ioreq page mapped here."""
 
-    id: int
-    domid: int
-    nr_vcpus: int
-    page: memoryview  # the synchronous ioreq page, writable, Xen's layout
+    @property
+    def id(self) -> int: ...
+    @property
+    def domid(self) -> int: ...
+    @property
+    def nr_vcpus(self) -> int: ...
+    @property
+    def page(self) -> memoryview:
+        """The synchronous ioreq page, writable, Xen's layout."""
+        ...
+
+    @property
+    def page_address(self) -> int:
+        """This process's address of `page` (privcmd's ioeventfd ioctl wants it)."""
+        ...
 
     def map_mmio_range(self, start: int, end_inclusive: int) -> None: ...
     def unmap_mmio_range(self, start: int, end_inclusive: int) -> None: ...
@@ -48,7 +60,8 @@ class IoreqServerHandle(Protocol):
 class GuestMemory(Protocol):
     """Foreign mapping of a guest's whole RAM."""
 
-    regions: list[MemoryRegion]
+    @property
+    def regions(self) -> list[MemoryRegion]: ...
 
     def view(self, gpa: int, length: int) -> memoryview: ...
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None: ...
@@ -61,23 +74,35 @@ class GrantMapper(Protocol):
     """gntdev: maps pages a guest granted to us."""
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
+    def unmap(self, refs: list[int]) -> None:
+        """Give back the grants of a mapping already closed. gntdev does it as the
+        mapping closes (a no-op there); the simulator's software Xen needs the call."""
+        ...
+
     def fileno(self) -> int: ...
     def after_mem_table(self, regions: list[MemoryRegion]) -> None: ...
     def close(self) -> None: ...
 
 
 class Platform(Protocol):
-    name: str
-    simulated: bool
+    # Read-only properties: an implementation may use plain attributes or properties.
+    @property
+    def name(self) -> str: ...
+    @property
+    def simulated(self) -> bool: ...
     # Linux 6.7+ privcmd can take QueueNotify (ioeventfd) and interrupt
     # injection (irqfd) off the device model's hands; probed at start.
-    supports_ioeventfd: bool
-    supports_irqfd: bool
+    @property
+    def supports_ioeventfd(self) -> bool: ...
+    @property
+    def supports_irqfd(self) -> bool: ...
     # Whether guest memory is offered with the vhost-user Xen mmap extension.
-    xen_mmap: bool
+    @property
+    def xen_mmap(self) -> bool: ...
     # Whether guest RAM can be handed to a backend as a plain shared fd (only the
     # simulator's memfd); on Xen a backend must map the guest itself (XEN_MMAP).
-    guest_ram_shareable: bool
+    @property
+    def guest_ram_shareable(self) -> bool: ...
 
     def xenstore_path(self) -> str: ...
     def own_domid(self) -> int: ...

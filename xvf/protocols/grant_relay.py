@@ -31,11 +31,10 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from xvf.errors import GrantError, GuestError, XvfError
-from xvf.hotpath._gnttab import GrantMapping
 from xvf.hotpath._ioreq import MmioState, fence_acquire, fence_full, fence_release
+from xvf.platform.interface import GrantMapper
 from xvf.protocols import virtio as V
 from xvf.protocols.vhost_user_wire import VhostUserRegion
 from xvf.ratelimit import RateLimitedLog
@@ -66,10 +65,6 @@ GUEST_FEATURE_MASK = ~(1 << V.F_IN_ORDER)
 def relay_guest_features(features: int) -> int:
     """The device features to offer a grant-mode guest when the relay serves it."""
     return features & GUEST_FEATURE_MASK
-
-
-class _Mapper(Protocol):
-    def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
 
 
 class RelayError(GuestError):
@@ -137,9 +132,6 @@ class ShadowMemory:
             prev = self._free.pop(i - 1)
             self._free[i - 1] = (prev[0], prev[1] + length)
 
-    def free_bytes(self) -> int:
-        return sum(span for _, span in self._free)
-
     def wake_waiters(self) -> None:
         waiters, self.waiters = self.waiters, []
         for retry in waiters:
@@ -173,7 +165,7 @@ def grant_span(addr: int, length: int) -> tuple[list[int], int]:
 class _Grants:
     """One grant mapping and its refs; `release()` unmaps."""
 
-    def __init__(self, mapper: _Mapper, addr: int, length: int, writable: bool) -> None:
+    def __init__(self, mapper: GrantMapper, addr: int, length: int, writable: bool) -> None:
         refs, self.offset = grant_span(addr, length)
         try:
             self.mapping = mapper.map(refs, writable)
@@ -185,10 +177,7 @@ class _Grants:
 
     def release(self) -> None:
         self.mapping.close()
-        # gntdev unmaps on close; the simulator's mapper wants an explicit unmap.
-        unmap = getattr(self.mapper, "unmap", None)
-        if unmap is not None:
-            unmap(self.refs)
+        self.mapper.unmap(self.refs)
 
 
 # -- one relayed queue --------------------------------------------------------------
@@ -218,7 +207,7 @@ class GrantRelayQueue:
         desc: int,
         avail: int,
         used: int,
-        mapper: _Mapper,
+        mapper: GrantMapper,
         shadow: ShadowMemory,
         state: MmioState,
         kick_fd_to_backend: int,

@@ -18,10 +18,8 @@ import time
 from typing import NoReturn
 
 from xvf.errors import VhostUserError
-from xvf.protocols import virtio as V
 from xvf.protocols.vhost_user_wire import (
     CONFIG_HDR,
-    DEFAULT_PROTOCOL_FEATURES,
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -58,8 +56,6 @@ log = logging.getLogger("xvf.protocols.vhost_user")
 # than silently dropped by a too-small buffer.
 _ANC_FDS = 16
 _ANC_SIZE = socket.CMSG_SPACE(_ANC_FDS * array.array("i").itemsize)
-
-_RUNNING = V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
 
 
 def _region_key(r: VhostUserRegion) -> tuple[int, ...]:
@@ -129,27 +125,7 @@ class VhostUserFrontend:
     def __repr__(self) -> str:
         return f"VhostUserFrontend({self.socket_path!r})"
 
-    # -- handshake --------------------------------------------------------------------
-    def negotiate(
-        self, wanted_features: int, *, want_protocol: int = DEFAULT_PROTOCOL_FEATURES
-    ) -> None:
-        """Full handshake in QEMU's order (vhost_user_backend_init, then vhost_dev_init):
-        GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM (MQ), SET_OWNER,
-        GET_FEATURES, then SET_FEATURES with the wanted bits the backend offers
-        (plus VHOST_USER_F_PROTOCOL_FEATURES when offered)."""
-        features = self.get_features()
-        if features & F_PROTOCOL_FEATURES:
-            offered = self.get_protocol_features()
-            self.set_protocol_features(offered & want_protocol)
-            if self.protocol_features & ProtocolFeature.MQ:
-                self.get_queue_num()
-        self.set_owner()
-        features = self.get_features()
-        acked = wanted_features & features
-        if features & F_PROTOCOL_FEATURES:
-            acked |= F_PROTOCOL_FEATURES
-        self.set_features(acked)
-
+    # -- handshake (the order is the device's: xvf.device) ---------------------------
     def set_owner(self) -> None:
         self._set(Request.SET_OWNER)
 
@@ -158,12 +134,8 @@ class VhostUserFrontend:
         return self.backend_features
 
     def set_features(self, features: int) -> None:
-        """SET_FEATURES; under STATUS also adds FEATURES_OK to the device status, as
-        QEMU's vhost_user_set_features does."""
         self._set(Request.SET_FEATURES, encode_u64(features))
         self.acked_features = features
-        if self.protocol_features & ProtocolFeature.STATUS:
-            self.set_status(self.get_status() | V.STATUS_FEATURES_OK)
 
     def get_protocol_features(self) -> int:
         self._require_protocol_features_bit(Request.GET_PROTOCOL_FEATURES)
@@ -316,33 +288,6 @@ class VhostUserFrontend:
             return
         self._set(Request.SET_VRING_ENABLE, encode_vring_state(self._q(q), int(enabled)))
 
-    # -- device state -----------------------------------------------------------------
-    def reset_device(self) -> None:
-        """RESET_DEVICE when negotiated, else the deprecated RESET_OWNER (as QEMU does)."""
-        if self.protocol_features & ProtocolFeature.RESET_DEVICE:
-            self._set(Request.RESET_DEVICE)
-        else:
-            self._set(Request.RESET_OWNER)
-
-    def set_status(self, status: int) -> None:
-        self._require(ProtocolFeature.STATUS, Request.SET_STATUS)
-        self._set(Request.SET_STATUS, encode_u64(status & 0xFF))
-
-    def get_status(self) -> int:
-        self._require(ProtocolFeature.STATUS, Request.GET_STATUS)
-        return self._get_u64(Request.GET_STATUS)
-
-    def set_started(self, started: bool) -> None:
-        """Tell a STATUS-capable backend the device runs (ACKNOWLEDGE|DRIVER|DRIVER_OK
-        added) or stopped (status 0), like QEMU's vhost_user_dev_start; DPDK keeps
-        its device "not ready" until it sees DRIVER_OK. A no-op without STATUS."""
-        if not self.protocol_features & ProtocolFeature.STATUS:
-            return
-        if started:
-            self.set_status(self.get_status() | _RUNNING)
-        else:
-            self.set_status(0)
-
     # -- messages ---------------------------------------------------------------------
     def _q(self, q: int) -> int:
         if not 0 <= q <= VRING_IDX_MASK:
@@ -365,10 +310,10 @@ class VhostUserFrontend:
             )
 
     def _set_vring_fd(self, req: Request, q: int, fd: int | None) -> None:
-        has_fd = fd is not None
-        if has_fd and fd < 0:
+        if fd is not None and fd < 0:
             raise VhostUserError(f"{req.name} for queue {q}: invalid fd {fd}")
-        self._set(req, encode_vring_fd(self._q(q), has_fd), [fd] if has_fd else [])
+        fds = [] if fd is None else [fd]
+        self._set(req, encode_vring_fd(self._q(q), fd is not None), fds)
 
     def _get_u64(self, req: Request) -> int:
         self._send(req, 0, b"")

@@ -115,19 +115,6 @@ class ProtocolFeature(enum.IntFlag):
     DEVICE_STATE = 1 << 19
 
 
-# What xvf acks when a backend offers it. XEN_MMAP is included even on the
-# simulator: rust-vmm backends built with their `xen` feature always offer it and
-# drop the connection when SET_PROTOCOL_FEATURES does not ack it; a region with
-# xen mmap flags 0 is then an ordinary fd mapping for them.
-DEFAULT_PROTOCOL_FEATURES = (
-    ProtocolFeature.MQ
-    | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.CONFIG
-    | ProtocolFeature.RESET_DEVICE
-    | ProtocolFeature.STATUS
-    | ProtocolFeature.XEN_MMAP
-)
-
 # -- Xen mmap description (follows each region when XEN_MMAP is negotiated) ------
 XEN_MMAP_FOREIGN = 0x1  # map with privcmd (foreign mapping of guest frames)
 XEN_MMAP_GRANT = 0x2  # map with gntdev (guest granted the pages)

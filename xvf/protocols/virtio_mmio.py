@@ -10,6 +10,7 @@ reset, config space) it asks its `DeviceModel`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +64,15 @@ class DeviceModel(Protocol):
 def _set_half(value: int, half: int, word: int) -> int:
     shift = 32 * half
     return (value & ~(U32 << shift)) | ((word & U32) << shift)
+
+
+def _queue_addr_writer(offset: int) -> Callable[[VirtioMmioRegisters, int], None]:
+    """The write handler of one half of a ring address register."""
+
+    def write(regs: VirtioMmioRegisters, value: int) -> None:
+        regs._w_queue_addr(offset, value)
+
+    return write
 
 
 class VirtioMmioRegisters:
@@ -355,7 +365,7 @@ class VirtioMmioRegisters:
         self.model.queue_reset(self.queue_sel)
         q.clear()
 
-    _WRITES = {
+    _WRITES: dict[int, Callable[[VirtioMmioRegisters, int], None]] = {
         R.DEVICE_FEATURES_SEL: _w_device_features_sel,
         R.DRIVER_FEATURES: _w_driver_features,
         R.DRIVER_FEATURES_SEL: _w_driver_features_sel,
@@ -365,9 +375,7 @@ class VirtioMmioRegisters:
         R.STATUS: _w_status,
         R.SHM_SEL: _w_shm_sel,
         R.QUEUE_RESET: _w_queue_reset,
-        **{
-            off: (lambda self, v, off=off: self._w_queue_addr(off, v)) for off in _QUEUE_ADDR_FIELDS
-        },
+        **{off: _queue_addr_writer(off) for off in _QUEUE_ADDR_FIELDS},
     }
 
 

@@ -5,7 +5,7 @@ qemu-user (about 20 minutes); here the host's Cython writes the C once, the host
 aarch64-linux-gnu-gcc compiles it against Debian 13's arm64 Python 3.13 headers, and the
 wheel is zipped by hand, as setuptools would lay it out:
 xvf-<version>-cp313-cp313-linux_aarch64.whl, for
-`pip install --no-deps --break-system-packages` in the Dom0 (numpy is Debian's).
+`pip install --no-deps --break-system-packages` in the Dom0 (xvf needs no other package).
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def _python_headers() -> Path:
 def _sources(repo: Path) -> list[Path]:
     """Everything the wheel is made of: xvf's sources, the C headers, the metadata."""
     files = [repo / "pyproject.toml"]
-    for top, patterns in (("xvf", ("*.py", "*.pyx", "*.pxd", "*.service")), ("include", ("*",))):
+    for top, patterns in (
+        ("xvf", ("*.py", "*.pyx", "*.pxd", "*.pyi", "py.typed", "*.service")),
+        ("include", ("*",)),
+    ):
         for pattern in patterns:
             files += [p for p in (repo / top).rglob(pattern) if p.is_file()]
     return sorted(set(files))

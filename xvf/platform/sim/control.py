@@ -16,6 +16,7 @@ import errno
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 
 from xvf.errors import SimulatorError
 
@@ -45,7 +46,7 @@ MAX_MESSAGE = 65536
 MAX_FDS = 4
 
 
-def send_message(sock: socket.socket, head: bytes, payload: bytes, fds: list[int] = ()) -> None:
+def send_message(sock: socket.socket, head: bytes, payload: bytes, fds: Sequence[int] = ()) -> None:
     data = head + payload
     if len(data) > MAX_MESSAGE:
         raise SimulatorError(f"control message of {len(data)} bytes is too large")
@@ -119,12 +120,16 @@ class ControlClient:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def call(self, op: int, payload: bytes = b"", fds: list[int] = ()) -> tuple[bytes, list[int]]:
+    def call(
+        self, op: int, payload: bytes = b"", fds: Sequence[int] = ()
+    ) -> tuple[bytes, list[int]]:
         """Returns the reply payload and fds; raises OSError(errno) when rc < 0."""
         with self._lock:  # one request at a time, from whichever thread
             return self._call(op, payload, fds)
 
-    def _call(self, op: int, payload: bytes = b"", fds: list[int] = ()) -> tuple[bytes, list[int]]:
+    def _call(
+        self, op: int, payload: bytes = b"", fds: Sequence[int] = ()
+    ) -> tuple[bytes, list[int]]:
         send_message(self.sock, HEADER.pack(op, len(payload)), payload, list(fds))
         data, fds = recv_message(self.sock)
         if len(data) < RC.size:

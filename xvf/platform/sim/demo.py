@@ -15,16 +15,22 @@ import signal
 import subprocess
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from xvf.device.types import device_type, socket_name
 from xvf.errors import SimulatorError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from xvf.platform.sim.drivers.blk import VirtioBlk
 
 log = logging.getLogger("xvf.platform.sim.demo")
 MIB = 1 << 20
 CHUNK = 256 * 1024
 
 
-def _start_frontend(run_dir: str, args) -> subprocess.Popen:
+def _start_frontend(run_dir: str, args: argparse.Namespace) -> subprocess.Popen:
     from xvf.app.cli import mapping_of
     from xvf.platform.sim.backends import xvf_command
 
@@ -41,7 +47,7 @@ def _start_frontend(run_dir: str, args) -> subprocess.Popen:
     )
 
 
-def _blk_io(blk, image: str | None, total: int) -> float:
+def _blk_io(blk: VirtioBlk, image: str | None, total: int) -> float:
     payload = random.Random(0).randbytes(total)
     start = time.monotonic()
     for off in range(0, total, CHUNK):
@@ -59,7 +65,7 @@ def _blk_io(blk, image: str | None, total: int) -> float:
     return elapsed
 
 
-def run_demo(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     from xvf.app.cli import mapping_of
     from xvf.platform.sim import toolstack
     from xvf.platform.sim.backends import make_disk_image, start_qsd

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from xvf.errors import SimulatorError
-from xvf.platform.sim.dma import DirectDma, GrantDma
+from xvf.platform.sim.dma import DirectDma, DmaOps, GrantDma
 from xvf.platform.sim.hypervisor import Domain
 from xvf.platform.sim.ioreq import GuestDataAbort
 from xvf.platform.sim.virtio_driver import DomainMmioTransport, VirtioMmioDevice
@@ -25,6 +25,7 @@ def attach(dom: Domain, index: int, vcpu: int = 0, timeout: float = 20.0) -> Vir
     answers is the driver's to find out."""
     _wait_answered(dom, index, timeout)
     spec = dom.virtio[index]
+    dma: DmaOps
     if spec.grants:
         dma = GrantDma(dom.ram, dom.grants, spec.backend_domid)
     else:

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from xvf.errors import GrantError, SimulatorError
@@ -274,7 +275,7 @@ class Hypervisor:
         from xvf.platform.sim import toolstack
         from xvf.protocols.xenstore import XenStore
 
-        specs = []
+        specs: list[toolstack.VirtioSpec] = []
         if virtio:
             specs = toolstack.parse_virtio_line(virtio) if isinstance(virtio, str) else list(virtio)
             specs = toolstack.assign_mmio_resources(specs)
@@ -450,12 +451,12 @@ class _Session:
         self.irqfds.clear()
         for domid, key in self.ioeventfds:
             dom = self.hv.domains.get(domid)
-            efd = dom.ioeventfds.pop(key, None) if dom is not None else None
-            if efd is not None:
-                os.close(efd)
+            kick = dom.ioeventfds.pop(key, None) if dom is not None else None
+            if kick is not None:
+                os.close(kick)
         self.ioeventfds.clear()
 
-    def handle(self, data: bytes, fds: list[int] = ()) -> tuple[bytes, list[int]]:
+    def handle(self, data: bytes, fds: Sequence[int] = ()) -> tuple[bytes, list[int]]:
         fds = list(fds)
         try:
             return self._handle(data, fds)

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
@@ -141,7 +141,7 @@ def issue(
     server: IoreqServer,
     vcpu: int,
     chan: VcpuChannel,
-    notify,
+    notify: Callable[[int, int], object],
     addr: int,
     size: int,
     is_write: bool,

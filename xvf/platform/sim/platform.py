@@ -13,12 +13,13 @@ import mmap
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
 from xvf.hotpath._ioreq import IrqLine
-from xvf.platform.interface import MemoryRegion
+from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
 
@@ -91,6 +92,9 @@ class SimIoreqServer:
         finally:
             os.close(fds[0])
         self.page = memoryview(self._mmap)
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        self.page_address = ctypes.addressof(anchor)
+        del anchor  # release the export, or the mapping could never be closed
 
     def _range(self, op: int, start: int, end_inclusive: int) -> None:
         self._p.dm_op(
@@ -279,7 +283,7 @@ class SimPlatform:
 
     def assign_ioeventfd(
         self,
-        server: SimIoreqServer,
+        server: IoreqServerHandle,
         ports: list[int],
         addr: int,
         eventfd: int,
@@ -335,3 +339,11 @@ class SimPlatform:
         if self._irq_sock is not None:
             self._irq_sock.close()
         self.ctl.close()
+
+
+if TYPE_CHECKING:
+    from xvf.platform.interface import Platform
+
+    def _is_a_platform(p: SimPlatform) -> Platform:
+        """mypy's proof that SimPlatform (and all it hands out) is a `Platform`."""
+        return p

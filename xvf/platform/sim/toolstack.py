@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xvf.device.types import parse_compatible
@@ -263,7 +264,7 @@ def _write_device(xs: XenStore, tx: int, domid: int, spec: VirtioSpec) -> None:
         xs.write(f"{lx}/{key}", value, tx)
 
 
-def _in_transaction(xs: XenStore, what: str, body) -> None:
+def _in_transaction(xs: XenStore, what: str, body: Callable[[int], None]) -> None:
     for _ in range(_TX_RETRIES):
         tx = xs.transaction_start()
         try:

@@ -83,7 +83,6 @@ class VirtioMmioDevice:
         self.device_features = 0
         self.features = 0  # negotiated
         self.queues: dict[int, SplitVirtqueue] = {}
-        self.config_changes = 0
 
     # -- registers -------------------------------------------------------------
     def _r(self, offset: int) -> int:
@@ -239,8 +238,6 @@ class VirtioMmioDevice:
         status = self._r(R.INTERRUPT_STATUS)
         if status:
             self._w(R.INTERRUPT_ACK, status)
-        if status & R.INT_CONFIG:
-            self.config_changes += 1
         return status
 
     def read_config(self, offset: int, size: int) -> int:
@@ -274,11 +271,6 @@ class VirtioMmioDevice:
             if self._r(R.CONFIG_GENERATION) == gen:
                 return bytes(out)
         raise SimulatorError(f"{self.name}: config generation never settled")
-
-    def write_config(self, offset: int, size: int, value: int) -> None:
-        if size not in (1, 2, 4):
-            raise SimulatorError(f"config write of size {size}")
-        self.t.write(R.CONFIG + offset, size, value)
 
     def wait_used(
         self, queue: int, what: str, timeout: float | None = None

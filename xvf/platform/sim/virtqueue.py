@@ -212,16 +212,7 @@ class SplitVirtqueue:
             return need_event(avail_event, self._avail_idx, old)
         return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
 
-    def suppress_interrupts(self, suppress: bool) -> None:
-        """Ask the device not to interrupt (a hint; with EVENT_IDX, used_event is used)."""
-        if self.event_idx:
-            return
-        self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0
-
     # -- completions -----------------------------------------------------------
-    def has_used(self) -> bool:
-        return self._used_h[1] != self._last_used
-
     def get_used(self) -> list[tuple[object, int]]:
         """Take every buffer the device returned: [(token, written_len)], in used order."""
         done: list[tuple[object, int]] = []
@@ -230,9 +221,9 @@ class SplitVirtqueue:
             slot = self._last_used % self.size
             head = self._used_i[1 + 2 * slot]
             written = self._used_i[2 + 2 * slot]
-            if head >= self.size or self._inflight[head] is None:
+            entry = self._inflight[head] if head < self.size else None
+            if entry is None:
                 raise DeviceBroke(f"virtqueue {self.index}: used id {head} is not a head in flight")
-            entry = self._inflight[head]
             self._inflight[head] = None
             self._release(head, entry)
             self._last_used = (self._last_used + 1) & 0xFFFF

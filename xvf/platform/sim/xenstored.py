@@ -37,6 +37,7 @@ import socket
 import stat
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from xvf.errors import SimulatorError, XenStoreError
@@ -327,11 +328,6 @@ class XenStored:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @property
-    def connection_count(self) -> int:
-        with self._lock:
-            return len(self._conns)
 
     # -- the simulator's own API (called from other threads) --------------------
 
@@ -727,7 +723,7 @@ class XenStored:
         raise _XsErr("ENOSYS")  # debug/control commands are not simulated
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[[XenStored, _Conn, int, bytes], bytes]] = {
     XsType.CONTROL: XenStored._do_control,
     XsType.DIRECTORY: XenStored._do_directory,
     XsType.READ: XenStored._do_read,

@@ -96,8 +96,9 @@ def open_device(dev_dir: str, name: str, nonblock: bool = False) -> int:
     return fd
 
 
-def not_the_driver(dev_dir: str, name: str, err: int) -> PlatformUnavailable:
+def not_the_driver(dev_dir: str, name: str, err: int | None) -> PlatformUnavailable:
     """The device opened but refused the driver's own harmless ioctl."""
+    err = err or errno.EIO  # OSError.errno may be None
     dev = DEVICES[name]
     path = os.path.join(dev_dir, name)
     return PlatformUnavailable(

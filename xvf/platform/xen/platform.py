@@ -15,12 +15,13 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GntDev, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
-from xvf.platform.interface import MemoryRegion
+from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.xen import devices
 from xvf.platform.xen import privcmd as P
 
@@ -225,6 +226,9 @@ class XenGrantMapper:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
         return self.gntdev.fd
 
+    def unmap(self, refs: list[int]) -> None:
+        """Nothing to do: gntdev gave the grants back as their mapping closed."""
+
     def after_mem_table(self, regions: list[MemoryRegion]) -> None:
         """Nothing to drop: the gntdev fd stays xvf's."""
 
@@ -342,7 +346,7 @@ class XenPlatform:
 
     def assign_ioeventfd(
         self,
-        server: XenIoreqServer,
+        server: IoreqServerHandle,
         ports: list[int],
         addr: int,
         eventfd: int,
@@ -371,3 +375,11 @@ def read_guest_memory_bytes(xenstore_path: str, domid: int) -> int:
     if value is None or not value.strip().isdigit():
         raise PlatformUnavailable(f"cannot size domain {domid}'s RAM: {path} is {value!r}")
     return int(value) * 1024
+
+
+if TYPE_CHECKING:
+    from xvf.platform.interface import Platform
+
+    def _is_a_platform(p: XenPlatform) -> Platform:
+        """mypy's proof that XenPlatform (and all it hands out) is a `Platform`."""
+        return p

@@ -100,7 +100,7 @@ class VirtioI2c:
             for token, _written in self.dev.wait_used(0, what, timeout):
                 if token not in pending:
                     continue  # a late answer to a transfer that timed out earlier
-                m, scratch, buf = pending[token]  # type: ignore[index]
+                m, scratch, buf = pending[token]
                 m.status = self.ram.view(scratch + _IN_HDR_OFF, 1)[0]
                 if m.read and buf is not None and m.status == VIRTIO_I2C_MSG_OK:
                     m.data = self.ram.read(buf, m.length)

@@ -105,9 +105,6 @@ class VirtioNet:
         for slot, _ in done:
             self._tx_slots.give(slot)  # type: ignore[union-attr, arg-type]
 
-    def tx_pending(self) -> int:
-        return self.dev.queues[TX_QUEUE].in_flight()
-
     # -- receive ------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> bytes:
         """The next received frame (header stripped); SimulatorError after `timeout`."""
