@@ -11,6 +11,7 @@ import time
 import pytest
 from xvf.hotpath._evtchn import EventChannel
 
+from xvf.platform.sim._hotpath import SimEventChannel
 from xvf.platform.sim.evtchn import EventChannels
 
 GUEST = 5
@@ -38,7 +39,7 @@ def read_ports(channel: EventChannel, timeout: float = 2.0) -> list[int]:
 def open_channel(ec: EventChannels) -> tuple[int, EventChannel, socket.socket]:
     hid, sock = ec.open_handle()
     sock.setblocking(False)
-    return hid, EventChannel(sock.fileno(), True), sock
+    return hid, SimEventChannel(sock.fileno()), sock
 
 
 def test_guest_notify_reaches_handle_and_masks_until_unmasked(chans):

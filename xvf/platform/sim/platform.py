@@ -15,11 +15,10 @@ import socket
 import struct
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
-from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
-from xvf.hotpath._ioreq import IrqLine
 from xvf.platform.interface import MemoryRegion
 from xvf.platform.sim import control as C
+from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
 
 XENMEM_RESOURCE_IOREQ_SERVER = 0
@@ -44,7 +43,7 @@ class SimEventChannelHandle:
         (self.handle_id,) = struct.unpack("<I", reply[:4])
         fd = fds[0]
         os.set_blocking(fd, False)
-        self.channel = EventChannel(fd, True)
+        self.channel = SimEventChannel(fd)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         reply, _ = self._ctl.call(
@@ -305,12 +304,12 @@ class SimPlatform:
     def open_ioreq_server(self, domid: int, server_id: int) -> SimIoreqServer:
         return SimIoreqServer(self, domid, existing=server_id)
 
-    def irq_line(self, domid: int, irq: int) -> IrqLine:
+    def irq_line(self, domid: int, irq: int) -> SimIrqLine:
         # The hot path sends dm_ops itself; it gets a connection of its own so
         # its replies never interleave with Python-level calls.
         if self._irq_sock is None:
             self._irq_sock = _control_connection(self.control_path)
-        return IrqLine(self._irq_sock.fileno(), domid, irq, True)
+        return SimIrqLine(self._irq_sock.fileno(), domid, irq)
 
     def guest_memory_bytes(self, domid: int) -> int:
         reply, fds = self.ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))

@@ -39,16 +39,13 @@ class XenEventChannelHandle:
     """One open /dev/xen/evtchn."""
 
     def __init__(self, fd: int) -> None:
-        self.channel = EventChannel(fd, False)
+        self.channel = EventChannel(fd)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return self.channel.bind_interdomain(domid, remote_port)
 
     def unbind(self, local_port: int) -> None:
         self.channel.unbind(local_port)
-
-    def restrict(self, domid: int) -> None:
-        self.channel.restrict_domid(domid)
 
     def close(self) -> None:
         self.channel.close()
@@ -313,7 +310,7 @@ class XenPlatform:
         return XenIoreqServer(self.privcmd, domid, existing=server_id)
 
     def irq_line(self, domid: int, irq: int) -> IrqLine:
-        return IrqLine(self.privcmd.fd, domid, irq, False)
+        return IrqLine(self.privcmd.fd, domid, irq)
 
     def guest_memory_bytes(self, domid: int) -> int:
         """The guest's RAM size: `memory_size` if given, else xenstore's static-max."""
