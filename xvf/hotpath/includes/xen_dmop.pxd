@@ -8,7 +8,7 @@ cdef extern from "xvf/xen_dmop.h" nogil:
     unsigned int XVF_DMOP_set_ioreq_server_state, XVF_DMOP_destroy_ioreq_server
     unsigned int XVF_DMOP_set_irq_level, XVF_DMOP_nr_vcpus
     unsigned int XVF_DMOP_IO_RANGE_PORT, XVF_DMOP_IO_RANGE_MEMORY, XVF_DMOP_no_gfns
-    unsigned int XVF_HVM_IOREQSRV_BUFIOREQ_OFF
+    unsigned int XVF_HVM_IOREQSRV_BUFIOREQ_OFF, XVF_DOMID_INVALID
     unsigned int XVF_DM_OP_UNION_SIZE
 
     ctypedef uint16_t xvf_ioservid_t
