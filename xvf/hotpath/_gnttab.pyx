@@ -86,7 +86,8 @@ cdef class GntDev:
         cdef uint32_t count = len(refs)
         if count == 0:
             raise GrantError("no grant references to map")
-        cdef size_t size = sizeof(xvf_gntdev_map_grant_ref_t) + (count - 1) * sizeof(xvf_gntdev_grant_ref_t)
+        cdef size_t size = (sizeof(xvf_gntdev_map_grant_ref_t)
+                            + (count - 1) * sizeof(xvf_gntdev_grant_ref_t))
         cdef xvf_gntdev_map_grant_ref_t *arg = <xvf_gntdev_map_grant_ref_t *>calloc(1, size)
         if arg == NULL:
             raise MemoryError()

@@ -21,7 +21,7 @@ from xvf.hotpath.includes.linux_xen cimport (
 )
 from xvf.hotpath.includes.system cimport (
     EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, epoll_create1,
-    epoll_ctl, epoll_event, epoll_wait, ioctl, read, write,
+    close, epoll_ctl, epoll_event, epoll_wait, ioctl, read, write,
 )
 from xvf.hotpath.includes.virtio_mmio cimport (
     XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
@@ -43,8 +43,10 @@ cdef extern from *:
     static inline void xvf_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void xvf_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     static inline void xvf_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-    static inline uint8_t xvf_load_flags(volatile uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint8_t xvf_load_flags(volatile uint8_t *p)
+        { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v)
+        { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     void xvf_acquire() nogil
     void xvf_release() nogil
@@ -53,7 +55,6 @@ cdef extern from *:
     void xvf_store_flags(uint8_t *p, uint8_t v) nogil
 
 import logging
-import struct
 
 from xvf.errors import HypercallError, XvfError
 
@@ -483,7 +484,6 @@ cdef class ServiceLoop:
     def __dealloc__(self):
         free(self._route_vcpu)
         if self.epfd >= 0:
-            from os import close
             close(self.epfd)
 
     cdef _add(self, int fd, int kind, object obj):
