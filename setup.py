@@ -55,8 +55,12 @@ def _extensions() -> list[Extension]:
 
     include_dirs = [os.path.join(HERE, "include")]
     common = dict(include_dirs=include_dirs, extra_compile_args=["-O2", "-Wall"])
-    # Every .pyx of the hot path is an extension (the rig's cross build finds them alike).
-    sources = sorted(glob.glob(os.path.join("xvf", "hotpath", "*.pyx")))
+    # Every .pyx of the hot path, and of the simulator's stand-ins for its kernel
+    # interfaces, is an extension (the cross build and the rig's find them alike).
+    sources = sorted(
+        glob.glob(os.path.join("xvf", "hotpath", "*.pyx"))
+        + glob.glob(os.path.join("xvf", "platform", "sim", "*.pyx"))
+    )
     exts = [Extension(src[:-4].replace(os.sep, "."), [src], **common) for src in sources]
     return cythonize(
         exts,

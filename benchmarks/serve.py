@@ -14,7 +14,8 @@ import sys
 
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
-from xvf.hotpath._evtchn import EventChannel
+from xvf.platform.sim import hotpath_reference as _sim_py
+from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 
 BASE = 0x2000000
 WINDOW = 0x200
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--irq-fd", type=int, default=-1)
     a = p.parse_args(argv)
     mod = _ioreq if a.impl == "cython" else _ioreq_py
+    irq_line = SimIrqLine if a.impl == "cython" else _sim_py.SimIrqLine
     os.set_blocking(a.evtchn_fd, False)
-    chan = EventChannel(a.evtchn_fd, True)
+    chan = SimEventChannel(a.evtchn_fd)
     loop = mod.ServiceLoop(chan)
     maps = []
     for dev in range(a.ndev):
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             state.set_kick_fd(0, a.kick_fd)
         if a.irq_fd >= 0:
             state.int_status = 0
-            state.irq = mod.IrqLine(a.irq_fd, 1, 40, True)
+            state.irq = irq_line(a.irq_fd, 1, 40)
         if a.call_fd >= 0:
             loop.add_call_fd(a.call_fd, state)
         server = mod.IoreqServer(page, a.vpd, BASE, WINDOW, state)

@@ -7,5 +7,7 @@ scripts/install-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# cython-lint runs pycodestyle from PATH (the venv's, above)
+git ls-files -z '*.pyx' '*.pxd' | xargs -0 .venv/bin/cython-lint
 .venv/bin/mypy  # the xvf package, settings in pyproject.toml ([tool.mypy])
 .venv/bin/python -m pytest -p no:cacheprovider -q "$@"

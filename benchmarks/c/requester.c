@@ -1,6 +1,6 @@
 /* The guest side of the benchmarks: vCPUs issuing MMIO accesses through a shared
  * ioreq page (Xen's layout, include/xvf/xen_ioreq.h) and the simulated
- * event-channel handle protocol (include/xvf/sim_abi.h), in C so that the
+ * event-channel handle protocol (xvf/platform/sim/evtchn.py, NOTIFY_BIT), in C so that the
  * requester costs as little as possible and the responder is what is measured.
  *
  * Usage:

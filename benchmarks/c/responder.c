@@ -4,7 +4,7 @@
  *   responder MODE PAGE_FD EVT_FD NDEV VCPUS_PER_DEV KICK_FD
  *
  * It maps NDEV ioreq pages (fd offset dev*4096), reads pending ports from the
- * event-channel handle (include/xvf/sim_abi.h semantics: 4-byte port numbers,
+ * event-channel handle (xvf/platform/sim/evtchn.py semantics: 4-byte port numbers,
  * unmask by writing the port back, notify by writing port|0x80000000), serves
  * the slot of that port's vCPU (port t+1 -> device t/VCPUS_PER_DEV, slot
  * t%VCPUS_PER_DEV) and notifies. Registers: InterruptStatus reads return 1,

@@ -75,7 +75,6 @@ typedef struct xvf_privcmd_ioeventfd {
 
 #define XVF_IOCTL_PRIVCMD_MMAPBATCH_V2 XVF_IOC(XVF_IOC_NONE, 'P', 4, sizeof(xvf_privcmd_mmapbatch_v2_t))
 #define XVF_IOCTL_PRIVCMD_DM_OP        XVF_IOC(XVF_IOC_NONE, 'P', 5, sizeof(xvf_privcmd_dm_op_t))
-#define XVF_IOCTL_PRIVCMD_RESTRICT     XVF_IOC(XVF_IOC_NONE, 'P', 6, sizeof(xvf_domid_t))
 #define XVF_IOCTL_PRIVCMD_MMAP_RESOURCE XVF_IOC(XVF_IOC_NONE, 'P', 7, sizeof(xvf_privcmd_mmap_resource_t))
 /* These two are _IOW (direction write), unlike the older privcmd ioctls. Linux
  * 6.6.0 shipped IRQFD as _IOC_NONE; 6.6 stable and 6.7 changed it to _IOW. */
@@ -91,15 +90,11 @@ typedef struct xvf_evtchn_bind_interdomain {
 typedef struct xvf_evtchn_port_arg {   /* unbind and notify take one port */
     unsigned int port;
 } xvf_evtchn_port_arg_t;
-typedef struct xvf_evtchn_restrict_domid {
-    xvf_domid_t domid;
-} xvf_evtchn_restrict_domid_t;
 
 #define XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN XVF_IOC(XVF_IOC_NONE, 'E', 1, sizeof(xvf_evtchn_bind_interdomain_t))
 #define XVF_IOCTL_EVTCHN_UNBIND          XVF_IOC(XVF_IOC_NONE, 'E', 3, sizeof(xvf_evtchn_port_arg_t))
 #define XVF_IOCTL_EVTCHN_NOTIFY          XVF_IOC(XVF_IOC_NONE, 'E', 4, sizeof(xvf_evtchn_port_arg_t))
 #define XVF_IOCTL_EVTCHN_RESET           XVF_IOC(XVF_IOC_NONE, 'E', 5, 0)
-#define XVF_IOCTL_EVTCHN_RESTRICT_DOMID  XVF_IOC(XVF_IOC_NONE, 'E', 6, sizeof(xvf_evtchn_restrict_domid_t))
 
 /* ---- /dev/xen/gntdev ---- */
 typedef struct xvf_gntdev_grant_ref {

@@ -17,6 +17,9 @@
 #define XVF_DMOP_IO_RANGE_MEMORY 1u
 #define XVF_DMOP_no_gfns         1u
 
+/* No domain (public/xen.h): a dm_op against it is privcmd's harmless probe. */
+#define XVF_DOMID_INVALID 0x7ff4u
+
 /* Buffered-ioreq handling requested at creation. */
 #define XVF_HVM_IOREQSRV_BUFIOREQ_OFF    0u
 

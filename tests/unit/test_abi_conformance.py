@@ -140,6 +140,7 @@ SAME_VAL(XEN_DMOP_IO_RANGE_PORT, XVF_DMOP_IO_RANGE_PORT);
 SAME_VAL(XEN_DMOP_IO_RANGE_MEMORY, XVF_DMOP_IO_RANGE_MEMORY);
 SAME_VAL(XEN_DMOP_no_gfns, XVF_DMOP_no_gfns);
 SAME_VAL(HVM_IOREQSRV_BUFIOREQ_OFF, XVF_HVM_IOREQSRV_BUFIOREQ_OFF);
+SAME_VAL(DOMID_INVALID, XVF_DOMID_INVALID);
 SAME_SIZE(ioservid_t, xvf_ioservid_t);
 
 /* the same union member, by name, in both */
@@ -260,7 +261,6 @@ SAME_FIELD(struct privcmd_mmapbatch_v2, err, xvf_privcmd_mmapbatch_v2_t, err);
 
 SAME_VAL(IOCTL_PRIVCMD_MMAPBATCH_V2, XVF_IOCTL_PRIVCMD_MMAPBATCH_V2);
 SAME_VAL(IOCTL_PRIVCMD_DM_OP, XVF_IOCTL_PRIVCMD_DM_OP);
-SAME_VAL(IOCTL_PRIVCMD_RESTRICT, XVF_IOCTL_PRIVCMD_RESTRICT);
 SAME_VAL(IOCTL_PRIVCMD_MMAP_RESOURCE, XVF_IOCTL_PRIVCMD_MMAP_RESOURCE);
 /* our encoder against the kernel's own _IOC for every direction */
 SAME_VAL(_IOC(_IOC_NONE, 'P', 4, 32), XVF_IOC(XVF_IOC_NONE, 'P', 4, 32));
@@ -340,14 +340,11 @@ SAME_SIZE(struct ioctl_evtchn_unbind, xvf_evtchn_port_arg_t);
 SAME_FIELD(struct ioctl_evtchn_unbind, port, xvf_evtchn_port_arg_t, port);
 SAME_SIZE(struct ioctl_evtchn_notify, xvf_evtchn_port_arg_t);
 SAME_FIELD(struct ioctl_evtchn_notify, port, xvf_evtchn_port_arg_t, port);
-SAME_SIZE(struct ioctl_evtchn_restrict_domid, xvf_evtchn_restrict_domid_t);
-SAME_FIELD(struct ioctl_evtchn_restrict_domid, domid, xvf_evtchn_restrict_domid_t, domid);
 
 SAME_VAL(IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN);
 SAME_VAL(IOCTL_EVTCHN_UNBIND, XVF_IOCTL_EVTCHN_UNBIND);
 SAME_VAL(IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_NOTIFY);
 SAME_VAL(IOCTL_EVTCHN_RESET, XVF_IOCTL_EVTCHN_RESET);
-SAME_VAL(IOCTL_EVTCHN_RESTRICT_DOMID, XVF_IOCTL_EVTCHN_RESTRICT_DOMID);
 int main(void) { printf("ok\n"); return 0; }
 """
 

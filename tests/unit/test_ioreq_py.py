@@ -14,10 +14,13 @@ import pytest
 from xvf.errors import XvfError
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
+from xvf.platform.sim import _hotpath, hotpath_reference
 from xvf.platform.sim.platform import SimPlatform
 from xvf.protocols import virtio as R
 
 IMPLS = [_ioreq, _ioreq_py]
+# The simulator's interrupt line for each implementation of the hot path.
+SIM_IRQ_LINE = {_ioreq: _hotpath.SimIrqLine, _ioreq_py: hotpath_reference.SimIrqLine}
 BASE = 0x2000000
 WINDOW = 0x200
 
@@ -228,7 +231,7 @@ def run_on_simulator(hypervisor, mod) -> list:
     regs = Regs()
     state.handler = regs
     irq_sock = control_socket(hypervisor)
-    state.irq = mod.IrqLine(irq_sock.fileno(), dom.domid, 40, True)
+    state.irq = SIM_IRQ_LINE[mod](irq_sock.fileno(), dom.domid, 40)
     ioreq = mod.IoreqServer(server.page, server.nr_vcpus, BASE, WINDOW, state)
     ports = []
     server.set_enabled(True)  # Xen writes vp_eport at enable
@@ -313,7 +316,7 @@ def test_irq_line_error_is_a_hypercall_error(hypervisor, mod):
 
     sock = control_socket(hypervisor)
     try:
-        line = mod.IrqLine(sock.fileno(), 4242, 40, True)  # no such domain: -ESRCH
+        line = SIM_IRQ_LINE[mod](sock.fileno(), 4242, 40)  # no such domain: -ESRCH
         with pytest.raises(HypercallError, match="ESRCH"):
             line.set(1)
         assert (line.irq, line.level, line.changes) == (40, 0, 0)

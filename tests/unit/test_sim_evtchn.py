@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from xvf.hotpath._evtchn import EventChannel
+from xvf.platform.sim._hotpath import SimEventChannel
 from xvf.platform.sim.evtchn import EventChannels
 
 GUEST = 5
@@ -25,7 +25,7 @@ def chans():
     ec.close()
 
 
-def read_ports(channel: EventChannel, timeout: float = 2.0) -> list[int]:
+def read_ports(channel: SimEventChannel, timeout: float = 2.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ports = channel.read_pending()
@@ -35,10 +35,10 @@ def read_ports(channel: EventChannel, timeout: float = 2.0) -> list[int]:
     return []
 
 
-def open_channel(ec: EventChannels) -> tuple[int, EventChannel, socket.socket]:
+def open_channel(ec: EventChannels) -> tuple[int, SimEventChannel, socket.socket]:
     hid, sock = ec.open_handle()
     sock.setblocking(False)
-    return hid, EventChannel(sock.fileno(), True), sock
+    return hid, SimEventChannel(sock.fileno()), sock
 
 
 def test_guest_notify_reaches_handle_and_masks_until_unmasked(chans):

@@ -2,7 +2,8 @@
 
 Packing: a C program fills the structs declared by Debian's libxen-dev and
 linux-libc-dev headers (ours for the two ioctls those predate) with distinctive
-values and prints their bytes; xvf.platform.xen.privcmd must produce the same bytes.
+values and prints their bytes; xvf.hotpath._privcmd, which fills the structs of
+include/xvf/ from Cython, must produce the same bytes.
 Errors: this machine has no /dev/xen, and devices that are not Xen's can be
 put where XenPlatform(dev_dir=...) looks.
 """
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from xvf.errors import HypercallError, PlatformUnavailable
-from xvf.platform.xen import privcmd as P
-from xvf.platform.xen.platform import XenPlatform, read_guest_memory_bytes
+from xvf.errors import EventChannelError, HypercallError, PlatformUnavailable
+from xvf.hotpath import _privcmd as P
+from xvf.hotpath._evtchn import EventChannel
+from xvf.platform.xen.platform import XenPlatform, guest_ram_banks, read_guest_memory_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,8 +96,6 @@ int main(void) {
     mb.num = 0x40000; mb.dom = 9; mb.addr = 0x7f0000000000ull;
     mb.arr = PTR(0x1000200030004000ull); mb.err = PTR(0x5000600070008000ull);
     dump("mmapbatch_v2", &mb, sizeof(mb));
-    domid_t r = 0x1234;
-    dump("restrict", &r, sizeof(r));
 
     /* Linux >= 6.6/6.7 structs: ours, checked against the uapi source by
      * test_abi_conformance.py */
@@ -111,17 +111,17 @@ int main(void) {
 
     NUM(IOCTL_PRIVCMD_MMAPBATCH_V2);
     NUM(IOCTL_PRIVCMD_DM_OP);
-    NUM(IOCTL_PRIVCMD_RESTRICT);
     NUM(IOCTL_PRIVCMD_MMAP_RESOURCE);
     NUM(XVF_IOCTL_PRIVCMD_IRQFD);
     NUM(XVF_IOCTL_PRIVCMD_IOEVENTFD);
     NUM(XVF_IOCTL_PRIVCMD_IRQFD_6_6_0);
-    NUM(XVF_IOCTL_EVTCHN_RESET);
     NUM(XVF_GUEST_RAM0_BASE);
     NUM(XVF_GUEST_RAM0_SIZE);
     NUM(XVF_GUEST_RAM1_BASE);
     NUM(XVF_GUEST_RAM1_SIZE);
     NUM(HVM_IOREQSRV_BUFIOREQ_ATOMIC);
+    NUM(DOMID_INVALID);
+    NUM(XENMEM_resource_ioreq_server_frame_ioreq(3));
     return 0;
 }
 """
@@ -195,7 +195,6 @@ def test_privcmd_structs_match_linux(c_values: dict[str, str]) -> None:
     assert res.hex() == c_values["mmap_resource"]
     mb = P.pack_mmapbatch_v2(0x40000, 9, 0x7F0000000000, 0x1000200030004000, 0x5000600070008000)
     assert mb.hex() == c_values["mmapbatch_v2"]
-    assert P.pack_restrict(0x1234).hex() == c_values["restrict"]
 
 
 def test_eventfd_structs_match_our_verified_headers(c_values: dict[str, str]) -> None:
@@ -205,18 +204,18 @@ def test_eventfd_structs_match_our_verified_headers(c_values: dict[str, str]) ->
     assert ioev.hex() == c_values["ioeventfd"]
 
 
-def test_ioctl_numbers(c_values: dict[str, str]) -> None:
-    from xvf.platform.xen.platform import IOCTL_EVTCHN_RESET
-
+def test_ioctl_numbers_and_constants(c_values: dict[str, str]) -> None:
     pairs = {
         "IOCTL_PRIVCMD_MMAPBATCH_V2": P.IOCTL_PRIVCMD_MMAPBATCH_V2,
         "IOCTL_PRIVCMD_DM_OP": P.IOCTL_PRIVCMD_DM_OP,
-        "IOCTL_PRIVCMD_RESTRICT": P.IOCTL_PRIVCMD_RESTRICT,
         "IOCTL_PRIVCMD_MMAP_RESOURCE": P.IOCTL_PRIVCMD_MMAP_RESOURCE,
         "XVF_IOCTL_PRIVCMD_IRQFD": P.IOCTL_PRIVCMD_IRQFD,
         "XVF_IOCTL_PRIVCMD_IOEVENTFD": P.IOCTL_PRIVCMD_IOEVENTFD,
         "XVF_IOCTL_PRIVCMD_IRQFD_6_6_0": P.IOCTL_PRIVCMD_IRQFD_6_6_0,
-        "XVF_IOCTL_EVTCHN_RESET": IOCTL_EVTCHN_RESET,
+        "DOMID_INVALID": P.DOMID_INVALID,
+        "XENMEM_resource_ioreq_server_frame_ioreq(3)": P.XENMEM_resource_ioreq_server_frame_ioreq(
+            3
+        ),
     }
     for name, value in pairs.items():
         assert value == int(c_values[name], 16), name
@@ -228,13 +227,13 @@ def test_guest_ram_banks_follow_the_arm_memory_map(c_values: dict[str, str]) -> 
     ram1 = int(c_values["XVF_GUEST_RAM1_BASE"], 16)
     ram1_size = int(c_values["XVF_GUEST_RAM1_SIZE"], 16)
     assert P.GUEST_RAM_BANKS == ((ram0, ram0_size), (ram1, ram1_size))
-    assert P.guest_ram_banks(512 << 20) == [(ram0, 512 << 20)]
-    assert P.guest_ram_banks(ram0_size) == [(ram0, ram0_size)]
-    assert P.guest_ram_banks(4 << 30) == [(ram0, ram0_size), (ram1, (4 << 30) - ram0_size)]
+    assert guest_ram_banks(512 << 20) == [(ram0, 512 << 20)]
+    assert guest_ram_banks(ram0_size) == [(ram0, ram0_size)]
+    assert guest_ram_banks(4 << 30) == [(ram0, ram0_size), (ram1, (4 << 30) - ram0_size)]
     with pytest.raises(ValueError, match="page multiple"):
-        P.guest_ram_banks(4097)
+        guest_ram_banks(4097)
     with pytest.raises(ValueError, match="exceeds"):
-        P.guest_ram_banks(ram0_size + ram1_size + 4096)
+        guest_ram_banks(ram0_size + ram1_size + 4096)
 
 
 # ---- error paths ----
@@ -341,6 +340,22 @@ def test_privcmd_calls_report_errno_from_the_kernel() -> None:
     finally:
         pc.close()
     assert pc.fd == -1
+
+
+def test_evtchn_reset_reports_errno_from_the_kernel() -> None:
+    """The evtchn driver probe (XenPlatform, `xvf check`) on a device that is not evtchn."""
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(EventChannelError) as info:
+            EventChannel(fd).reset()
+        assert info.value.errno == errno.ENOTTY
+    finally:
+        os.close(fd)
+
+
+def test_dm_op_parsers_want_a_whole_dm_op() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        P.parse_nr_vcpus(b"\0" * 8)
 
 
 def test_map_resource_failure_unmaps(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def hypfs_ioreq_config() -> tuple[bool | None, str]:
 
 
 def _dm_op_errno(dm_op, domid: int) -> int:
-    from xvf.platform.xen import privcmd as P
+    from xvf.hotpath import _privcmd as P
 
     try:
         dm_op(domid, P.dm_op_destroy_ioreq_server(UNUSED_SERVER_ID))
@@ -281,14 +281,16 @@ def check_device(name: str, dev_dir: str = DEV_XEN) -> tuple[Finding, int]:
 
 
 def _driver_probe(name: str, fd: int) -> int:
-    from xvf.platform.xen import privcmd as P
+    from xvf.errors import EventChannelError
+    from xvf.hotpath import _privcmd as P
+    from xvf.hotpath._evtchn import EventChannel
 
     if name == "privcmd":
         return P.Privcmd(fd).probe()
     if name == "evtchn":
         try:
-            P.raw_ioctl(fd, P.ioc(P.IOC_NONE, "E", 5, 0), None)  # IOCTL_EVTCHN_RESET
-        except OSError as exc:
+            EventChannel(fd).reset()
+        except EventChannelError as exc:
             return exc.errno or errno.EIO
     return 0
 
@@ -581,7 +583,7 @@ def _dom0_findings(args) -> _HostFindings:
             os.close(fds[name])
     if fds["privcmd"] < 0:
         return findings, None, None
-    from xvf.platform.xen import privcmd as P
+    from xvf.hotpath import _privcmd as P
 
     pc = P.Privcmd(fds["privcmd"])
     irqfd, ioeventfd = pc.probe_eventfd_ioctls()

@@ -1,45 +1,35 @@
 # cython: language_level=3
-"""Event-channel handle: the fd semantics of Linux's /dev/xen/evtchn.
+"""Event-channel handle: Linux's /dev/xen/evtchn.
 
 Reading yields 4-byte pending port numbers (each port stays masked until
-unmasked by writing its number back). The same class drives the real device
-and the simulator's socket; only `notify` differs (ioctl versus a tagged write).
+unmasked by writing its number back). The simulator's handle, a socket with the
+same read/write semantics, is a subclass in xvf.platform.sim._hotpath that
+overrides `c_notify` and the device ioctls.
 """
 
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint32_t
-from posix.unistd cimport read, write, close
 
-from xvf.hotpath.abi cimport (
-    XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_UNBIND,
-    XVF_IOCTL_EVTCHN_RESTRICT_DOMID, XVF_SIM_EVTCHN_NOTIFY, xvf_evtchn_bind_interdomain_t,
-    xvf_evtchn_port_arg_t, xvf_evtchn_restrict_domid_t,
+from xvf.hotpath.includes.linux_xen cimport (
+    XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_RESET,
+    XVF_IOCTL_EVTCHN_UNBIND, xvf_evtchn_bind_interdomain_t, xvf_evtchn_port_arg_t,
 )
-
-cdef extern from "sys/ioctl.h" nogil:
-    int ioctl(int fd, unsigned long request, ...)
+from xvf.hotpath.includes.system cimport close, ioctl, read, write
 
 from xvf.errors import EventChannelError
 
 
 cdef class EventChannel:
-    """One open event-channel handle (real device fd or simulated socket)."""
+    """One open /dev/xen/evtchn handle."""
 
-    def __cinit__(self, int fd, bint simulated=False):
+    def __cinit__(self, int fd):
         self.fd = fd
-        self.simulated = simulated
 
     def fileno(self) -> int:
         return self.fd
 
     cdef int c_notify(self, uint32_t port) noexcept nogil:
         cdef xvf_evtchn_port_arg_t arg
-        cdef uint32_t tagged
-        if self.simulated:
-            tagged = port | XVF_SIM_EVTCHN_NOTIFY
-            if write(self.fd, &tagged, 4) != 4:
-                return -errno
-            return 0
         arg.port = port
         if ioctl(self.fd, XVF_IOCTL_EVTCHN_NOTIFY, &arg) < 0:
             return -errno
@@ -91,11 +81,10 @@ cdef class EventChannel:
             raise EventChannelError("reading pending ports failed", -n)
         return [buf[i] for i in range(n)]
 
-    # The ioctls below exist only on the real device; the simulator binds
-    # through its control socket (xvf.platform.sim.platform).
+    # The ioctls below exist only on the real device; the simulator's subclass
+    # refuses them (it binds through its control socket, xvf.platform.sim.platform).
     def bind_interdomain(self, unsigned int remote_domain, unsigned int remote_port) -> int:
         cdef xvf_evtchn_bind_interdomain_t arg
-        self._require_device("bind_interdomain")
         arg.remote_domain = remote_domain
         arg.remote_port = remote_port
         cdef int rc = ioctl(self.fd, XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, &arg)
@@ -106,21 +95,15 @@ cdef class EventChannel:
 
     def unbind(self, unsigned int port) -> None:
         cdef xvf_evtchn_port_arg_t arg
-        self._require_device("unbind")
         arg.port = port
         if ioctl(self.fd, XVF_IOCTL_EVTCHN_UNBIND, &arg) < 0:
             raise EventChannelError(f"unbinding port {port} failed", errno)
 
-    def restrict_domid(self, unsigned int domid) -> None:
-        cdef xvf_evtchn_restrict_domid_t arg
-        self._require_device("restrict_domid")
-        arg.domid = domid
-        if ioctl(self.fd, XVF_IOCTL_EVTCHN_RESTRICT_DOMID, &arg) < 0:
-            raise EventChannelError(f"restricting to domain {domid} failed", errno)
-
-    def _require_device(self, what):
-        if self.simulated:
-            raise EventChannelError(f"{what} is a device ioctl; the simulator binds via its platform")
+    def reset(self) -> None:
+        """IOCTL_EVTCHN_RESET: harmless on a fresh handle, so it tells the evtchn
+        driver from any other character device."""
+        if ioctl(self.fd, XVF_IOCTL_EVTCHN_RESET, NULL) < 0:
+            raise EventChannelError("resetting the event-channel handle failed", errno)
 
     def close(self) -> None:
         if self.fd >= 0:

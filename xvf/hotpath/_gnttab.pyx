@@ -9,31 +9,23 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
-from posix.mman cimport (
-    MAP_ANONYMOUS, MAP_FAILED, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE, PROT_READ,
-    PROT_WRITE, mmap, munmap,
-)
 
-from xvf.hotpath.abi cimport (
+from xvf.hotpath.includes.linux_xen cimport (
     XVF_IOCTL_GNTDEV_MAP_GRANT_REF, XVF_IOCTL_GNTDEV_SET_MAX_GRANTS,
-    XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF, XVF_PAGE_SIZE, xvf_gntdev_grant_ref_t,
-    xvf_gntdev_map_grant_ref_t, xvf_gntdev_set_max_grants_t, xvf_gntdev_unmap_grant_ref_t,
+    XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF, xvf_gntdev_grant_ref_t, xvf_gntdev_map_grant_ref_t,
+    xvf_gntdev_set_max_grants_t, xvf_gntdev_unmap_grant_ref_t,
 )
-
-cdef extern from "sys/ioctl.h" nogil:
-    int ioctl(int fd, unsigned long request, ...)
+from xvf.hotpath.includes.system cimport (
+    MAP_ANONYMOUS, MAP_FAILED, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE, PROT_READ,
+    PROT_WRITE, ioctl, mmap, munmap,
+)
+from xvf.hotpath.includes.xen_ioreq cimport XVF_PAGE_SIZE
 
 from xvf.errors import GrantError
 
 
 cdef class GrantMapping:
     """A contiguous mapping of granted pages; unmapped by `close()`."""
-
-    cdef void *addr
-    cdef size_t length
-    cdef readonly bint writable
-    cdef object _unmap   # callable(addr, length) run at close, or None
-    cdef int _exports
 
     def __dealloc__(self):
         if self.addr != NULL:
@@ -81,8 +73,6 @@ cdef GrantMapping _wrap(void *addr, size_t length, bint writable, object unmap):
 cdef class GntDev:
     """An open /dev/xen/gntdev."""
 
-    cdef readonly int fd
-
     def __cinit__(self, int fd):
         self.fd = fd
 
@@ -96,7 +86,8 @@ cdef class GntDev:
         cdef uint32_t count = len(refs)
         if count == 0:
             raise GrantError("no grant references to map")
-        cdef size_t size = sizeof(xvf_gntdev_map_grant_ref_t) + (count - 1) * sizeof(xvf_gntdev_grant_ref_t)
+        cdef size_t size = (sizeof(xvf_gntdev_map_grant_ref_t)
+                            + (count - 1) * sizeof(xvf_gntdev_grant_ref_t))
         cdef xvf_gntdev_map_grant_ref_t *arg = <xvf_gntdev_map_grant_ref_t *>calloc(1, size)
         if arg == NULL:
             raise MemoryError()

@@ -10,47 +10,30 @@ register file (xvf.protocols.virtio_mmio), which shares this module's `MmioState
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.errno cimport EAGAIN, EBADF, ECONNRESET, EFAULT, EINTR, EINVAL, ENOTCONN, errno
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport EBADF, ECONNRESET, EFAULT, EINTR, EINVAL, ENOTCONN, errno
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy, memset
-from posix.unistd cimport read, write
+from libc.string cimport memset
 
 from xvf.hotpath._evtchn cimport EventChannel
-from xvf.hotpath.abi cimport (
-    XVF_DMOP_set_irq_level, XVF_IOCTL_PRIVCMD_DM_OP, XVF_IOREQ_DATA_IS_PTR_BIT, XVF_IOREQ_DIR_BIT,
-    XVF_IOREQ_READ, XVF_IOREQ_STATE_MASK, XVF_IOREQ_TYPE_COPY, XVF_IOREQ_TYPE_INVALIDATE,
-    XVF_SIM_OP_DM_OP,
-    XVF_STATE_IOREQ_INPROCESS, XVF_STATE_IOREQ_READY, XVF_STATE_IORESP_READY,
-    XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
-    XVF_VIRTIO_MMIO_QUEUE_NOTIFY, XVF_VIRTIO_STATUS_DRIVER_OK, XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET,
-    XVF_PAGE_SIZE, XVF_IOREQ_SIZE,
-    xvf_dm_op_t, xvf_ioreq_t, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
+from xvf.hotpath.includes.linux_xen cimport (
+    XVF_IOCTL_PRIVCMD_DM_OP, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
 )
-
-cdef extern from "sys/ioctl.h" nogil:
-    int ioctl(int fd, unsigned long request, ...)
-
-cdef extern from "sys/epoll.h" nogil:
-    cdef union epoll_data_t "epoll_data":
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLL_CTL_ADD
-        EPOLL_CTL_DEL
-        EPOLLIN
-        EPOLLERR
-        EPOLLHUP
-        EPOLL_CLOEXEC
-
-cdef extern from "sys/socket.h" nogil:
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
+from xvf.hotpath.includes.system cimport (
+    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, epoll_create1,
+    close, epoll_ctl, epoll_event, epoll_wait, ioctl, read, write,
+)
+from xvf.hotpath.includes.virtio_mmio cimport (
+    XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
+    XVF_VIRTIO_MMIO_QUEUE_NOTIFY, XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET,
+    XVF_VIRTIO_STATUS_DRIVER_OK,
+)
+from xvf.hotpath.includes.xen_dmop cimport XVF_DMOP_set_irq_level, xvf_dm_op_t
+from xvf.hotpath.includes.xen_ioreq cimport (
+    XVF_IOREQ_DATA_IS_PTR_BIT, XVF_IOREQ_DIR_BIT, XVF_IOREQ_SIZE, XVF_IOREQ_STATE_MASK,
+    XVF_IOREQ_TYPE_COPY, XVF_IOREQ_TYPE_INVALIDATE, XVF_STATE_IOREQ_INPROCESS,
+    XVF_STATE_IOREQ_READY, XVF_STATE_IORESP_READY, xvf_ioreq_t,
+)
 
 cdef extern from *:
     """
@@ -60,8 +43,10 @@ cdef extern from *:
     static inline void xvf_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void xvf_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     static inline void xvf_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-    static inline uint8_t xvf_load_flags(volatile uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint8_t xvf_load_flags(volatile uint8_t *p)
+        { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v)
+        { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     void xvf_acquire() nogil
     void xvf_release() nogil
@@ -70,7 +55,6 @@ cdef extern from *:
     void xvf_store_flags(uint8_t *p, uint8_t v) nogil
 
 import logging
-import struct
 
 from xvf.errors import HypercallError, XvfError
 
@@ -78,13 +62,11 @@ log = logging.getLogger("xvf.ioreq")
 
 from xvf.ratelimit import RateLimitedLog  # noqa: E402
 
-DEF MAX_QUEUES = 64
-DEF MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
-DEF DM_OP_SIZE = 32   # sizeof(xvf_dm_op_t), asserted in xen_dmop.h
-DEF MAX_EVENTS = 64
-DEF KIND_EVTCHN = 1
-DEF KIND_CALL = 2
-DEF KIND_PYTHON = 3
+cdef enum:
+    MAX_EVENTS = 64
+    KIND_EVTCHN = 1
+    KIND_CALL = 2
+    KIND_PYTHON = 3
 
 
 def fence_acquire() -> None:
@@ -105,68 +87,44 @@ def fence_full() -> None:
     xvf_full()
 
 
-cdef class IoreqServer
-
-
 cdef class IrqLine:
-    """A guest interrupt line driven with XEN_DMOP_set_irq_level.
+    """A guest interrupt line driven with XEN_DMOP_set_irq_level through
+    IOCTL_PRIVCMD_DM_OP on a privcmd fd.
 
-    On real Xen the dm_op goes through IOCTL_PRIVCMD_DM_OP on a privcmd fd; on
-    the simulator the same xen_dm_op bytes go over its control socket.
+    The simulator's subclass (xvf.platform.sim._hotpath.SimIrqLine) sends the same
+    xen_dm_op over its control socket instead.
     """
 
-    cdef int fd
-    cdef bint simulated
-    cdef uint16_t domid
-    cdef readonly uint32_t irq
-    cdef readonly int level
-    cdef readonly uint64_t changes
-
-    def __cinit__(self, int fd, uint16_t domid, uint32_t irq, bint simulated=False):
+    def __cinit__(self, int fd, uint16_t domid, uint32_t irq):
         self.fd = fd
         self.domid = domid
         self.irq = irq
-        self.simulated = simulated
         self.level = 0
 
     cdef int c_set(self, int level) noexcept nogil:
         cdef xvf_dm_op_t op
-        cdef xvf_privcmd_dm_op_buf_t buf
-        cdef xvf_privcmd_dm_op_t arg
-        cdef uint8_t msg[16 + DM_OP_SIZE]
-        cdef uint8_t reply[4 + DM_OP_SIZE]
-        cdef uint32_t hdr[2]
-        cdef uint16_t dom16[4]
-        cdef int32_t rc
+        cdef int rc
         memset(&op, 0, sizeof(op))
         op.op = XVF_DMOP_set_irq_level
         op.u.set_irq_level.irq = self.irq
         op.u.set_irq_level.level = 1 if level else 0
-        if self.simulated:
-            hdr[0] = XVF_SIM_OP_DM_OP
-            hdr[1] = 8 + sizeof(xvf_dm_op_t)
-            memset(dom16, 0, sizeof(dom16))
-            dom16[0] = self.domid
-            memcpy(msg, hdr, 8)
-            memcpy(msg + 8, dom16, 8)
-            memcpy(msg + 16, &op, sizeof(op))
-            if send(self.fd, msg, sizeof(msg), 0) != <ssize_t>sizeof(msg):
-                return -errno
-            if recv(self.fd, reply, sizeof(reply), 0) < 4:
-                return -errno if errno else -5
-            memcpy(&rc, reply, 4)
-            if rc < 0:
-                return rc
-        else:
-            buf.uptr = &op
-            buf.size = sizeof(op)
-            arg.dom = self.domid
-            arg.num = 1
-            arg.ubufs = &buf
-            if ioctl(self.fd, XVF_IOCTL_PRIVCMD_DM_OP, &arg) < 0:
-                return -errno
+        rc = self.c_issue(&op)
+        if rc < 0:
+            return rc
         self.level = level
         self.changes += 1
+        return 0
+
+    cdef int c_issue(self, xvf_dm_op_t *op) noexcept nogil:
+        cdef xvf_privcmd_dm_op_buf_t buf
+        cdef xvf_privcmd_dm_op_t arg
+        buf.uptr = op
+        buf.size = sizeof(xvf_dm_op_t)
+        arg.dom = self.domid
+        arg.num = 1
+        arg.ubufs = &buf
+        if ioctl(self.fd, XVF_IOCTL_PRIVCMD_DM_OP, &arg) < 0:
+            return -errno
         return 0
 
     def set(self, int level) -> None:
@@ -174,7 +132,8 @@ cdef class IrqLine:
         with nogil:
             rc = self.c_set(level)
         if rc < 0:
-            raise HypercallError(f"set_irq_level(irq {self.irq}, {level}) for domain {self.domid}", -rc)
+            raise HypercallError(
+                f"set_irq_level(irq {self.irq}, {level}) for domain {self.domid}", -rc)
 
 
 cdef class MmioState:
@@ -183,29 +142,6 @@ cdef class MmioState:
     `handler` is the Python object implementing every other register:
     `mmio_read(offset, size) -> int` and `mmio_write(offset, size, value)`.
     """
-
-    cdef public uint32_t status
-    cdef public uint32_t int_status
-    cdef public object handler
-    cdef public IrqLine irq
-    # With kernel irqfd the used-buffer interrupt bypasses xvf, which cannot
-    # know when it fired: InterruptStatus then always shows the vring bit (a
-    # spurious ring scan is harmless; a missed one is not).
-    cdef public bint vring_sticky
-    cdef int kick_fds[MAX_QUEUES]
-    cdef public uint32_t num_queues
-    # counters, readable from Python for stats and tests
-    cdef readonly uint64_t notifies
-    cdef readonly uint64_t ignored_notifies
-    cdef readonly uint64_t hot_accesses
-    cdef readonly uint64_t slow_accesses
-    cdef readonly uint64_t interrupts
-    # Accesses whose answer waits for a backend (a reset waits for the rings to stop):
-    # token -> (server, vcpu, is_read). The vCPU stays in its slot; nothing else waits.
-    cdef uint64_t _defer_next
-    cdef uint64_t _deferring
-    cdef dict _deferred
-    cdef object _handler_errors  # a guest can trigger these at will: rate-limited
 
     def __cinit__(self):
         cdef int i
@@ -369,23 +305,6 @@ cdef class IoreqServer:
     virtio devices, so one server serves all of a guest's devices: each device is a
     window (base, size, MmioState) and an access is routed by its address.
     """
-
-    cdef Py_buffer view
-    cdef bint have_view
-    cdef xvf_ioreq_t *slots
-    cdef readonly uint32_t nr_vcpus
-    cdef uint64_t win_base[MAX_WINDOWS]
-    cdef uint64_t win_size[MAX_WINDOWS]
-    cdef list _win_dev      # MmioState of each window, same index as win_base
-    cdef uint32_t nr_windows
-    cdef uint32_t last_hit  # the window of the previous access: usually the next one's too
-    cdef readonly uint64_t requests
-    cdef readonly uint64_t bad_requests
-    # Xen broadcasts IOREQ_TYPE_INVALIDATE to every server when the guest's p2m drops a
-    # RAM page (on Arm: p2m_put_l3_page; Linux's balloon and grant-table set-up do it).
-    cdef readonly uint64_t invalidates
-    # Called with the vCPU number once a deferred access is answered (Guest: notify its port).
-    cdef public object notify_vcpu
 
     def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base=0, uint64_t size=0,
                   MmioState device=None):
@@ -551,19 +470,6 @@ cdef class IoreqServer:
 cdef class ServiceLoop:
     """epoll over the event channel, backends' call fds and Python callbacks."""
 
-    cdef int epfd
-    cdef readonly EventChannel evtchn
-    # port -> (server, vcpu); ports are small integers, a flat table keeps lookups in C
-    cdef list _route_server
-    cdef uint32_t *_route_vcpu
-    cdef uint32_t _route_len
-    cdef dict _fds          # fd -> (kind, object)
-    cdef readonly uint64_t wakeups
-    cdef readonly uint64_t evtchn_errors
-    # The event channel's other end went away (the simulator died; on Xen, the
-    # device broke): the daemon then serves nothing and must say so and stop.
-    cdef readonly bint evtchn_lost
-
     def __cinit__(self, EventChannel evtchn):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -578,7 +484,6 @@ cdef class ServiceLoop:
     def __dealloc__(self):
         free(self._route_vcpu)
         if self.epfd >= 0:
-            from os import close
             close(self.epfd)
 
     cdef _add(self, int fd, int kind, object obj):

@@ -18,7 +18,6 @@ import fcntl
 import logging
 import os
 import select
-import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -51,10 +50,9 @@ INTERRUPT_ACK = 0x064
 INT_VRING = 1
 STATUS_DRIVER_OK = 4
 STATUS_DEVICE_NEEDS_RESET = 64
-# Xen public/hvm/dm_op.h, include/xvf/sim_abi.h, Linux uapi xen/privcmd.h
+# Xen public/hvm/dm_op.h, Linux uapi xen/privcmd.h
 DMOP_SET_IRQ_LEVEL = 19
 DM_OP_SIZE = 32
-SIM_OP_DM_OP = 1
 IOCTL_PRIVCMD_DM_OP = (ord("P") << 8) | 5 | (16 << 16)  # _IOC(_IOC_NONE, 'P', 5, 16)
 
 _U64_MAX = (1 << 64) - 1
@@ -70,49 +68,38 @@ def _width_mask(size: int) -> int:
 
 
 class IrqLine:
-    """A guest interrupt line driven with XEN_DMOP_set_irq_level (privcmd ioctl, or
-    the same xen_dm_op bytes over the simulator's control socket)."""
+    """A guest interrupt line driven with XEN_DMOP_set_irq_level through
+    IOCTL_PRIVCMD_DM_OP (the simulator's subclass, in
+    xvf.platform.sim.hotpath_reference, sends the dm_op over its control socket)."""
 
-    def __init__(self, fd: int, domid: int, irq: int, simulated: bool = False) -> None:
+    def __init__(self, fd: int, domid: int, irq: int) -> None:
         self.fd = fd
         self.domid = domid
         self.irq = irq
-        self.simulated = bool(simulated)
         self.level = 0
         self.changes = 0
-        self._sock = socket.socket(fileno=os.dup(fd)) if self.simulated else None
-
-    def _dm_op(self, level: int) -> bytes:
-        return struct.pack("<II", DMOP_SET_IRQ_LEVEL, 0) + struct.pack(
-            "<IB", self.irq, 1 if level else 0
-        ).ljust(DM_OP_SIZE - 8, b"\0")
 
     def c_set(self, level: int) -> int:
         """0 or -errno, like the Cython `c_set`."""
-        op = self._dm_op(level)
-        try:
-            if self._sock is not None:
-                msg = struct.pack("<II", SIM_OP_DM_OP, 8 + DM_OP_SIZE)
-                msg += struct.pack("<HHI", self.domid, 0, 0) + op
-                if self._sock.send(msg) != len(msg):
-                    return -errno.EIO
-                reply = self._sock.recv(4 + DM_OP_SIZE)
-                if len(reply) < 4:
-                    return -errno.EIO
-                (rc,) = struct.unpack_from("<i", reply)
-                if rc < 0:
-                    return rc
-            else:
-                buf = ctypes.create_string_buffer(op, len(op))
-                bufs = ctypes.create_string_buffer(
-                    struct.pack("=QQ", ctypes.addressof(buf), len(op))
-                )
-                arg = bytearray(struct.pack("=HH4xQ", self.domid, 1, ctypes.addressof(bufs)))
-                fcntl.ioctl(self.fd, IOCTL_PRIVCMD_DM_OP, arg)
-        except OSError as exc:
-            return -(exc.errno or errno.EIO)
+        op = struct.pack("<II", DMOP_SET_IRQ_LEVEL, 0) + struct.pack(
+            "<IB", self.irq, 1 if level else 0
+        ).ljust(DM_OP_SIZE - 8, b"\0")
+        rc = self.c_issue(op)
+        if rc < 0:
+            return rc
         self.level = level
         self.changes += 1
+        return 0
+
+    def c_issue(self, op: bytes) -> int:
+        """Issue one xen_dm_op; 0 or -errno, like the Cython `c_issue`."""
+        buf = ctypes.create_string_buffer(op, len(op))
+        bufs = ctypes.create_string_buffer(struct.pack("=QQ", ctypes.addressof(buf), len(op)))
+        arg = bytearray(struct.pack("=HH4xQ", self.domid, 1, ctypes.addressof(bufs)))
+        try:
+            fcntl.ioctl(self.fd, IOCTL_PRIVCMD_DM_OP, arg)
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
         return 0
 
     def set(self, level: int) -> None:

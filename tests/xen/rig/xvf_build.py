@@ -30,7 +30,8 @@ PY_TAG = "cp313"
 PLATFORM = "linux_aarch64"
 TRIPLET = "aarch64-linux-gnu"
 CC = os.environ.get("XVF_RIG_CROSS_CC", f"{TRIPLET}-gcc")
-HOTPATH = "xvf/hotpath"  # where setup.py finds the extensions
+# where setup.py finds the extensions: the hot path and the simulator's stand-ins
+EXTENSION_DIRS = ("xvf/hotpath", "xvf/platform/sim")
 # The same directives as setup.py's cythonize() call.
 DIRECTIVES = {"boundscheck": "False", "wraparound": "False", "cdivision": "True"}
 # setup.py's -O2 -Wall, plus what Debian's sysconfig adds for extensions
@@ -131,8 +132,12 @@ def _packages(repo: Path, tool: dict) -> list[str]:
 
 
 def _extensions(repo: Path) -> list[str]:
-    """The Cython extensions, as setup.py finds them: every .pyx of the hot path."""
-    return sorted(str(p.relative_to(repo).with_suffix("")) for p in (repo / HOTPATH).glob("*.pyx"))
+    """The Cython extensions, as setup.py finds them: every .pyx of EXTENSION_DIRS."""
+    return sorted(
+        str(p.relative_to(repo).with_suffix(""))
+        for d in EXTENSION_DIRS
+        for p in (repo / d).glob("*.pyx")
+    )
 
 
 def _metadata(meta: dict) -> str:
@@ -178,7 +183,7 @@ def _compile(repo: Path, out: Path) -> dict[str, bytes]:
     built: dict[str, bytes] = {}
     for ext in _extensions(repo):
         name = Path(ext).name
-        c_file = work / f"{name}.c"
+        c_file = work / f"{Path(ext).parent.name}_{name}.c"
         so = work / f"{name}.cpython-{PY_TAG[2:]}-{TRIPLET}.so"
         _run([cython, "-3", "-I", repo, *directives, f"{ext}.pyx", "-o", c_file], cwd=repo)
         # Python.h first; <aarch64-linux-gnu/python3.13/pyconfig.h> after the cross

@@ -1,9 +1,10 @@
 """Event channels of the software Xen, with Linux /dev/xen/evtchn handle semantics.
 
 Ports are per domain. A Dom0 process holds handles (one end of a SOCK_SEQPACKET
-socketpair, see include/xvf/sim_abi.h, so that each write() stays one message
-as on the real device): a port that fires is written to the
-handle as a u32 and masked until the process writes the number back. Guest-side
+socketpair, so that each write() stays one message as on the real device): a
+port that fires is written to the handle as a u32 and masked until the process
+writes the number back. IOCTL_EVTCHN_NOTIFY, which a socket cannot take, is a
+written port number with NOTIFY_BIT set (xvf.platform.sim._hotpath.SimEventChannel). Guest-side
 ports wake a callback (a vCPU waiting for its ioreq to complete).
 """
 
@@ -22,7 +23,7 @@ from xvf.errors import SimulatorError
 
 log = logging.getLogger("xvf.platform.sim.evtchn")
 
-NOTIFY_BIT = 0x80000000  # XVF_SIM_EVTCHN_NOTIFY
+NOTIFY_BIT = 0x80000000
 _U32 = struct.Struct("<I")
 
 

@@ -16,26 +16,18 @@ import struct
 from typing import TYPE_CHECKING
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
-from xvf.hotpath._evtchn import EventChannel
+from xvf.hotpath import _privcmd as P
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
-from xvf.hotpath._ioreq import IrqLine
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
+from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
-
-XENMEM_RESOURCE_IOREQ_SERVER = 0
-FRAME_IOREQ = 1
 
 
 def _control_connection(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.connect(path)
     return sock
-
-
-def _dm_op(op: int, body: bytes) -> bytes:
-    raw = struct.pack("<II", op, 0) + body
-    return raw + bytes(C.DM_OP_SIZE - len(raw))
 
 
 def _close_sent(sent: list[socket.socket], regions: list[MemoryRegion] | None = None) -> None:
@@ -55,7 +47,7 @@ class SimEventChannelHandle:
         (self.handle_id,) = struct.unpack("<I", reply[:4])
         fd = fds[0]
         os.set_blocking(fd, False)
-        self.channel = EventChannel(fd, True)
+        self.channel = SimEventChannel(fd)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         reply, _ = self._ctl.call(
@@ -76,15 +68,15 @@ class SimIoreqServer:
         self._p = platform
         self.domid = domid
         if existing is None:
-            out = platform.dm_op(domid, _dm_op(1, struct.pack("<B3xH", 0, 0)))
-            (self.id,) = struct.unpack_from("<H", out, 8 + 4)
+            out = platform.dm_op(domid, P.dm_op_create_ioreq_server())
+            self.id = P.parse_created_server_id(out)
         else:
             self.id = existing
-        out = platform.dm_op(domid, _dm_op(20, b""))
-        (self.nr_vcpus,) = struct.unpack_from("<I", out, 8)
+        self.nr_vcpus = P.parse_nr_vcpus(platform.dm_op(domid, P.dm_op_nr_vcpus()))
+        frame = P.XENMEM_resource_ioreq_server_frame_ioreq(0)
         reply, fds = platform.ctl.call(
             C.OP_MMAP_RESOURCE,
-            struct.pack("<HHIIIQ", domid, 0, XENMEM_RESOURCE_IOREQ_SERVER, self.id, FRAME_IOREQ, 1),
+            struct.pack("<HHIIIQ", domid, 0, P.XENMEM_resource_ioreq_server, self.id, frame, 1),
         )
         (offset,) = struct.unpack("<Q", reply[:8])
         try:
@@ -96,23 +88,22 @@ class SimIoreqServer:
         self.page_address = ctypes.addressof(anchor)
         del anchor  # release the export, or the mapping could never be closed
 
-    def _range(self, op: int, start: int, end_inclusive: int) -> None:
-        self._p.dm_op(
-            self.domid, _dm_op(op, struct.pack("<HHIQQ", self.id, 0, 1, start, end_inclusive))
-        )
+    def _range(self, map_: bool, start: int, end_inclusive: int) -> None:
+        op = P.dm_op_io_range(map_, self.id, P.XEN_DMOP_IO_RANGE_MEMORY, start, end_inclusive)
+        self._p.dm_op(self.domid, op)
 
     def map_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(3, start, end_inclusive)
+        self._range(True, start, end_inclusive)
 
     def unmap_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(4, start, end_inclusive)
+        self._range(False, start, end_inclusive)
 
     def set_enabled(self, enabled: bool) -> None:
-        self._p.dm_op(self.domid, _dm_op(5, struct.pack("<HBx", self.id, int(enabled))))
+        self._p.dm_op(self.domid, P.dm_op_set_ioreq_server_state(self.id, enabled))
 
     def destroy(self) -> None:
         try:
-            self._p.dm_op(self.domid, _dm_op(6, struct.pack("<H2x", self.id)))
+            self._p.dm_op(self.domid, P.dm_op_destroy_ioreq_server(self.id))
         finally:
             self.page.release()
             self._mmap.close()
@@ -315,12 +306,12 @@ class SimPlatform:
     def open_ioreq_server(self, domid: int, server_id: int) -> SimIoreqServer:
         return SimIoreqServer(self, domid, existing=server_id)
 
-    def irq_line(self, domid: int, irq: int) -> IrqLine:
+    def irq_line(self, domid: int, irq: int) -> SimIrqLine:
         # The hot path sends dm_ops itself; it gets a connection of its own so
         # its replies never interleave with Python-level calls.
         if self._irq_sock is None:
             self._irq_sock = _control_connection(self.control_path)
-        return IrqLine(self._irq_sock.fileno(), domid, irq, True)
+        return SimIrqLine(self._irq_sock.fileno(), domid, irq)
 
     def guest_memory_bytes(self, domid: int) -> int:
         reply, fds = self.ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))

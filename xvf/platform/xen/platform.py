@@ -9,21 +9,21 @@ probed at start and used only when present.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from xvf.errors import GrantError, HypercallError, PlatformUnavailable
+from xvf.errors import EventChannelError, GrantError, HypercallError, PlatformUnavailable
+from xvf.hotpath import _privcmd as P
 from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GntDev, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.xen import devices
-from xvf.platform.xen import privcmd as P
 
 log = logging.getLogger("xvf.platform.xen")
 
@@ -32,24 +32,35 @@ XEN_MMAP_FLAG_FOREIGN = 0x1
 XEN_MMAP_FLAG_GRANT = 0x2
 
 XENSTORED_SOCKETS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
-IOCTL_EVTCHN_RESET = P.ioc(P.IOC_NONE, "E", 5, 0)
-IOREQ_SLOTS_PER_PAGE = P.PAGE_SIZE // 32
+
+
+def guest_ram_banks(mem_bytes: int) -> list[tuple[int, int]]:
+    """Where libxl puts `mem_bytes` of Arm guest RAM: bank 0 first (3 GiB), then bank 1."""
+    if mem_bytes <= 0 or mem_bytes % P.PAGE_SIZE:
+        raise ValueError(f"guest memory size {mem_bytes:#x} is not a positive page multiple")
+    banks = []
+    left = mem_bytes
+    for base, size in P.GUEST_RAM_BANKS:
+        take = min(left, size)
+        if take:
+            banks.append((base, take))
+        left -= take
+    if left:
+        raise ValueError(f"guest memory size {mem_bytes:#x} exceeds the Arm guest RAM banks")
+    return banks
 
 
 class XenEventChannelHandle:
     """One open /dev/xen/evtchn."""
 
     def __init__(self, fd: int) -> None:
-        self.channel = EventChannel(fd, False)
+        self.channel = EventChannel(fd)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return self.channel.bind_interdomain(domid, remote_port)
 
     def unbind(self, local_port: int) -> None:
         self.channel.unbind(local_port)
-
-    def restrict(self, domid: int) -> None:
-        self.channel.restrict_domid(domid)
 
     def close(self) -> None:
         self.channel.close()
@@ -75,7 +86,7 @@ class XenIoreqServer:
             port, _, _ = P.parse_ioreq_server_info(
                 pc.dm_op(domid, P.dm_op_get_ioreq_server_info(self.id, P.XEN_DMOP_no_gfns))
             )
-            pages = max(1, -(-self.nr_vcpus // IOREQ_SLOTS_PER_PAGE))
+            pages = max(1, -(-self.nr_vcpus // P.IOREQ_SLOTS_PER_PAGE))
             self._mapping = pc.map_resource(
                 domid,
                 P.XENMEM_resource_ioreq_server,
@@ -135,7 +146,7 @@ class XenGuestMemory:
         self._maps: list[tuple[int, P.Mapping, int]] = []  # (gpa, mapping, bytes populated)
         self.regions: list[MemoryRegion] = []
         try:
-            for gpa, upper in P.guest_ram_banks(mem_bytes):
+            for gpa, upper in guest_ram_banks(mem_bytes):
                 # static-max is an upper bound: the guest's real RAM is what its p2m has
                 # populated from the bank's start (ballooning can take pages away).
                 m, size = pc.map_foreign(domid, gpa, upper, partial=True)
@@ -253,7 +264,7 @@ class XenPlatform:
         memory_size: Callable[[int], int] | None = None,
         max_grants: int = 4096,
     ) -> None:
-        if ctypes.sizeof(ctypes.c_void_p) != 8:
+        if struct.calcsize("P") != 8:
             raise PlatformUnavailable("xvf's Xen platform supports 64-bit Dom0s only")
         self.dev_dir = dev_dir
         self._own_domid = own_domid
@@ -284,8 +295,8 @@ class XenPlatform:
     def _check_evtchn(self) -> None:
         fd = devices.open_device(self.dev_dir, "evtchn")
         try:
-            P.raw_ioctl(fd, IOCTL_EVTCHN_RESET, None)
-        except OSError as exc:
+            EventChannel(fd).reset()
+        except EventChannelError as exc:
             raise devices.not_the_driver(self.dev_dir, "evtchn", exc.errno) from None
         finally:
             os.close(fd)
@@ -317,7 +328,7 @@ class XenPlatform:
         return XenIoreqServer(self.privcmd, domid, existing=server_id)
 
     def irq_line(self, domid: int, irq: int) -> IrqLine:
-        return IrqLine(self.privcmd.fd, domid, irq, False)
+        return IrqLine(self.privcmd.fd, domid, irq)
 
     def guest_memory_bytes(self, domid: int) -> int:
         """The guest's RAM size: `memory_size` if given, else xenstore's static-max."""
@@ -330,10 +341,6 @@ class XenPlatform:
 
     def open_grant_mapper(self, domid: int) -> XenGrantMapper:
         return XenGrantMapper(devices.open_device(self.dev_dir, "gntdev"), domid, self._max_grants)
-
-    def restrict(self, domid: int) -> None:
-        """Limit privcmd to one guest (a per-guest xvf); irreversible for this platform."""
-        self.privcmd.restrict(domid)
 
     # ---- kernel fast paths ----
 

@@ -1,0 +1,97 @@
+from cpython.buffer cimport Py_buffer
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from xvf.hotpath._evtchn cimport EventChannel
+from xvf.hotpath.includes.xen_dmop cimport xvf_dm_op_t
+from xvf.hotpath.includes.xen_ioreq cimport xvf_ioreq_t
+
+cdef enum:
+    MAX_QUEUES = 64
+    MAX_WINDOWS = 32  # devices per IOREQ server (libxl gives a guest at most 11)
+
+
+cdef class IrqLine:
+    cdef int fd
+    cdef uint16_t domid
+    cdef readonly uint32_t irq
+    cdef readonly int level
+    cdef readonly uint64_t changes
+    # c_set builds the set_irq_level dm_op and hands it to c_issue (IOCTL_PRIVCMD_DM_OP),
+    # which the simulator's subclass overrides; both return 0 or -errno.
+    cdef int c_set(self, int level) noexcept nogil
+    cdef int c_issue(self, xvf_dm_op_t *op) noexcept nogil
+
+
+cdef class MmioState:
+    cdef public uint32_t status
+    cdef public uint32_t int_status
+    cdef public object handler
+    cdef public IrqLine irq
+    # With kernel irqfd the used-buffer interrupt bypasses xvf, which cannot
+    # know when it fired: InterruptStatus then always shows the vring bit (a
+    # spurious ring scan is harmless; a missed one is not).
+    cdef public bint vring_sticky
+    cdef int kick_fds[MAX_QUEUES]
+    cdef public uint32_t num_queues
+    # counters, readable from Python for stats and tests
+    cdef readonly uint64_t notifies
+    cdef readonly uint64_t ignored_notifies
+    cdef readonly uint64_t hot_accesses
+    cdef readonly uint64_t slow_accesses
+    cdef readonly uint64_t interrupts
+    # Accesses whose answer waits for a backend (a reset waits for the rings to stop):
+    # token -> (server, vcpu, is_read). The vCPU stays in its slot; nothing else waits.
+    cdef uint64_t _defer_next
+    cdef uint64_t _deferring
+    cdef dict _deferred
+    cdef object _handler_errors  # a guest can trigger these at will: rate-limited
+
+    cdef void c_raise(self, uint32_t bits) noexcept
+    cdef void _drive_line(self, int level) noexcept
+    cdef void c_ack(self, uint32_t bits) noexcept
+    cdef void c_begin(self) noexcept
+    cdef uint64_t c_end(self) noexcept
+    cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept
+    cdef void c_write(self, uint64_t offset, uint32_t size, uint64_t value) noexcept
+
+
+cdef class IoreqServer:
+    cdef Py_buffer view
+    cdef bint have_view
+    cdef xvf_ioreq_t *slots
+    cdef readonly uint32_t nr_vcpus
+    cdef uint64_t win_base[MAX_WINDOWS]
+    cdef uint64_t win_size[MAX_WINDOWS]
+    cdef list _win_dev      # MmioState of each window, same index as win_base
+    cdef uint32_t nr_windows
+    cdef uint32_t last_hit  # the window of the previous access: usually the next one's too
+    cdef readonly uint64_t requests
+    cdef readonly uint64_t bad_requests
+    # Xen broadcasts IOREQ_TYPE_INVALIDATE to every server when the guest's p2m drops a
+    # RAM page (on Arm: p2m_put_l3_page; Linux's balloon and grant-table set-up do it).
+    cdef readonly uint64_t invalidates
+    # Called with the vCPU number once a deferred access is answered (Guest: notify its port).
+    cdef public object notify_vcpu
+
+    cdef int c_window(self, uint64_t addr) noexcept
+    cdef bint c_answer(self, uint32_t vcpu, uint64_t value, bint is_read) except -1
+    cdef bint c_service(self, uint32_t vcpu) noexcept
+
+
+cdef class ServiceLoop:
+    cdef int epfd
+    cdef readonly EventChannel evtchn
+    # port -> (server, vcpu); ports are small integers, a flat table keeps lookups in C
+    cdef list _route_server
+    cdef uint32_t *_route_vcpu
+    cdef uint32_t _route_len
+    cdef dict _fds          # fd -> (kind, object)
+    cdef readonly uint64_t wakeups
+    cdef readonly uint64_t evtchn_errors
+    # The event channel's other end went away (the simulator died; on Xen, the
+    # device broke): the daemon then serves nothing and must say so and stop.
+    cdef readonly bint evtchn_lost
+
+    cdef _add(self, int fd, int kind, object obj)
+    cdef void _on_evtchn(self) noexcept
+    cdef void _on_call(self, int fd, MmioState device) noexcept
