@@ -26,6 +26,7 @@ from tests.fuzz._common import Bytes, run_atheris, tmp_root
 from xvf.daemon import discovery as D
 from xvf.errors import ConfigError, XenStoreError
 from xvf.platform.sim.xenstored import XenStored
+from xvf.protocols.xenbus import COMPATIBLE_PREFIX
 from xvf.protocols.xenstore import XenStore
 
 HEADER = struct.Struct("=IIII")
@@ -160,7 +161,7 @@ def assert_valid_device(dev: D.VirtioDeviceNode) -> None:
     assert dev.base % D.VIRTIO_MMIO_DEV_SIZE == 0
     assert D.GUEST_VIRTIO_MMIO_SPI_FIRST <= dev.irq <= D.GUEST_VIRTIO_MMIO_SPI_LAST
     assert 0 <= dev.device_id < 2**32
-    assert int(dev.compatible.removeprefix(D.COMPATIBLE_PREFIX), 16) == dev.device_id
+    assert int(dev.compatible.removeprefix(COMPATIBLE_PREFIX), 16) == dev.device_id
     assert dev.transport == "mmio"
 
 

@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, needs_qsd
-from xvf.app import systemd
 from xvf.app.cli import JournalFormatter
+from xvf.daemon import systemd
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         if args.command == "sim":
-            from xvf.platform.sim.demo import run_demo
+            from xvf.app.demo import run_demo
 
             return run_demo(args)
         if args.command == "check":

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xvf.device.types import parse_compatible
 from xvf.errors import ConfigError
+from xvf.protocols.xenbus import XENBUS_STATE_CLOSING, parse_compatible
 from xvf.protocols.xenstore import XenStore, XenStoreRequestError
 
 GUEST_VIRTIO_MMIO_BASE = 0x02000000
@@ -31,12 +31,7 @@ GUEST_VIRTIO_MMIO_SIZE = 0x00100000
 VIRTIO_MMIO_DEV_SIZE = 0x200
 GUEST_VIRTIO_MMIO_SPI_FIRST = 33
 GUEST_VIRTIO_MMIO_SPI_LAST = 43
-COMPATIBLE_PREFIX = "virtio,device"
 TRANSPORTS = ("mmio",)
-XENBUS_STATE_INITIALISING = 1
-XENBUS_STATE_CONNECTED = 4
-XENBUS_STATE_CLOSING = 5
-XENBUS_STATE_CLOSED = 6
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,13 @@ import signal
 import time
 from dataclasses import dataclass
 
-from xvf.app.systemd import Notifier
 from xvf.daemon.discovery import (
-    XENBUS_STATE_CLOSED,
-    XENBUS_STATE_CONNECTED,
-    XENBUS_STATE_INITIALISING,
     VirtioDeviceNode,
     publish_state,
     read_virtio_devices,
     watch_paths,
 )
+from xvf.daemon.systemd import Notifier
 from xvf.daemon.takeover import ServerRecord
 from xvf.device.backend_worker import Mailbox
 from xvf.device.config_space import DEFAULT_FS_TAG, fs_tag_bytes
@@ -36,6 +33,11 @@ from xvf.guest.guest import Guest
 from xvf.hotpath._ioreq import MmioState, ServiceLoop
 from xvf.platform.interface import Platform
 from xvf.protocols.virtio_mmio import PlaceholderRegisters
+from xvf.protocols.xenbus import (
+    XENBUS_STATE_CLOSED,
+    XENBUS_STATE_CONNECTED,
+    XENBUS_STATE_INITIALISING,
+)
 from xvf.protocols.xenstore import XenStore, XenStoreRequestError
 
 log = logging.getLogger("xvf.daemon.frontend")

@@ -8,10 +8,10 @@ tests/unit/test_devices.py.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from xvf.errors import ConfigError
+from xvf.protocols.xenbus import parse_compatible
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,9 @@ DEVICE_TYPES: tuple[DeviceType, ...] = (
 BY_ID = {d.virtio_id: d for d in DEVICE_TYPES}
 BY_NAME = {d.name: d for d in DEVICE_TYPES}
 
+
 # The DT binding's compatible is "virtio,device%x" of the virtio id: lower-case
 # hex, no 0x, at most 32 bits. xl, libxl and Linux all use exactly this string.
-_COMPATIBLE = re.compile(r"virtio,device([0-9a-f]{1,8})\Z")
-
-
-def parse_compatible(compatible: str) -> int:
-    """'virtio,device22' -> 34; ConfigError for anything else."""
-    m = _COMPATIBLE.match(compatible)
-    if not m:
-        raise ConfigError(
-            f"{compatible!r} is not 'virtio,device<id>' with the id in lower-case hex "
-            "without 0x (e.g. virtio,device22 for I2C)"
-        )
-    return int(m.group(1), 16)
-
-
 def device_type(compatible_or_id: str | int) -> DeviceType:
     virtio_id = (
         compatible_or_id

@@ -49,7 +49,7 @@ def backend_state_path(dom: Domain, index: int) -> str:
 
 
 def _wait_answered(dom: Domain, index: int, timeout: float) -> None:
-    from xvf.daemon.discovery import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
+    from xvf.protocols.xenbus import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
     from xvf.protocols.xenstore import XenStore
 
     answered = {str(XENBUS_STATE_CONNECTED), str(XENBUS_STATE_CLOSED)}
@@ -64,7 +64,7 @@ def wait_served(dom: Domain, index: int, timeout: float = 20.0) -> None:
     """Wait until xvf serves the guest's `index`-th device, as a script on real Xen
     would: its backend node's xenstore `state` becomes 4 (Connected); 6 (Closed)
     means xvf gave up on it."""
-    from xvf.daemon.discovery import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
+    from xvf.protocols.xenbus import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
     from xvf.protocols.xenstore import XenStore
 
     spec = dom.virtio[index]

@@ -49,8 +49,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from xvf.device.types import parse_compatible
 from xvf.errors import ConfigError, XenStoreError
+from xvf.protocols.xenbus import (
+    XENBUS_STATE_CLOSED,
+    XENBUS_STATE_CLOSING,
+    XENBUS_STATE_INITIALISING,
+    parse_compatible,
+)
 from xvf.protocols.xenstore import XenStore, XenStoreRequestError
 
 GUEST_VIRTIO_MMIO_BASE = 0x02000000
@@ -58,9 +63,6 @@ GUEST_VIRTIO_MMIO_SIZE = 0x00100000
 VIRTIO_MMIO_DEV_SIZE = 0x200
 GUEST_VIRTIO_MMIO_SPI_FIRST = 33
 GUEST_VIRTIO_MMIO_SPI_LAST = 43
-XENBUS_STATE_INITIALISING = 1
-XENBUS_STATE_CLOSING = 5
-XENBUS_STATE_CLOSED = 6
 # libxl waits this long for a backend to reach Closed on destroy (LIBXL_DESTROY_TIMEOUT)
 LIBXL_DESTROY_TIMEOUT = 10.0
 TOOLSTACK_DOMID = 0

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("xvf.app.systemd")
+log = logging.getLogger("xvf.daemon.systemd")
 
 
 def notify(message: str) -> bool:

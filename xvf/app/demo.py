@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from xvf.platform.sim.drivers.blk import VirtioBlk
 
-log = logging.getLogger("xvf.platform.sim.demo")
+log = logging.getLogger("xvf.app.demo")
 MIB = 1 << 20
 CHUNK = 256 * 1024
 
