@@ -18,6 +18,7 @@ from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
 from xvf.hotpath._ioreq import IrqLine
+from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.interface import MemoryRegion
 from xvf.platform.sim import control as C
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
@@ -77,7 +78,7 @@ class SimIoreqServer:
         )
         (offset,) = struct.unpack("<Q", reply[:8])
         try:
-            self._mmap = mmap.mmap(fds[0], 4096, offset=offset)
+            self._mmap = mmap.mmap(fds[0], PAGE_SIZE, offset=offset)
         finally:
             os.close(fds[0])
         self.page = memoryview(self._mmap)
