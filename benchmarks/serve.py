@@ -16,6 +16,7 @@ from xvf.hotpath._evtchn import EventChannel
 
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
+from xvf.hotpath._layout import PAGE_SIZE
 
 BASE = 0x2000000
 WINDOW = 0x200
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = mod.ServiceLoop(chan)
     maps = []
     for dev in range(a.ndev):
-        page = mmap.mmap(a.page_fd, 4096, offset=dev * 4096)
+        page = mmap.mmap(a.page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)
         maps.append(page)
         state = mod.MmioState()
         state.handler = NoRegisters()
