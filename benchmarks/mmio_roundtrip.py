@@ -27,6 +27,7 @@ from benchmarks.common import (
     summarize,
     wait_ready,
 )
+from xvf.hotpath._layout import PAGE_SIZE
 
 IMPLS = ["c", "c-epoll", "cython", "python"]
 OPS = {"read": "InterruptStatus read", "notify": "QueueNotify write"}
@@ -35,10 +36,10 @@ OPS = {"read": "InterruptStatus read", "notify": "QueueNotify write"}
 def make_pages(ndev: int, vpd: int) -> int:
     """A memfd of `ndev` ioreq pages with each slot's vp_eport filled in, as Xen does."""
     fd = os.memfd_create("xvf-bench-ioreq", os.MFD_CLOEXEC)
-    os.ftruncate(fd, ndev * 4096)
+    os.ftruncate(fd, ndev * PAGE_SIZE)
     for dev in range(ndev):
         for v in range(vpd):
-            os.pwrite(fd, struct.pack("<I", dev * vpd + v + 1), dev * 4096 + v * 32 + 24)
+            os.pwrite(fd, struct.pack("<I", dev * vpd + v + 1), dev * PAGE_SIZE + v * 32 + 24)
     return fd
 
 

@@ -14,6 +14,7 @@ import sys
 
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
+from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.sim import hotpath_reference as _sim_py
 from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = mod.ServiceLoop(chan)
     maps = []
     for dev in range(a.ndev):
-        page = mmap.mmap(a.page_fd, 4096, offset=dev * 4096)
+        page = mmap.mmap(a.page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)
         maps.append(page)
         state = mod.MmioState()
         state.handler = NoRegisters()

@@ -13,10 +13,20 @@ import select
 import struct
 
 from xvf.protocols.vhost_user import VhostUserRegion
-
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
+from xvf.protocols.virtqueue import (
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_SIZE,
+    USED_ELEM,
+    USED_IDX_H,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    avail_bytes,
+    ring_layout,
+    used_bytes,
+    used_elems_bytes,
+)
 
 BLK_T_IN = 0
 BLK_T_OUT = 1
@@ -68,10 +78,11 @@ class SplitRing:
 
     def __init__(self, mem: GuestMemory, gpa: int, num: int) -> None:
         self.mem, self.num = mem, num
+        avail_off, used_off, total = ring_layout(num)
         self.desc = gpa
-        self.avail = gpa + 16 * num
-        self.used = (self.avail + 6 + 2 * num + 3) & ~3
-        self.end = self.used + 6 + 8 * num
+        self.avail = gpa + avail_off
+        self.used = gpa + used_off
+        self.end = gpa + total
         self.next_desc = 0
         self.avail_idx = 0
         self.last_used = 0
@@ -90,16 +101,17 @@ class SplitRing:
             last = i == len(bufs) - 1
             flags = (VRING_DESC_F_WRITE if writable else 0) | (0 if last else VRING_DESC_F_NEXT)
             self.mem.write(
-                self.desc + 16 * idx, DESC.pack(gpa, length, flags, (idx + 1) % self.num)
+                self.desc + DESC_SIZE * idx, DESC.pack(gpa, length, flags, (idx + 1) % self.num)
             )
         self.next_desc = (head + len(bufs)) % self.num
-        slot = self.avail + 4 + 2 * (self.avail_idx % self.num)
-        self.mem.write(slot, struct.pack("<H", head))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        # Publish idx with one 16-bit store: struct.pack_into would zero it first
-        # (real-backends.md pitfall 1) and a polling backend could see idx 0.
-        off = self.mem.off(self.avail + 2, 2)
-        self.mem.mem[off : off + 2].cast("H")[0] = self.avail_idx
+        size = avail_bytes(self.num)
+        off = self.mem.off(self.avail, size)
+        with self.mem.mem[off : off + size] as raw, raw.cast("H") as avail:
+            avail[AVAIL_RING_H + self.avail_idx % self.num] = head
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+            # Publish idx with one 16-bit store: struct.pack_into would zero it first
+            # (real-backends.md pitfall 1) and a polling backend could see idx 0.
+            avail[AVAIL_IDX_H] = self.avail_idx
         return head
 
     def kick(self) -> None:
@@ -107,15 +119,18 @@ class SplitRing:
 
     def wait_used(self, timeout: float = 5.0) -> tuple[int, int]:
         """Wait for the call eventfd and return the next used element (id, len)."""
-        used_idx_off = self.mem.off(self.used + 2, 2)
-        while self.mem.mem[used_idx_off : used_idx_off + 2].cast("H")[0] == self.last_used:
-            ready, _, _ = select.select([self.call_fd], [], [], timeout)
-            if not ready:
-                raise TimeoutError("backend never signalled the call eventfd")
-            os.eventfd_read(self.call_fd)
-        elem = self.used + 4 + 8 * (self.last_used % self.num)
+        size = used_bytes(self.num)
+        off = self.mem.off(self.used, size)
+        with self.mem.mem[off : off + size] as used, used.cast("H") as used_h:
+            while used_h[USED_IDX_H] == self.last_used:
+                ready, _, _ = select.select([self.call_fd], [], [], timeout)
+                if not ready:
+                    raise TimeoutError("backend never signalled the call eventfd")
+                os.eventfd_read(self.call_fd)
+            # used_elems_bytes(slot): where element `slot` starts in the device area
+            elem = USED_ELEM.unpack_from(used, used_elems_bytes(self.last_used % self.num))
         self.last_used = (self.last_used + 1) & 0xFFFF
-        return struct.unpack("<II", self.mem.read(elem, 8))
+        return elem
 
     def close(self) -> None:
         os.close(self.kick_fd)

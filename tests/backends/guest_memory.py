@@ -53,6 +53,8 @@ MAP_FOREIGN = "foreign"
 MAP_GRANT = "grant"
 MAP_GRANT_ON_DEMAND = "grant on demand"
 
+# These backends stand in for third-party ones (rust-vmm): they keep their own
+# copy of these facts on purpose and never import xvf's (xvf.protocols.virtqueue).
 GRANT_ADDR_BIT = 1 << 63  # XEN_GRANT_DMA_ADDR_OFF: grant addresses in rings and descriptors
 PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT

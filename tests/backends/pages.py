@@ -9,6 +9,8 @@ import ctypes
 import mmap
 from collections.abc import Callable, Sequence
 
+# These backends stand in for third-party ones (rust-vmm): they keep their own
+# copy of these facts on purpose and never import xvf's (xvf.protocols.virtqueue).
 PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT  # Xen's page (XEN_PAGE_SIZE), whatever the Dom0 kernel uses
 # Python's mmap module does not export MAP_FIXED; 0x10 on Linux x86_64 and arm64 alike.

@@ -83,6 +83,8 @@ CONFIG_F_WRITABLE = 0x1
 CONFIG_F_LIVE_MIGRATION = 0x2
 
 # Split virtqueue layout (virtio 1.2 section 2.7).
+# These backends stand in for third-party ones (rust-vmm): they keep their own
+# copy of these facts on purpose and never import xvf's (xvf.protocols.virtqueue).
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2

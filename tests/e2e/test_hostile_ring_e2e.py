@@ -10,7 +10,6 @@ accesses and I/O are not held up; the broken device works again after a reset.
 from __future__ import annotations
 
 import random
-import struct
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from tests.e2e.test_isolation_e2e import Bystander
 from xvf.platform.sim.drivers.blk import VirtioBlk
 from xvf.platform.sim.guest import attach
 from xvf.protocols import virtio as R
+from xvf.protocols.virtqueue import AVAIL_IDX_H, AVAIL_RING_H, avail_bytes, ring_layout
 
 pytestmark = [pytest.mark.e2e, needs_qsd]
 
@@ -30,14 +30,14 @@ KICKS = 2000
 
 def _corrupt(blk: VirtioBlk, how: str) -> None:
     vq = blk.dev.queues[0]
-    avail_gpa = vq.ring_gpa + 16 * vq.size  # split ring: desc table, then avail
-    if how == "avail-jumps":
-        (idx,) = struct.unpack("<H", blk.ram.read(avail_gpa + 2, 2))
-        blk.ram.write(avail_gpa + 2, struct.pack("<H", (idx + 0xFFFF) & 0xFFFF))
-    else:  # one entry naming a head far outside the queue
-        (idx,) = struct.unpack("<H", blk.ram.read(avail_gpa + 2, 2))
-        blk.ram.write(avail_gpa + 4 + 2 * (idx % vq.size), struct.pack("<H", 0xBEEF))
-        blk.ram.write(avail_gpa + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+    avail_gpa = vq.ring_gpa + ring_layout(vq.size)[0]  # split ring: desc table, then avail
+    with blk.ram.view(avail_gpa, avail_bytes(vq.size)) as raw, raw.cast("H") as avail:
+        idx = avail[AVAIL_IDX_H]
+        if how == "avail-jumps":
+            avail[AVAIL_IDX_H] = (idx + 0xFFFF) & 0xFFFF
+        else:  # one entry naming a head far outside the queue
+            avail[AVAIL_RING_H + idx % vq.size] = 0xBEEF
+            avail[AVAIL_IDX_H] = (idx + 1) & 0xFFFF
 
 
 @pytest.mark.parametrize("how", ["avail-jumps", "head-out-of-range"])

@@ -33,11 +33,27 @@ from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.hypervisor import Hypervisor
 from xvf.platform.sim.platform import SimPlatform
 from xvf.protocols.grant_relay import GrantRelayQueue, ShadowMemory
+from xvf.protocols.virtqueue import (
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_SIZE,
+    GRANT_DMA_ADDR_OFF,
+    PAGE_SHIFT,
+    USED_ELEM_I,
+    USED_ID_I,
+    USED_IDX_H,
+    USED_LEN_I,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+    used_elems_bytes,
+)
+from xvf.protocols.virtqueue import PAGE_SIZE as PAGE
 
-DESC = struct.Struct("<QIHH")
 NUM = 8
-GRANT_BIT = 1 << 63
-PAGE = 4096
 FILL = 0xA5
 # buffer name -> (pages, device-writable)
 BUFFERS = {"w0": (1, True), "w1": (2, True), "r0": (1, False), "table": (1, False)}
@@ -56,11 +72,11 @@ class GrantRelayHarness:
         # descriptor can make the relay write over them. The used ring's page
         # is writable (and so a legitimate, if silly, DMA target).
         self.rings: dict[str, tuple[int, int]] = {}
-        for name, size in (("desc", 16 * NUM), ("avail", 6 + 2 * NUM)):
+        for name, size in (("desc", desc_bytes(NUM)), ("avail", avail_bytes(NUM))):
             gpa = self.dom.ram.alloc(PAGE)
             self.rings[name] = (gpa, self.dma.map(gpa, size, False))
-        self.rings["used"] = self.dma.alloc_coherent(6 + 8 * NUM)
-        self.used_ref = (self.rings["used"][1] & ~GRANT_BIT) >> 12
+        self.rings["used"] = self.dma.alloc_coherent(used_bytes(NUM))
+        self.used_ref = (self.rings["used"][1] & ~GRANT_DMA_ADDR_OFF) >> PAGE_SHIFT
         self.bufs: dict[str, tuple[int, int, int]] = {}  # name -> (gpa, dma, length)
         for name, (pages, writable) in BUFFERS.items():
             gpa = self.dom.ram.alloc(pages * PAGE)
@@ -81,7 +97,9 @@ class GrantRelayHarness:
         if name in self.bufs:
             return self.bufs[name][1] + off % (3 * PAGE) - PAGE // 2  # may stray past either end
         if name == "ref":
-            return GRANT_BIT | (off << 12) | (off & 0xFFF)  # any ref, granted or not
+            return (
+                GRANT_DMA_ADDR_OFF | (off << PAGE_SHIFT) | (off & (PAGE - 1))
+            )  # any ref, granted or not
         if name == "plain":
             return self.bufs["w0"][0] + off  # the buffer's gpa: not a grant address
         return off * 0x9E3779B97F4A7C15 & (2**64 - 1)
@@ -100,14 +118,14 @@ class GrantRelayHarness:
         avail_gpa, avail_dma = self.rings["avail"]
         used_gpa, used_dma = self.rings["used"]
         table_bytes = b"".join(
-            DESC.pack(self.address(k, o), n, f, x) for k, o, n, f, x in table[: PAGE // 16]
+            DESC.pack(self.address(k, o), n, f, x) for k, o, n, f, x in table[: PAGE // DESC_SIZE]
         )
         ram.write(self.bufs["table"][0], table_bytes.ljust(self.bufs["table"][2], b"\0"))
         ring = b"".join(DESC.pack(self.address(k, o), n, f, x) for k, o, n, f, x in descs)
-        ram.write(desc_gpa, ring.ljust(16 * NUM, b"\0")[: 16 * NUM])
+        ram.write(desc_gpa, ring.ljust(desc_bytes(NUM), b"\0")[: desc_bytes(NUM)])
         heads = (heads + [0] * NUM)[:NUM]
         ram.write(avail_gpa, struct.pack(f"<HH{NUM}HH", 0, avail_idx, *heads, 0))
-        ram.write(used_gpa, bytes(6 + 8 * NUM))
+        ram.write(used_gpa, bytes(used_bytes(NUM)))
         for name, (pages, writable) in BUFFERS.items():
             if writable:
                 ram.write(self.bufs[name][0], bytes(pages * PAGE))
@@ -160,9 +178,9 @@ class GrantRelayHarness:
     def targets_used_page(self, entries: list[tuple[int, int, int, int, int]]) -> bool:
         for kind, off, length, _, _ in entries:
             addr = self.address(kind, off)
-            if addr & GRANT_BIT and length:
-                first = (addr & ~GRANT_BIT) >> 12
-                last = ((addr & ~GRANT_BIT) + length - 1) >> 12
+            if addr & GRANT_DMA_ADDR_OFF and length:
+                first = (addr & ~GRANT_DMA_ADDR_OFF) >> PAGE_SHIFT
+                last = ((addr & ~GRANT_DMA_ADDR_OFF) + length - 1) >> PAGE_SHIFT
                 if first <= self.used_ref <= last:
                     return True
         return False
@@ -170,31 +188,34 @@ class GrantRelayHarness:
     def serve(self, relay: GrantRelayQueue, written: int) -> bool:
         """The backend: complete every chain on the shadow ring; False if there was none."""
         mem, n = self.shadow.mem, NUM
-        avail = mem[relay.shadow_avail : relay.shadow_avail + 6 + 2 * n].cast("H")
-        used = mem[relay.shadow_used : relay.shadow_used + 6 + 8 * n]
-        used_h, used_i = used.cast("H"), used[: 4 + 8 * n].cast("I")
+        avail = mem[relay.shadow_avail : relay.shadow_avail + avail_bytes(n)].cast("H")
+        used = mem[relay.shadow_used : relay.shadow_used + used_bytes(n)]
+        used_h, used_i = used.cast("H"), used[: used_elems_bytes(n)].cast("I")
         try:
             done = 0
             last = self.backend_last
-            while last != avail[1]:
-                head = avail[2 + last % n]
+            while last != avail[AVAIL_IDX_H]:
+                head = avail[AVAIL_RING_H + last % n]
                 last = (last + 1) & 0xFFFF
                 i, chain, left = head, 0, written
                 while True:
-                    addr, length, flags, nxt = DESC.unpack_from(mem, relay.shadow_desc + 16 * i)
+                    addr, length, flags, nxt = DESC.unpack_from(
+                        mem, relay.shadow_desc + DESC_SIZE * i
+                    )
                     assert 0 < addr and addr + length <= self.shadow.size, "descriptor escapes"
-                    if flags & 2 and left > 0:
+                    if flags & VRING_DESC_F_WRITE and left > 0:
                         k = min(left, length)
                         mem[addr : addr + k] = bytes([FILL]) * k
                         left -= k
                     chain += 1
                     assert chain <= n, "shadow chain loops"
-                    if not flags & 1:
+                    if not flags & VRING_DESC_F_NEXT:
                         break
                     i = nxt
-                slot = used_h[1] % n
-                used_i[1 + 2 * slot], used_i[2 + 2 * slot] = head, written - max(left, 0)
-                used_h[1] = (used_h[1] + 1) & 0xFFFF
+                elem = USED_ELEM_I * (used_h[USED_IDX_H] % n)
+                used_i[USED_ID_I + elem] = head
+                used_i[USED_LEN_I + elem] = written - max(left, 0)
+                used_h[USED_IDX_H] = (used_h[USED_IDX_H] + 1) & 0xFFFF
                 done += 1
             self.backend_last = last
         finally:

@@ -23,8 +23,8 @@ import struct
 
 from tests.fuzz._common import Bytes, run_atheris
 from xvf.hotpath._ioreq import IoreqServer, MmioState
+from xvf.hotpath._layout import PAGE_SIZE as PAGE
 
-PAGE = 4096
 SLOT = struct.Struct("<QQIIIHBB")  # addr, data, count, size, vp_eport, pad, flags, type
 SLOT_SIZE = 32
 NR_SLOTS = PAGE // SLOT_SIZE

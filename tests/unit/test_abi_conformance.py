@@ -429,6 +429,83 @@ int main(void) { printf("ok\n"); return 0; }
 """
 
 
+VIRTIO_RING = r"""
+#include <stdlib.h>
+#include <linux/virtio_ring.h>
+#include "xvf/virtio_ring.h"
+
+SAME_SIZE(struct vring_desc, xvf_vring_desc_t);
+SAME_FIELD(struct vring_desc, addr, xvf_vring_desc_t, addr);
+SAME_FIELD(struct vring_desc, len, xvf_vring_desc_t, len);
+SAME_FIELD(struct vring_desc, flags, xvf_vring_desc_t, flags);
+SAME_FIELD(struct vring_desc, next, xvf_vring_desc_t, next);
+
+SAME_SIZE(struct vring_used_elem, xvf_vring_used_elem_t);
+SAME_FIELD(struct vring_used_elem, id, xvf_vring_used_elem_t, id);
+SAME_FIELD(struct vring_used_elem, len, xvf_vring_used_elem_t, len);
+
+/* the rings are flexible arrays: their offset and element size, not their size */
+#define SAME_RING(ta, tb) \
+    _Static_assert(offsetof(ta, ring) == offsetof(tb, ring), "offset: " #ta ".ring"); \
+    _Static_assert(sizeof(((ta *)0)->ring[0]) == sizeof(((tb *)0)->ring[0]), \
+        "element size: " #ta ".ring")
+SAME_SIZE(struct vring_avail, xvf_vring_avail_t);
+SAME_FIELD(struct vring_avail, flags, xvf_vring_avail_t, flags);
+SAME_FIELD(struct vring_avail, idx, xvf_vring_avail_t, idx);
+SAME_RING(struct vring_avail, xvf_vring_avail_t);
+SAME_SIZE(struct vring_used, xvf_vring_used_t);
+SAME_FIELD(struct vring_used, flags, xvf_vring_used_t, flags);
+SAME_FIELD(struct vring_used, idx, xvf_vring_used_t, idx);
+SAME_RING(struct vring_used, xvf_vring_used_t);
+
+SAME_VAL(VRING_DESC_F_NEXT, XVF_VRING_DESC_F_NEXT);
+SAME_VAL(VRING_DESC_F_WRITE, XVF_VRING_DESC_F_WRITE);
+SAME_VAL(VRING_DESC_F_INDIRECT, XVF_VRING_DESC_F_INDIRECT);
+SAME_VAL(VRING_AVAIL_F_NO_INTERRUPT, XVF_VRING_AVAIL_F_NO_INTERRUPT);
+SAME_VAL(VRING_USED_F_NO_NOTIFY, XVF_VRING_USED_F_NO_NOTIFY);
+SAME_VAL(VRING_DESC_ALIGN_SIZE, XVF_VRING_DESC_ALIGN);
+SAME_VAL(VRING_AVAIL_ALIGN_SIZE, XVF_VRING_AVAIL_ALIGN);
+SAME_VAL(VRING_USED_ALIGN_SIZE, XVF_VRING_USED_ALIGN);
+
+int main(void) {
+    /* Our part sizes against Linux's vring_init/vring_size for every queue size:
+     * the parts in one block, the device area at its alignment, the event words
+     * in the last two bytes of each area. */
+    int bad = 0;
+    for (unsigned num = 1; num <= XVF_VRING_MAX_SIZE; num <<= 1) {
+        unsigned align = XVF_VRING_USED_ALIGN;
+        char *p = calloc(1, vring_size(num, align));
+        struct vring vr;
+        vring_init(&vr, num, p, align);
+        size_t avail = (char *)vr.avail - p, used = (char *)vr.used - p;
+        size_t used_at = (XVF_VRING_DESC_BYTES(num) + XVF_VRING_AVAIL_BYTES(num) + align - 1)
+            / align * align;
+        if (avail != XVF_VRING_DESC_BYTES(num) || used != used_at
+            || used + XVF_VRING_USED_BYTES(num) != vring_size(num, align)
+            || (char *)&vring_used_event(&vr) - p != avail + XVF_VRING_AVAIL_BYTES(num) - 2
+            || (char *)&vring_avail_event(&vr) - p != used + XVF_VRING_USED_BYTES(num) - 2) {
+            printf("MISMATCH num=%u: avail %zu used %zu size %u\n", num, avail, used,
+                   vring_size(num, align));
+            bad = 1;
+        }
+        free(p);
+    }
+    if (!bad) printf("ok\n");
+    return bad;
+}
+"""
+
+# Xen's page as xenctrl.h states it, against the two headers that use it.
+XEN_PAGE = r"""
+#include <xenctrl.h>
+#include "xvf/xen_grant.h"
+#include "xvf/xen_ioreq.h"
+SAME_VAL(XC_PAGE_SHIFT, XVF_XEN_PAGE_SHIFT);
+SAME_VAL(XC_PAGE_SIZE, XVF_PAGE_SIZE);
+int main(void) { printf("ok\n"); return 0; }
+"""
+
+
 # ---------------------------------------------------------------- harness
 
 
@@ -458,7 +535,7 @@ def _require(target: Target, *headers: str) -> None:
         )
     for h in headers:
         if not (SYS / h).exists():
-            pkg = "libxen-dev" if h.startswith("xen/") and h not in _LINUX_XEN else "linux-libc-dev"
+            pkg = "libxen-dev" if h.startswith("xen") and h not in _LINUX_XEN else "linux-libc-dev"
             pytest.skip(f"system header {SYS / h} is absent: apt-get install {pkg}")
 
 
@@ -572,6 +649,19 @@ def test_gntdev_ioctls(target: Target, tmp_path: Path) -> None:
 def test_virtio_mmio_registers_and_status(target: Target, tmp_path: Path) -> None:
     _require(target, "linux/virtio_mmio.h", "linux/virtio_config.h")
     assert compile_and_run(target, VIRTIO_MMIO, tmp_path).startswith("ok")
+
+
+@params
+def test_virtio_ring_layout_and_flags(target: Target, tmp_path: Path) -> None:
+    _require(target, "linux/virtio_ring.h")
+    assert compile_and_run(target, VIRTIO_RING, tmp_path).startswith("ok")
+
+
+def test_xen_page_size(tmp_path: Path) -> None:
+    # xenctrl.h is libxen-dev's, outside the cross sysroot: checked natively.
+    target = TARGETS[0]
+    _require(target, "xenctrl.h")
+    assert compile_and_run(target, XEN_PAGE, tmp_path).startswith("ok")
 
 
 def test_harness_reports_a_mismatch(tmp_path: Path) -> None:

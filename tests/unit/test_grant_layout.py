@@ -7,10 +7,11 @@ import itertools
 import pytest
 
 from xvf.errors import ConfigError
-from xvf.protocols.grant_layout import GRANT_ADDR_OFF, grant_regions, ring_spans
+from xvf.protocols.grant_layout import grant_regions, ring_spans
 from xvf.protocols.vhost_user_wire import XEN_MMAP_GRANT, XEN_MMAP_MAP_ON_DEMAND
+from xvf.protocols.virtqueue import GRANT_DMA_ADDR_OFF, PAGE_SIZE, align_up, ring_layout
 
-G = GRANT_ADDR_OFF
+G = GRANT_DMA_ADDR_OFF
 MIB = 1 << 20
 ON_DEMAND = XEN_MMAP_GRANT | XEN_MMAP_MAP_ON_DEMAND
 
@@ -68,10 +69,9 @@ def test_four_queues_laid_out_like_linux_fit_one_mem_table():
     rings, base = [], G + 0x20000
     for _ in range(4):
         num = 64
-        desc, avail = base, base + 16 * num
-        used = (avail + 6 + 2 * num + 3) // 4 * 4
-        rings += ring_spans(desc, avail, used, num)
-        base = (used + 6 + 8 * num + 4095) // 4096 * 4096
+        avail_off, used_off, total = ring_layout(num)
+        rings += ring_spans(base, base + avail_off, base + used_off, num)
+        base = align_up(base + total, PAGE_SIZE)
     regions = grant_regions(rings, 64 * MIB, domid=2, fd=7)
     assert [r.xen_mmap_flags for r in regions] == [ON_DEMAND, XEN_MMAP_GRANT, ON_DEMAND]
     assert len(regions) <= 8

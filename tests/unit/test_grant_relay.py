@@ -10,7 +10,6 @@ SET_MEM_TABLE (the e2e test runs the relay against qemu-storage-daemon).
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 
 import pytest
@@ -19,16 +18,33 @@ from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import GrantDma, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.platform import SimPlatform
-from xvf.platform.sim.virtqueue import VIRTQ_DESC_F_NEXT, SplitVirtqueue
+from xvf.platform.sim.virtqueue import SplitVirtqueue
 from xvf.protocols.grant_relay import (
-    GRANT_ADDR_BIT,
     GUEST_FEATURE_MASK,
     GrantRelayQueue,
     ShadowMemory,
     relay_guest_features,
 )
+from xvf.protocols.virtqueue import (
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_SIZE,
+    GRANT_DMA_ADDR_OFF,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    USED_ELEM_I,
+    USED_ID_I,
+    USED_IDX_H,
+    USED_LEN_I,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+    used_elems_bytes,
+)
 
-DESC = struct.Struct("<QIHH")
 QSIZE = 8
 
 
@@ -47,30 +63,30 @@ class ShadowBackend:
         self.mem = relay.shadow.mem
         self.n = n
         self.desc = relay.shadow_desc
-        self.avail = self.mem[relay.shadow_avail : relay.shadow_avail + 6 + 2 * n].cast("H")
-        used = self.mem[relay.shadow_used : relay.shadow_used + 6 + 8 * n]
+        self.avail = self.mem[relay.shadow_avail : relay.shadow_avail + avail_bytes(n)].cast("H")
+        used = self.mem[relay.shadow_used : relay.shadow_used + used_bytes(n)]
         self.used_h = used.cast("H")
-        self.used_i = used[: 4 + 8 * n].cast("I")
+        self.used_i = used[: used_elems_bytes(n)].cast("I")
         used.release()
         self.last_avail = 0
         self.used_idx = 0
 
     def take(self) -> list[Taken]:
         out = []
-        while self.last_avail != self.avail[1]:
-            head = self.avail[2 + self.last_avail % self.n]
+        while self.last_avail != self.avail[AVAIL_IDX_H]:
+            head = self.avail[AVAIL_RING_H + self.last_avail % self.n]
             self.last_avail = (self.last_avail + 1) & 0xFFFF
             readable = bytearray()
             writable = []
             i = head
             while True:
-                addr, length, flags, nxt = DESC.unpack_from(self.mem, self.desc + 16 * i)
+                addr, length, flags, nxt = DESC.unpack_from(self.mem, self.desc + DESC_SIZE * i)
                 assert addr + length <= len(self.mem)  # shadow gpas only
-                if flags & 2:
+                if flags & VRING_DESC_F_WRITE:
                     writable.append((addr, length))
                 else:
                     readable += self.mem[addr : addr + length]
-                if not flags & VIRTQ_DESC_F_NEXT:
+                if not flags & VRING_DESC_F_NEXT:
                     break
                 i = nxt
             out.append(Taken(head, bytes(readable), writable))
@@ -84,11 +100,11 @@ class ShadowBackend:
             chunk = reply[written : written + length]
             self.mem[addr : addr + len(chunk)] = chunk
             written += len(chunk)
-        slot = self.used_idx % self.n
-        self.used_i[1 + 2 * slot] = t.head
-        self.used_i[2 + 2 * slot] = written
+        elem = USED_ELEM_I * (self.used_idx % self.n)
+        self.used_i[USED_ID_I + elem] = t.head
+        self.used_i[USED_LEN_I + elem] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.used_h[1] = self.used_idx
+        self.used_h[USED_IDX_H] = self.used_idx
 
     def close(self) -> None:
         for v in (self.avail, self.used_h, self.used_i):
@@ -154,7 +170,7 @@ class Env:
         return [r for r in range(g.nr_entries) if g.flags(r) & (GTF_READING | GTF_WRITING)]
 
     def descs(self) -> memoryview:
-        return self.dom.ram.view(self.vq.ring_gpa, 16 * QSIZE)
+        return self.dom.ram.view(self.vq.ring_gpa, desc_bytes(QSIZE))
 
     def close(self) -> None:
         self.backend.close()
@@ -214,15 +230,15 @@ def test_a_short_write_reports_its_len_and_leaves_the_rest_as_the_guest_had_it(
     stale = os.urandom(8192)  # a request before leaves the bounce space dirty
     roundtrip(env, stale, 8192, "dirty")
     out = b"abcd"
-    _, _, i = env.submit(out, 4096 + 100, "short")
-    guest_had = os.urandom(4096 + 100)
+    _, _, i = env.submit(out, PAGE_SIZE + 100, "short")
+    guest_had = os.urandom(PAGE_SIZE + 100)
     env.dom.ram.write(i, guest_had)
     env.kick()
     (t,) = env.backend.take()
     env.backend.complete(t)
     env.relay.on_backend_call()
     assert env.vq.get_used() == [("short", 4)]
-    data = env.dom.ram.read(i, 4096 + 100)
+    data = env.dom.ram.read(i, PAGE_SIZE + 100)
     assert data[:4] == bytes(b ^ 0x5A for b in out)
     assert data[4:] == guest_had[4:]
 
@@ -240,11 +256,11 @@ def test_a_status_byte_after_an_under_reported_len_reaches_the_guest(env: Env) -
     (t,) = env.backend.take()
     (_, _), (status_addr, _) = t.writable
     env.backend.mem[status_addr] = 1  # VIRTIO_I2C_MSG_ERR, after an untouched read buffer
-    slot = env.backend.used_idx % env.backend.n
-    env.backend.used_i[1 + 2 * slot] = t.head
-    env.backend.used_i[2 + 2 * slot] = 1  # the length vhost-device-i2c reports
+    elem = USED_ELEM_I * (env.backend.used_idx % env.backend.n)
+    env.backend.used_i[USED_ID_I + elem] = t.head
+    env.backend.used_i[USED_LEN_I + elem] = 1  # the length vhost-device-i2c reports
     env.backend.used_idx += 1
-    env.backend.used_h[1] = env.backend.used_idx
+    env.backend.used_h[USED_IDX_H] = env.backend.used_idx
     env.relay.on_backend_call()
     assert env.vq.get_used() == [("nack", 1)]
     assert env.dom.ram.read(status, 1) == b"\x01"
@@ -276,24 +292,30 @@ def test_several_in_flight_completed_out_of_order(env: Env) -> None:
 
 
 def _second(descs: memoryview, head: int) -> int:
-    return DESC.unpack_from(descs, 16 * head)[3]
+    return DESC.unpack_from(descs, DESC_SIZE * head)[3]
 
 
 def _patch(descs: memoryview, i: int, **kw: int) -> None:
-    addr, length, flags, nxt = DESC.unpack_from(descs, 16 * i)
+    addr, length, flags, nxt = DESC.unpack_from(descs, DESC_SIZE * i)
     vals = {"addr": addr, "length": length, "flags": flags, "nxt": nxt} | kw
-    DESC.pack_into(descs, 16 * i, vals["addr"], vals["length"], vals["flags"], vals["nxt"])
+    DESC.pack_into(descs, DESC_SIZE * i, vals["addr"], vals["length"], vals["flags"], vals["nxt"])
 
 
 CORRUPTIONS = {
-    "no_bit63": lambda d, h, s: _patch(d, h, addr=DESC.unpack_from(d, 16 * h)[0] & ~GRANT_ADDR_BIT),
+    "no_bit63": lambda d, h, s: _patch(
+        d, h, addr=DESC.unpack_from(d, DESC_SIZE * h)[0] & ~GRANT_DMA_ADDR_OFF
+    ),
     "ungranted_ref": lambda d, h, s: _patch(d, h, addr=grant_to_dma(4000)),
-    "loop": lambda d, h, s: _patch(d, s, flags=VIRTQ_DESC_F_NEXT | 2, nxt=h),
+    "loop": lambda d, h, s: _patch(d, s, flags=VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, nxt=h),
     "next_out_of_range": lambda d, h, s: _patch(d, h, nxt=100),
     "overflowing_length": lambda d, h, s: _patch(d, s, length=0xFFFFFFFF),
-    "huge_ref_range": lambda d, h, s: _patch(d, s, addr=GRANT_ADDR_BIT | (0xFFFFFFFF << 12)),
+    "huge_ref_range": lambda d, h, s: _patch(
+        d, s, addr=GRANT_DMA_ADDR_OFF | (0xFFFFFFFF << PAGE_SHIFT)
+    ),
     # A device-writable descriptor pointing at a read-only grant: the map is refused.
-    "write_to_readonly_grant": lambda d, h, s: _patch(d, s, addr=DESC.unpack_from(d, 16 * h)[0]),
+    "write_to_readonly_grant": lambda d, h, s: _patch(
+        d, s, addr=DESC.unpack_from(d, DESC_SIZE * h)[0]
+    ),
     "zero_length": lambda d, h, s: _patch(d, h, length=0),
 }
 
@@ -346,7 +368,7 @@ def test_indirect_descriptors(hypervisor) -> None:
 
 def test_full_shadow_memory_stalls_then_resumes(hypervisor) -> None:
     # 4 pages: 1 reserved, 1 shadow ring, 2 for bounce buffers.
-    e = Env(hypervisor, shadow_size=4 * 4096)
+    e = Env(hypervisor, shadow_size=4 * PAGE_SIZE)
     try:
         p1, p2 = os.urandom(2100), os.urandom(2100)
         e.submit(p1, 2100, "a")

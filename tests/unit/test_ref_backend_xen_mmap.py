@@ -36,9 +36,9 @@ from tests.unit.test_ref_backends import Backend
 from xvf.errors import VhostUserError
 from xvf.platform.sim.dma import DirectDma, GrantDma, dma_to_grant
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
-from xvf.platform.sim.memory import XEN_PAGE_SIZE
-from xvf.platform.sim.virtqueue import SplitVirtqueue, ring_layout
+from xvf.platform.sim.virtqueue import SplitVirtqueue
 from xvf.protocols.grant_layout import grant_regions, ring_spans
+from xvf.protocols.virtqueue import GRANT_DMA_ADDR_OFF, PAGE_SHIFT, PAGE_SIZE, ring_layout
 
 UVA_BASE = 0x7F00_0000_0000  # foreign mode: front-end addresses differ from guest-physical ones
 QUEUE_SIZE = 64
@@ -132,7 +132,7 @@ class XenGuest:
     def ring_refs(self) -> set[int]:
         if self.mode != "grant":
             return set()
-        pages = ring_layout(QUEUE_SIZE)[2] // XEN_PAGE_SIZE + 1
+        pages = ring_layout(QUEUE_SIZE)[2] // PAGE_SIZE + 1
         return {
             ref
             for q in self.queues
@@ -402,7 +402,7 @@ def test_foreign_region_outside_one_ram_bank_is_refused(hypervisor, dom, gpio_ba
 def test_xen_region_whose_fd_is_not_a_software_xen_is_refused(
     hypervisor, dom, gpio_backend, flags
 ) -> None:
-    gpa = dom.ram.regions[0].gpa if flags == XEN_MMAP_FOREIGN else 1 << 63
+    gpa = dom.ram.regions[0].gpa if flags == XEN_MMAP_FOREIGN else GRANT_DMA_ADDR_OFF
     memfd = os.memfd_create("not-xen", os.MFD_CLOEXEC)
     os.ftruncate(memfd, 1 << 20)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -437,7 +437,7 @@ def test_rings_in_an_on_demand_region_are_refused(hypervisor, dom, gpio_backend)
         f = fe.Frontend(gpio_backend.sock)
         try:
             f.handshake(FEATURES, PROTOCOL)
-            gpa, flags = 1 << 63, XEN_MMAP_GRANT | XEN_MMAP_NO_ADVANCE_MAP
+            gpa, flags = GRANT_DMA_ADDR_OFF, XEN_MMAP_GRANT | XEN_MMAP_NO_ADVANCE_MAP
             f.set_mem_table_xen([fe.XenRegion(gpa, 1 << 20, gpa, ctl.fileno(), flags, dom.domid)])
             kick, call = os.eventfd(0), os.eventfd(0)
             try:
@@ -667,7 +667,7 @@ def test_dev_null_is_refused_not_mapped(no_xen_nodes) -> None:
         msg = "character device 1:3, neither /dev/xen/privcmd nor /dev/xen/gntdev"
         with pytest.raises(VhostUserError, match=msg):
             gm.xen_backend_of(fd, "region")
-        for kind, gpa in ((gm.MAP_FOREIGN, 0x40000000), (gm.MAP_GRANT, 1 << 63)):
+        for kind, gpa in ((gm.MAP_FOREIGN, 0x40000000), (gm.MAP_GRANT, GRANT_DMA_ADDR_OFF)):
             with pytest.raises(VhostUserError, match=msg):
                 gm.map_xen_region(kind, fd, gpa, 0x1000, gpa, 0, 1)
     finally:
@@ -745,7 +745,7 @@ def test_without_device_nodes_a_harmless_ioctl_asks(monkeypatch, no_xen_nodes, a
 def test_the_backend_refuses_a_character_device_that_is_no_xen_device(gpio_backend) -> None:
     fd = os.open("/dev/null", os.O_RDWR)
     try:
-        for flags, gpa in ((XEN_MMAP_FOREIGN, 0x40000000), (XEN_MMAP_GRANT, 1 << 63)):
+        for flags, gpa in ((XEN_MMAP_FOREIGN, 0x40000000), (XEN_MMAP_GRANT, GRANT_DMA_ADDR_OFF)):
             refused(gpio_backend, None, None, fe.XenRegion(gpa, 1 << 20, gpa, fd, flags, 1))
     finally:
         os.close(fd)
@@ -921,7 +921,7 @@ def test_foreign_frames_that_fail_refuse_the_region(fake_privcmd: FakePrivcmd) -
 
 def test_grant_region_through_gntdev(fake_gntdev: FakeGntdev, caplog) -> None:
     dev = fake_gntdev
-    addr = 1 << 63 | 3 << 12 | 0x10
+    addr = GRANT_DMA_ADDR_OFF | 3 << PAGE_SHIFT | 0x10
     with caplog.at_level(logging.INFO, logger=gm.__name__):
         region = gm.map_xen_region(gm.MAP_GRANT, dev.fd, addr, 0x2000, addr, 0, dev.domid)
     assert dev.log == [("map", 3 * pages.PAGE, 3)]  # refs 3, 4, 5
@@ -937,7 +937,7 @@ def test_grant_region_through_gntdev(fake_gntdev: FakeGntdev, caplog) -> None:
 
 def test_on_demand_grants_through_gntdev(fake_gntdev: FakeGntdev) -> None:
     dev = fake_gntdev
-    base = 1 << 63
+    base = GRANT_DMA_ADDR_OFF
     region = gm.map_xen_region(
         gm.MAP_GRANT_ON_DEMAND, dev.fd, base, 64 * pages.PAGE, base, 0, dev.domid
     )
@@ -945,9 +945,9 @@ def test_on_demand_grants_through_gntdev(fake_gntdev: FakeGntdev) -> None:
     mem = gm.GuestMemory([region])
     os.pwrite(dev.fd, b"request", 9 * pages.PAGE + 0xFFC)
     held: list[gm.HeldBuffer] = []
-    out = mem.buffer(base | 9 << 12 | 0xFFC, 7, False, held)  # spans refs 9 and 10
+    out = mem.buffer(base | 9 << PAGE_SHIFT | 0xFFC, 7, False, held)  # spans refs 9 and 10
     assert bytes(out) == b"request" and out.readonly
-    inp = mem.buffer(base | 12 << 12, 5, True, held)
+    inp = mem.buffer(base | 12 << PAGE_SHIFT, 5, True, held)
     inp[:] = b"reply"
     assert sorted(dev.maps) == [9 * pages.PAGE, 12 * pages.PAGE]
     assert dev.page(12)[:5] == b"\0" * 5  # the device works on a copy until completion
@@ -955,7 +955,7 @@ def test_on_demand_grants_through_gntdev(fake_gntdev: FakeGntdev) -> None:
         hb.release()
     assert dev.page(12)[:5] == b"reply" and not dev.maps and not maps_of(dev.fd)
     # an indirect table (read): mapped and unmapped at once
-    assert mem.read(base | 9 << 12 | 0xFFC, 7) == b"request" and not dev.maps
+    assert mem.read(base | 9 << PAGE_SHIFT | 0xFFC, 7) == b"request" and not dev.maps
     with pytest.raises(gm.GuestMemoryError, match="mapped only on demand"):
         mem.slice(base, 16)
     mem.close()
@@ -963,29 +963,29 @@ def test_on_demand_grants_through_gntdev(fake_gntdev: FakeGntdev) -> None:
 
 def test_on_demand_failures_refuse_the_buffer_and_leak_nothing(fake_gntdev: FakeGntdev) -> None:
     dev = fake_gntdev
-    base = 1 << 63
+    base = GRANT_DMA_ADDR_OFF
     region = gm.map_xen_region(gm.MAP_GRANT_ON_DEMAND, dev.fd, base, 0x10000, base, 0, 7)
     mem, held = gm.GuestMemory([region]), []
     dev.map_error = errno.EINVAL
     with pytest.raises(gm.GuestMemoryError) as e:
-        mem.buffer(base | 5 << 12, 8, True, held)
+        mem.buffer(base | 5 << PAGE_SHIFT, 8, True, held)
     assert e.value.errno == errno.EINVAL
     assert "grant refs 5..5 of domain 7 (writable): IOCTL_GNTDEV_MAP_GRANT_REF" in str(e.value)
     dev.map_error, dev.bad_index = 0, True  # the mmap at the index fails: the refs go again
     with pytest.raises(gm.GuestMemoryError, match="writable mmap of 1 grants at gntdev index"):
-        mem.buffer(base | 5 << 12, 8, True, held)
+        mem.buffer(base | 5 << PAGE_SHIFT, 8, True, held)
     assert not held and not dev.maps and dev.log == [("map", 0x5001, 1), ("unmap", 0x5001, 1)]
     mem.close()
 
 
 def test_gntdev_fd_stays_open_while_a_buffer_is_held(fake_gntdev: FakeGntdev) -> None:
     dev = fake_gntdev
-    base = 1 << 63
+    base = GRANT_DMA_ADDR_OFF
     region = gm.map_xen_region(gm.MAP_GRANT_ON_DEMAND, dev.fd, base, 0x10000, base, 0, 7)
     assert isinstance(region, gm.OnDemandGrantRegion)
     mapper = region.mapper
     held: list[gm.HeldBuffer] = []
-    gm.GuestMemory([region]).buffer(base | 2 << 12, 4, True, held)[:] = b"late"
+    gm.GuestMemory([region]).buffer(base | 2 << PAGE_SHIFT, 4, True, held)[:] = b"late"
     region.close()  # the table goes first (a gpio irq buffer still held)
     assert mapper.fd is not None and os.fstat(mapper.fd).st_ino == os.fstat(dev.fd).st_ino
     held[0].release()

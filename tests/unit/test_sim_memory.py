@@ -12,18 +12,13 @@ import pytest
 from xvf.errors import GrantError, SimulatorError
 from xvf.platform.sim import grant_table as G
 from xvf.platform.sim import memory as M
-from xvf.platform.sim.dma import (
-    XEN_GRANT_DMA_ADDR_OFF,
-    DirectDma,
-    GrantDma,
-    dma_to_grant,
-    grant_to_dma,
-)
+from xvf.platform.sim.dma import DirectDma, GrantDma, dma_to_grant, grant_to_dma
 from xvf.platform.sim.grant_table import GrantTable
 from xvf.platform.sim.memory import GUEST_RAM0_BASE, GUEST_RAM1_BASE, GuestRam
+from xvf.protocols.virtqueue import GRANT_DMA_ADDR_OFF
+from xvf.protocols.virtqueue import PAGE_SIZE as PAGE
 
 MIB = 1 << 20
-PAGE = 4096
 XEN_INCLUDE = "/usr/include/xen"
 
 
@@ -340,7 +335,7 @@ def test_map_after_revocation_is_refused(gt):
 
 def test_grant_dma_address_encoding():
     path = os.path.join(os.path.dirname(__file__), "..", "..", "include", "xvf", "xen_grant.h")
-    assert _header_define(path, "XVF_GRANT_DMA_ADDR_OFF") == XEN_GRANT_DMA_ADDR_OFF == 1 << 63
+    assert _header_define(path, "XVF_GRANT_DMA_ADDR_OFF") == GRANT_DMA_ADDR_OFF == 1 << 63
     assert grant_to_dma(0x123) == 0x8000000000123000
     assert dma_to_grant(0x8000000000123ABC) == 0x123
 
@@ -361,7 +356,7 @@ def test_grant_dma_map_covers_every_page_with_consecutive_refs(ram, gt):
     buf = ram.alloc(3 * PAGE)
     # 0x800 into the first page, 2 pages long: touches 3 pages.
     addr = dma.map(buf + 0x800, 2 * PAGE, device_writes=False)
-    assert addr & XEN_GRANT_DMA_ADDR_OFF
+    assert addr & GRANT_DMA_ADDR_OFF
     assert addr & 0xFFF == 0x800
     first = dma_to_grant(addr)
     for i in range(3):

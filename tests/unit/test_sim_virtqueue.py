@@ -4,29 +4,40 @@ This tests the ring code; real backends are exercised by the e2e tests."""
 
 from __future__ import annotations
 
-import struct
 import threading
 
 import pytest
 
 from xvf.errors import GrantError, SimulatorError
-from xvf.platform.sim.dma import XEN_GRANT_DMA_ADDR_OFF, DirectDma, GrantDma, dma_to_grant
+from xvf.platform.sim.dma import DirectDma, GrantDma, dma_to_grant
 from xvf.platform.sim.grant_table import GrantTable
 from xvf.platform.sim.memory import GuestRam
-from xvf.platform.sim.virtqueue import (
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    VIRTQ_USED_F_NO_NOTIFY,
-    DeviceBroke,
-    QueueFull,
-    SplitVirtqueue,
+from xvf.platform.sim.virtqueue import DeviceBroke, QueueFull, SplitVirtqueue
+from xvf.protocols.virtqueue import (
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_SIZE,
+    GRANT_DMA_ADDR_OFF,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    USED_ELEM_I,
+    USED_ID_I,
+    USED_IDX_H,
+    USED_LEN_I,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    avail_bytes,
+    desc_bytes,
     need_event,
     ring_layout,
+    used_bytes,
+    used_elems_bytes,
 )
 
 MIB = 1 << 20
-DESC = struct.Struct("<QIHH")
 
 
 class DeviceSide:
@@ -34,49 +45,48 @@ class DeviceSide:
 
     def __init__(self, ram: GuestRam, vq: SplitVirtqueue, grants: GrantTable | None = None):
         self.ram, self.size, self.grants = ram, vq.size, grants
-        self.desc = self.view(vq.desc_dma, 16 * vq.size, False)
-        self.avail = self.view(vq.avail_dma, 6 + 2 * vq.size, False).cast("H")
-        used = self.view(vq.used_dma, 6 + 8 * vq.size, True)
+        self.desc = self.view(vq.desc_dma, desc_bytes(vq.size), False)
+        self.avail = self.view(vq.avail_dma, avail_bytes(vq.size), False).cast("H")
+        used = self.view(vq.used_dma, used_bytes(vq.size), True)
         self.used_h = used.cast("H")
-        self.used_i = used[: 4 + 8 * vq.size].cast("I")
+        self.used_i = used[: used_elems_bytes(vq.size)].cast("I")
         self.last_avail = 0
         self.used_idx = 0
 
     def view(self, addr: int, length: int, writable: bool) -> memoryview:
         if self.grants is None:
             return self.ram.view(addr, length)
-        assert addr & XEN_GRANT_DMA_ADDR_OFF, f"{addr:#x} is not a grant address"
-        off = addr & 0xFFF
+        assert addr & GRANT_DMA_ADDR_OFF, f"{addr:#x} is not a grant address"
+        off = addr & (PAGE_SIZE - 1)
         first = dma_to_grant(addr)
-        frames = [
-            self.grants.lookup(first + i, 0, writable) for i in range((off + length + 4095) // 4096)
-        ]
+        pages = (off + length + PAGE_SIZE - 1) // PAGE_SIZE
+        frames = [self.grants.lookup(first + i, 0, writable) for i in range(pages)]
         assert frames == list(range(frames[0], frames[0] + len(frames)))
-        return self.ram.view((frames[0] << 12) + off, length)
+        return self.ram.view((frames[0] << PAGE_SHIFT) + off, length)
 
     def pop(self) -> tuple[int, list[tuple[memoryview, bool]]] | None:
-        if self.avail[1] == self.last_avail:
+        if self.avail[AVAIL_IDX_H] == self.last_avail:
             return None
-        head = self.avail[2 + self.last_avail % self.size]
+        head = self.avail[AVAIL_RING_H + self.last_avail % self.size]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         table, i, bufs = self.desc, head, []
-        addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
-        if flags & VIRTQ_DESC_F_INDIRECT:
+        addr, length, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
+        if flags & VRING_DESC_F_INDIRECT:
             table, i = self.view(addr, length, False), 0
         while True:
-            addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
-            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            addr, length, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
+            writable = bool(flags & VRING_DESC_F_WRITE)
             bufs.append((self.view(addr, length, writable), writable))
-            if not flags & VIRTQ_DESC_F_NEXT:
+            if not flags & VRING_DESC_F_NEXT:
                 return head, bufs
             i = nxt
 
     def push(self, head: int, written: int) -> None:
-        slot = self.used_idx % self.size
-        self.used_i[1 + 2 * slot] = head
-        self.used_i[2 + 2 * slot] = written
+        elem = USED_ELEM_I * (self.used_idx % self.size)
+        self.used_i[USED_ID_I + elem] = head
+        self.used_i[USED_LEN_I + elem] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.used_h[1] = self.used_idx
+        self.used_h[USED_IDX_H] = self.used_idx
 
     def serve_one(self) -> bool:
         """Echo: copy all readable bytes into the writable buffers; report bytes written."""
@@ -150,7 +160,7 @@ def test_roundtrip_grants_uses_fresh_readonly_and_writable_grants(ram, grants):
     assert dma.outstanding() == ring_refs + 3
     head, bufs = dev.pop()
     # The device may read the out buffer but not write it.
-    out_addr = DESC.unpack_from(dev.desc, 16 * head)[0]
+    out_addr = DESC.unpack_from(dev.desc, DESC_SIZE * head)[0]
     with pytest.raises(GrantError, match="read-only"):
         grants.lookup(dma_to_grant(out_addr), 0, writable=True)
     bufs[1][0][:] = bytes(bufs[0][0])
@@ -163,7 +173,9 @@ def test_roundtrip_grants_uses_fresh_readonly_and_writable_grants(ram, grants):
     # The next request travels on different refs.
     vq.add([(src, 8)], [], token=2)
     new_head = dev.avail[2 + 1]
-    assert dma_to_grant(DESC.unpack_from(dev.desc, 16 * new_head)[0]) != dma_to_grant(out_addr)
+    assert dma_to_grant(DESC.unpack_from(dev.desc, DESC_SIZE * new_head)[0]) != dma_to_grant(
+        out_addr
+    )
     vq.close()
     assert dma.outstanding() == 0
 
@@ -177,7 +189,7 @@ def test_indirect_descriptors_take_one_slot(ram):
     vq.add([(b, 4) for b in bufs[:3]], [(b, 4) for b in bufs[3:]], token="ind")
     assert vq.num_free == 3
     head = dev.avail[2]
-    assert DESC.unpack_from(dev.desc, 16 * head)[2] == VIRTQ_DESC_F_INDIRECT
+    assert DESC.unpack_from(dev.desc, DESC_SIZE * head)[2] == VRING_DESC_F_INDIRECT
     assert dev.serve_one()
     assert vq.get_used() == [("ind", 12)]
     assert b"".join(ram.read(b, 4) for b in bufs[3:]) == b"AAAABBBBCCCC"
@@ -218,7 +230,7 @@ def test_kick_suppression_without_event_idx(ram):
     assert not vq.kick_needed()  # nothing added
     vq.add([(b, 1)], [], token=1)
     assert vq.kick_needed()
-    dev.used_h[0] = VIRTQ_USED_F_NO_NOTIFY
+    dev.used_h[0] = VRING_USED_F_NO_NOTIFY
     vq.add([(b, 1)], [], token=2)
     assert not vq.kick_needed()
 

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 from xvf.errors import ConfigError
 from xvf.protocols.vhost_user_wire import XEN_MMAP_GRANT, XEN_MMAP_MAP_ON_DEMAND, VhostUserRegion
-
-GRANT_ADDR_OFF = 1 << 63  # XEN_GRANT_DMA_ADDR_OFF, include/xvf/xen_grant.h
-PAGE = 4096
+from xvf.protocols.virtqueue import (
+    GRANT_DMA_ADDR_OFF,
+    PAGE_SIZE,
+    align_up,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+)
 
 
 def ring_spans(desc: int, avail: int, used: int, num: int) -> list[tuple[int, int]]:
     """The three parts of a split ring, with room for used_event/avail_event."""
-    return [(desc, 16 * num), (avail, 6 + 2 * num), (used, 6 + 8 * num)]
+    return [(desc, desc_bytes(num)), (avail, avail_bytes(num)), (used, used_bytes(num))]
 
 
 def grant_regions(
@@ -32,10 +37,10 @@ def grant_regions(
     mapped in advance, the gaps between them on demand."""
     if guest_bytes <= 0:
         raise ConfigError(f"guest of domain {domid} reports no memory")
-    end = GRANT_ADDR_OFF + guest_bytes
+    end = GRANT_DMA_ADDR_OFF + guest_bytes
     spans = sorted(rings)
     for addr, size in spans:
-        if not GRANT_ADDR_OFF <= addr or addr + size > end or size <= 0:
+        if not GRANT_DMA_ADDR_OFF <= addr or addr + size > end or size <= 0:
             raise ConfigError(
                 f"ring at {addr:#x} (+{size:#x}) is not a grant address inside the guest's "
                 f"{guest_bytes >> 20} MiB; does the guest use grant DMA (xen,grant-dma)?"
@@ -56,7 +61,7 @@ def grant_regions(
                 )
             )
 
-    cursor = GRANT_ADDR_OFF
+    cursor = GRANT_DMA_ADDR_OFF
     for addr, size in spans:
         # Rings that share a page, or start on the page right after the previous one
         # (Linux allocates a queue's desc, avail and used in one block), extend the
@@ -76,6 +81,6 @@ def grant_regions(
         else:
             add(cursor, addr - cursor, XEN_MMAP_GRANT | XEN_MMAP_MAP_ON_DEMAND)
             add(addr, size, XEN_MMAP_GRANT)
-        cursor = max(cursor, (addr + size + PAGE - 1) // PAGE * PAGE)
+        cursor = max(cursor, align_up(addr + size, PAGE_SIZE))
     add(cursor, end - cursor, XEN_MMAP_GRANT | XEN_MMAP_MAP_ON_DEMAND)
     return regions

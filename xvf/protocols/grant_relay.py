@@ -28,29 +28,51 @@ import ctypes
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from xvf.errors import GrantError, GuestError, XvfError
-from xvf.hotpath._ioreq import MmioState, fence_acquire, fence_full, fence_release
-from xvf.platform.interface import GrantMapper
+from xvf.hotpath._gnttab import GrantMapping
+from xvf.hotpath._ioreq import MmioState
 from xvf.protocols import virtio as V
 from xvf.protocols.vhost_user_wire import VhostUserRegion
+from xvf.protocols.virtqueue import (
+    AVAIL_ALIGN,
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_ALIGN,
+    DESC_SIZE,
+    GRANT_DMA_ADDR_OFF,
+    MAX_QUEUE_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    USED_ALIGN,
+    USED_ELEM_I,
+    USED_ID_I,
+    USED_IDX_H,
+    USED_LEN_I,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    avail_bytes,
+    avail_event_h,
+    desc_bytes,
+    fence_acquire,
+    fence_full,
+    fence_release,
+    ring_layout,
+    used_bytes,
+    used_elems_bytes,
+    used_event_h,
+)
 from xvf.ratelimit import RateLimitedLog
 
 log = logging.getLogger("xvf.protocols.grant_relay")
 
-GRANT_ADDR_BIT = 1 << 63
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_REFS_PER_MAP = 4096  # gntdev / the simulator refuse more in one map
 DEFAULT_SHADOW_SIZE = 64 << 20
-
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-_DESC = struct.Struct("<QIHH")
 
 # Feature bits the guest must not be offered in relay mode: the relay completes
 # in backend order, not necessarily in avail order (IN_ORDER). Packed rings are
@@ -65,6 +87,15 @@ GUEST_FEATURE_MASK = ~(1 << V.F_IN_ORDER)
 def relay_guest_features(features: int) -> int:
     """The device features to offer a grant-mode guest when the relay serves it."""
     return features & GUEST_FEATURE_MASK
+
+
+class GrantPages(Protocol):
+    """What the relay needs of a grant mapper: only mapping and unmapping. The
+    platform's GrantMapper (xvf.platform.interface) is one; declared here so that
+    this protocol layer needs nothing from the platform layer above it."""
+
+    def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
+    def unmap(self, refs: list[int]) -> None: ...
 
 
 class RelayError(GuestError):
@@ -149,11 +180,11 @@ class ShadowMemory:
 # -- guest address helpers -----------------------------------------------------------
 def grant_span(addr: int, length: int) -> tuple[list[int], int]:
     """The grant refs a grant DMA address range covers and its offset in the first page."""
-    if not addr & GRANT_ADDR_BIT:
+    if not addr & GRANT_DMA_ADDR_OFF:
         raise RelayError(f"address {addr:#x} is not a grant address (bit 63 clear)")
     if length <= 0:
         raise RelayError(f"grant range of length {length}")
-    raw = addr & ~GRANT_ADDR_BIT
+    raw = addr & ~GRANT_DMA_ADDR_OFF
     offset = raw & (PAGE_SIZE - 1)
     first = raw >> PAGE_SHIFT
     count = (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -165,7 +196,7 @@ def grant_span(addr: int, length: int) -> tuple[list[int], int]:
 class _Grants:
     """One grant mapping and its refs; `release()` unmaps."""
 
-    def __init__(self, mapper: GrantMapper, addr: int, length: int, writable: bool) -> None:
+    def __init__(self, mapper: GrantPages, addr: int, length: int, writable: bool) -> None:
         refs, self.offset = grant_span(addr, length)
         try:
             self.mapping = mapper.map(refs, writable)
@@ -207,7 +238,7 @@ class GrantRelayQueue:
         desc: int,
         avail: int,
         used: int,
-        mapper: GrantMapper,
+        mapper: GrantPages,
         shadow: ShadowMemory,
         state: MmioState,
         kick_fd_to_backend: int,
@@ -218,9 +249,16 @@ class GrantRelayQueue:
         """`on_broken(why)`: the guest broke the ring itself (an avail index further
         ahead than the queue is long, a head outside it): the queue stops and the
         device is to be marked DEVICE_NEEDS_RESET, as QEMU's virtio_error does."""
-        if not 0 < num <= 32768 or num & (num - 1):
-            raise GuestError(f"queue {index}: size {num} is not a power of two up to 32768")
-        for name, addr, align in (("desc", desc, 16), ("avail", avail, 2), ("used", used, 4)):
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise GuestError(
+                f"queue {index}: size {num} is not a power of two up to {MAX_QUEUE_SIZE}"
+            )
+        parts = (
+            ("desc", desc, DESC_ALIGN),
+            ("avail", avail, AVAIL_ALIGN),
+            ("used", used, USED_ALIGN),
+        )
+        for name, addr, align in parts:
             if addr % align:
                 raise GuestError(f"queue {index}: {name} ring {addr:#x} is not {align}-aligned")
         self.index = index
@@ -243,14 +281,16 @@ class GrantRelayQueue:
         self.on_broken = on_broken
         self._refusals = RateLimitedLog(log)
         self._lies = RateLimitedLog(log)
+        self._used_event = used_event_h(num)
+        self._avail_event = avail_event_h(num)
         self._grants: list[_Grants] = []
         self._views: list[memoryview] = []
         try:
-            self._guest_desc = self._map_ring(desc, 16 * num, False)
-            self._guest_avail = self._map_ring(avail, 6 + 2 * num, False).cast("H")
-            used_raw = self._map_ring(used, 6 + 8 * num, True)
+            self._guest_desc = self._map_ring(desc, desc_bytes(num), False)
+            self._guest_avail = self._map_ring(avail, avail_bytes(num), False).cast("H")
+            used_raw = self._map_ring(used, used_bytes(num), True)
             self._guest_used_h = used_raw.cast("H")
-            self._guest_used_i = used_raw[: 4 + 8 * num].cast("I")
+            self._guest_used_i = used_raw[: used_elems_bytes(num)].cast("I")
             self._views += [self._guest_avail, self._guest_used_h, self._guest_used_i]
             self._build_shadow_ring()
         except Exception:
@@ -281,21 +321,21 @@ class GrantRelayQueue:
 
     def _build_shadow_ring(self) -> None:
         n = self.num
-        used_off = (16 * n + 6 + 2 * n + 3) & ~3
-        total = used_off + 6 + 8 * n
+        avail_off, used_off, total = ring_layout(n)
         base = self.shadow.alloc(total, PAGE_SIZE)
         if base is None:
             raise XvfError(f"queue {self.index}: no room for a shadow ring of {total} bytes")
         self._ring_base = base
         self.shadow.mem[base : base + total] = bytes(total)
         self.shadow_desc = base
-        self.shadow_avail = base + 16 * n
+        self.shadow_avail = base + avail_off
         self.shadow_used = base + used_off
-        self._sdesc = self.shadow.mem[base : base + 16 * n]
-        self._savail = self.shadow.mem[self.shadow_avail : self.shadow_avail + 6 + 2 * n].cast("H")
-        sused = self.shadow.mem[self.shadow_used : self.shadow_used + 6 + 8 * n]
+        mem = self.shadow.mem
+        self._sdesc = mem[base : base + desc_bytes(n)]
+        self._savail = mem[self.shadow_avail : self.shadow_avail + avail_bytes(n)].cast("H")
+        sused = mem[self.shadow_used : self.shadow_used + used_bytes(n)]
         self._sused_h = sused.cast("H")
-        self._sused_i = sused[: 4 + 8 * n].cast("I")
+        self._sused_i = sused[: used_elems_bytes(n)].cast("I")
         self._views += [self._sdesc, self._savail, sused, self._sused_h, self._sused_i]
 
     @property
@@ -323,23 +363,23 @@ class GrantRelayQueue:
         self.stalled = False
         posted = completed = 0
         while True:
-            ahead = (self._guest_avail[1] - self.last_avail) & 0xFFFF
+            ahead = (self._guest_avail[AVAIL_IDX_H] - self.last_avail) & 0xFFFF
             if ahead > self.num:
                 # Bounded work per kick: never walk entries that cannot exist.
                 self._break(
-                    f"avail index {self._guest_avail[1]} is {ahead} entries ahead of "
+                    f"avail index {self._guest_avail[AVAIL_IDX_H]} is {ahead} entries ahead of "
                     f"{self.last_avail}, more than the queue's {self.num}"
                 )
                 break
-            if self.last_avail == self._guest_avail[1]:
+            if self.last_avail == self._guest_avail[AVAIL_IDX_H]:
                 # EVENT_IDX: ask for a kick at the very next buffer, then look again
                 # so a buffer published meanwhile (guest saw the old value) is not lost.
-                self._guest_used_h[2 + 4 * self.num] = self.last_avail
+                self._guest_used_h[self._avail_event] = self.last_avail
                 fence_full()
-                if self.last_avail == self._guest_avail[1]:
+                if self.last_avail == self._guest_avail[AVAIL_IDX_H]:
                     break
             fence_acquire()  # the entry and its descriptors after the index that covers them
-            head = self._guest_avail[2 + self.last_avail % self.num]
+            head = self._guest_avail[AVAIL_RING_H + self.last_avail % self.num]
             if head >= self.num:
                 self.bad_requests += 1
                 self._break(f"avail entry {self.last_avail} names head {head} of {self.num}")
@@ -361,7 +401,7 @@ class GrantRelayQueue:
             os.write(self.backend_kick_fd, (1).to_bytes(8, "little"))
         if completed:
             fence_release()
-            self._guest_used_h[1] = self._guest_used_idx
+            self._guest_used_h[USED_IDX_H] = self._guest_used_idx
             self.state.raise_interrupt(1)
 
     def _stall(self) -> None:
@@ -370,28 +410,28 @@ class GrantRelayQueue:
 
     def _walk_chain(self, head: int) -> list[_Segment]:
         """Read and validate the chain once (the guest may change it behind us)."""
-        addr, length, flags, nxt = _DESC.unpack_from(self._guest_desc, 16 * head)
-        if flags & VIRTQ_DESC_F_INDIRECT:
-            if flags & VIRTQ_DESC_F_NEXT:
+        addr, length, flags, nxt = DESC.unpack_from(self._guest_desc, DESC_SIZE * head)
+        if flags & VRING_DESC_F_INDIRECT:
+            if flags & VRING_DESC_F_NEXT:
                 raise RelayError("indirect descriptor chained with NEXT")
             return self._walk_indirect(addr, length)
         segments: list[_Segment] = []
         idx = head
         while True:
-            if flags & VIRTQ_DESC_F_INDIRECT:
+            if flags & VRING_DESC_F_INDIRECT:
                 raise RelayError("indirect descriptor inside a chain")
-            segments.append(_Segment(addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
-            if not flags & VIRTQ_DESC_F_NEXT:
+            segments.append(_Segment(addr, length, bool(flags & VRING_DESC_F_WRITE)))
+            if not flags & VRING_DESC_F_NEXT:
                 return self._checked(segments)
             if len(segments) >= self.num:
                 raise RelayError(f"chain from {head} is longer than the queue (a loop)")
             idx = nxt
             if idx >= self.num:
                 raise RelayError(f"next index {idx} out of range")
-            addr, length, flags, nxt = _DESC.unpack_from(self._guest_desc, 16 * idx)
+            addr, length, flags, nxt = DESC.unpack_from(self._guest_desc, DESC_SIZE * idx)
 
     def _walk_indirect(self, addr: int, length: int) -> list[_Segment]:
-        if length == 0 or length % 16 or length // 16 > self.num:
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.num:
             raise RelayError(f"indirect table of {length} bytes")
         table = _Grants(self.mapper, addr, length, False)
         try:
@@ -399,15 +439,15 @@ class GrantRelayQueue:
                 data = bytes(raw[table.offset : table.offset + length])
         finally:
             table.release()
-        count = length // 16
+        count = length // DESC_SIZE
         segments: list[_Segment] = []
         i = 0
         while True:
-            a, n, f, nxt = _DESC.unpack_from(data, 16 * i)
-            if f & VIRTQ_DESC_F_INDIRECT:
+            a, n, f, nxt = DESC.unpack_from(data, DESC_SIZE * i)
+            if f & VRING_DESC_F_INDIRECT:
                 raise RelayError("nested indirect descriptor")
-            segments.append(_Segment(a, n, bool(f & VIRTQ_DESC_F_WRITE)))
-            if not f & VIRTQ_DESC_F_NEXT:
+            segments.append(_Segment(a, n, bool(f & VRING_DESC_F_WRITE)))
+            if not f & VRING_DESC_F_NEXT:
                 return self._checked(segments)
             if len(segments) >= count:
                 raise RelayError("indirect chain longer than its table (a loop)")
@@ -418,7 +458,7 @@ class GrantRelayQueue:
     def _checked(self, segments: list[_Segment]) -> list[_Segment]:
         total = 0
         for s in segments:
-            if not s.addr & GRANT_ADDR_BIT:
+            if not s.addr & GRANT_DMA_ADDR_OFF:
                 raise RelayError(f"address {s.addr:#x} is not a grant address")
             if s.length == 0:
                 raise RelayError("zero-length descriptor")
@@ -465,15 +505,15 @@ class GrantRelayQueue:
         req.shadow_descs = descs
         for i, (s, gpa) in enumerate(zip(req.segments, offsets, strict=True)):
             last = i + 1 == len(descs)
-            flags = (VIRTQ_DESC_F_WRITE if s.writable else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-            _DESC.pack_into(
-                self._sdesc, 16 * descs[i], gpa, s.length, flags, 0 if last else descs[i + 1]
+            flags = (VRING_DESC_F_WRITE if s.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+            DESC.pack_into(
+                self._sdesc, DESC_SIZE * descs[i], gpa, s.length, flags, 0 if last else descs[i + 1]
             )
         self._inflight[descs[0]] = req
-        self._savail[2 + self._shadow_avail_idx % self.num] = descs[0]
+        self._savail[AVAIL_RING_H + self._shadow_avail_idx % self.num] = descs[0]
         self._shadow_avail_idx = (self._shadow_avail_idx + 1) & 0xFFFF
         fence_release()  # descriptors, bounce data and entry before the index
-        self._savail[1] = self._shadow_avail_idx  # published last
+        self._savail[AVAIL_IDX_H] = self._shadow_avail_idx  # published last
         self.relayed_requests += 1
         return True
 
@@ -497,11 +537,12 @@ class GrantRelayQueue:
         if self.stopped:
             return
         completed = 0
-        used_idx = self._sused_h[1]
+        used_idx = self._sused_h[USED_IDX_H]
         while self._shadow_last_used != used_idx:
             fence_acquire()  # entries after the index that covers them
             slot = self._shadow_last_used % self.num
-            shead, written = self._sused_i[1 + 2 * slot], self._sused_i[2 + 2 * slot]
+            elem = USED_ELEM_I * slot
+            shead, written = self._sused_i[USED_ID_I + elem], self._sused_i[USED_LEN_I + elem]
             self._shadow_last_used = (self._shadow_last_used + 1) & 0xFFFF
             req = self._inflight.pop(shead, None)
             if req is None:
@@ -514,12 +555,12 @@ class GrantRelayQueue:
             completed += 1
             if self._shadow_last_used == used_idx:
                 # EVENT_IDX on the shadow ring: call me at the next completion.
-                self._savail[2 + self.num] = self._shadow_last_used
+                self._savail[self._used_event] = self._shadow_last_used
                 fence_full()
-                used_idx = self._sused_h[1]
+                used_idx = self._sused_h[USED_IDX_H]
         if completed:
             fence_release()  # used entries and copied-back data before the index
-            self._guest_used_h[1] = self._guest_used_idx  # published last
+            self._guest_used_h[USED_IDX_H] = self._guest_used_idx  # published last
             self.state.raise_interrupt(1)
             self.shadow.wake_waiters()
 
@@ -541,9 +582,9 @@ class GrantRelayQueue:
         return min(written, total)
 
     def _complete_guest(self, head: int, length: int) -> None:
-        slot = self._guest_used_idx % self.num
-        self._guest_used_i[1 + 2 * slot] = head
-        self._guest_used_i[2 + 2 * slot] = length
+        elem = USED_ELEM_I * (self._guest_used_idx % self.num)
+        self._guest_used_i[USED_ID_I + elem] = head
+        self._guest_used_i[USED_LEN_I + elem] = length
         self._guest_used_idx = (self._guest_used_idx + 1) & 0xFFFF
 
     # -- teardown ---------------------------------------------------------------------
@@ -559,11 +600,11 @@ class GrantRelayQueue:
 
     def backend_used_idx(self) -> int:
         """The used index the backend has published on the shadow ring (any thread)."""
-        return self._sused_h[1]
+        return self._sused_h[USED_IDX_H]
 
     def shadow_avail_idx(self) -> int:
         """The avail index xvf has published to the backend on the shadow ring."""
-        return self._savail[1]
+        return self._savail[AVAIL_IDX_H]
 
     def stop(self) -> int:
         """Drop every request in flight and all grant mappings; returns the guest's

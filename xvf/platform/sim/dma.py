@@ -5,7 +5,7 @@ addresses (the backend maps all guest RAM: foreign mapping).
 
 `GrantDma`: Linux's Xen grant DMA ops (drivers/xen/grant-dma-ops.c). Every
 mapping gets consecutive grant refs, one per Xen page the buffer touches, and
-the DMA address is `XEN_GRANT_DMA_ADDR_OFF | (first_ref << 12)` plus the
+the DMA address is `GRANT_DMA_ADDR_OFF | (first_ref << 12)` plus the
 buffer's offset in its first page. Streaming mappings the device only reads are
 granted read-only. Unmapping ends access and frees the refs; if the backend
 still has a page mapped, the device is marked broken and the refs are leaked,
@@ -21,24 +21,24 @@ from typing import Protocol
 
 from xvf.errors import GrantError, SimulatorError
 from xvf.platform.sim.grant_table import GrantTable
-from xvf.platform.sim.memory import XEN_PAGE_SHIFT, XEN_PAGE_SIZE, GuestRam, page_align_up
+from xvf.platform.sim.memory import GuestRam, page_align_up
+from xvf.protocols.virtqueue import GRANT_DMA_ADDR_OFF, PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger("xvf.platform.sim.dma")
 
-XEN_GRANT_DMA_ADDR_OFF = 1 << 63
-_OFFSET_MASK = XEN_PAGE_SIZE - 1
+_OFFSET_MASK = PAGE_SIZE - 1
 
 
 def grant_to_dma(ref: int) -> int:
-    return XEN_GRANT_DMA_ADDR_OFF | (ref << XEN_PAGE_SHIFT)
+    return GRANT_DMA_ADDR_OFF | (ref << PAGE_SHIFT)
 
 
 def dma_to_grant(dma: int) -> int:
-    return (dma & ~XEN_GRANT_DMA_ADDR_OFF) >> XEN_PAGE_SHIFT
+    return (dma & ~GRANT_DMA_ADDR_OFF) >> PAGE_SHIFT
 
 
 def pages_spanned(offset_in_page: int, length: int) -> int:
-    return (offset_in_page + length + XEN_PAGE_SIZE - 1) >> XEN_PAGE_SHIFT
+    return (offset_in_page + length + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
 class DmaOps(Protocol):
@@ -93,7 +93,7 @@ class GrantDma:
                 "grant DMA disabled: a grant was still in use by the backend", errno.EIO
             )
         first = self.grants.alloc_refs(n_pages)
-        gfn = gpa >> XEN_PAGE_SHIFT
+        gfn = gpa >> PAGE_SHIFT
         for i in range(n_pages):
             self.grants.grant_access(first + i, self.backend_domid, gfn + i, readonly)
         with self._lock:
@@ -120,7 +120,7 @@ class GrantDma:
         self.grants.free_refs(first, n_pages)
 
     def alloc_coherent(self, size: int) -> tuple[int, int]:
-        n_pages = page_align_up(size) >> XEN_PAGE_SHIFT
+        n_pages = page_align_up(size) >> PAGE_SHIFT
         gpa = self.ram.alloc(size)
         try:
             first = self._grant_range(gpa, n_pages, readonly=False)
@@ -130,7 +130,7 @@ class GrantDma:
         return gpa, grant_to_dma(first)
 
     def free_coherent(self, gpa: int, size: int, dma: int) -> None:
-        n_pages = page_align_up(size) >> XEN_PAGE_SHIFT
+        n_pages = page_align_up(size) >> PAGE_SHIFT
         self._end_range(dma_to_grant(dma), n_pages, "free_coherent")
         self.ram.free(gpa)
 
@@ -142,7 +142,7 @@ class GrantDma:
         return grant_to_dma(first) + offset
 
     def unmap(self, dma: int, length: int) -> None:
-        if not dma & XEN_GRANT_DMA_ADDR_OFF:
+        if not dma & GRANT_DMA_ADDR_OFF:
             raise SimulatorError(f"unmapping {dma:#x}, which is not a grant DMA address")
         offset = dma & _OFFSET_MASK
         self._end_range(dma_to_grant(dma), pages_spanned(offset, length), "unmap")

@@ -18,6 +18,7 @@ import os
 import threading
 
 from xvf.errors import GrantError
+from xvf.hotpath._layout import PAGE_SIZE
 
 GTF_INVALID = 0
 GTF_PERMIT_ACCESS = 1
@@ -28,7 +29,6 @@ GTF_WRITING = 1 << 4
 ENTRY_SIZE = 8
 # Xen reserves the first entries (console, xenstore); Linux never hands them out.
 GNTTAB_NR_RESERVED_ENTRIES = 8
-_PAGE = 4096
 
 
 class GrantTable:
@@ -38,7 +38,7 @@ class GrantTable:
         if nr_entries <= GNTTAB_NR_RESERVED_ENTRIES:
             raise GrantError(f"a grant table needs more than {GNTTAB_NR_RESERVED_ENTRIES} entries")
         self.nr_entries = nr_entries
-        size = (nr_entries * ENTRY_SIZE + _PAGE - 1) // _PAGE * _PAGE
+        size = (nr_entries * ENTRY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
         self.fd = os.memfd_create("xvf-grant-table", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._mmap = mmap.mmap(self.fd, size)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from xvf.errors import GrantError, SimulatorError
+from xvf.hotpath._layout import PAGE_SHIFT, PAGE_SIZE
 from xvf.platform.sim import control as C
 from xvf.platform.sim.evtchn import EventChannels
 from xvf.platform.sim.grant_table import GrantTable
@@ -36,7 +37,6 @@ from xvf.platform.sim.memory import GuestRam
 
 log = logging.getLogger("xvf.platform.sim")
 
-PAGE_SHIFT = 12
 DM_DOMID = 0
 XENMEM_RESOURCE_IOREQ_SERVER = 0
 
@@ -586,7 +586,7 @@ class _Session:
             raise OSError(errno.EINVAL, "frames out of range")
         with self.hv.lock:
             server.allocate_page()
-        return struct.pack("<Q", idx * 4096), [os.dup(server.fd)]
+        return struct.pack("<Q", idx * PAGE_SIZE), [os.dup(server.fd)]
 
     def _foreign_map(self, payload: bytes) -> tuple[bytes, list[int]]:
         (domid,) = struct.unpack_from("<H", payload)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
+from xvf.hotpath._layout import PAGE_SIZE
 
-PAGE_SIZE = 4096
 IOREQ_SIZE = 32
 STATE_NONE, STATE_READY, STATE_INPROCESS, STATE_RESP_READY = 0, 1, 2, 3
 STATE_MASK = 0x0F

@@ -17,9 +17,8 @@ import threading
 from dataclasses import dataclass
 
 from xvf.errors import SimulatorError
+from xvf.hotpath._layout import PAGE_SIZE
 
-XEN_PAGE_SHIFT = 12
-XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
 GUEST_RAM0_BASE = 0x40000000
 GUEST_RAM0_SIZE = 0xC0000000  # 3 GiB, Xen's maximum for bank 0
 GUEST_RAM1_BASE = 0x0200000000
@@ -27,7 +26,7 @@ GUEST_RAM1_SIZE = 0xFE00000000  # 1016 GiB
 
 
 def page_align_up(value: int) -> int:
-    return (value + XEN_PAGE_SIZE - 1) & ~(XEN_PAGE_SIZE - 1)
+    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,10 @@ class GuestRam:
     """The RAM of one guest, shared through a memfd with whoever maps it."""
 
     def __init__(self, size: int, bank0_size: int | None = None) -> None:
-        if size <= 0 or size % XEN_PAGE_SIZE:
+        if size <= 0 or size % PAGE_SIZE:
             raise SimulatorError(f"guest RAM size {size:#x} is not a positive number of pages")
         bank0 = GUEST_RAM0_SIZE if bank0_size is None else bank0_size
-        if bank0 <= 0 or bank0 % XEN_PAGE_SIZE or bank0 > GUEST_RAM0_SIZE:
+        if bank0 <= 0 or bank0 % PAGE_SIZE or bank0 > GUEST_RAM0_SIZE:
             raise SimulatorError(
                 f"bank-0 size {bank0:#x} must be pages, at most {GUEST_RAM0_SIZE:#x}"
             )
@@ -115,11 +114,11 @@ class GuestRam:
         self.view(gpa, len(data))[:] = data
 
     # -- the guest kernel's page allocator -------------------------------------
-    def alloc(self, size: int, align: int = XEN_PAGE_SIZE) -> int:
+    def alloc(self, size: int, align: int = PAGE_SIZE) -> int:
         """Allocate zeroed, page-granular guest memory; returns its gpa."""
         if size <= 0:
             raise SimulatorError(f"cannot allocate {size} bytes")
-        if align < XEN_PAGE_SIZE or align & (align - 1):
+        if align < PAGE_SIZE or align & (align - 1):
             raise SimulatorError(f"alignment {align} must be a power of two >= a page")
         size = page_align_up(size)
         with self._lock:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
+from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
 from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
@@ -80,7 +81,7 @@ class SimIoreqServer:
         )
         (offset,) = struct.unpack("<Q", reply[:8])
         try:
-            self._mmap = mmap.mmap(fds[0], 4096, offset=offset)
+            self._mmap = mmap.mmap(fds[0], PAGE_SIZE, offset=offset)
         finally:
             os.close(fds[0])
         self.page = memoryview(self._mmap)

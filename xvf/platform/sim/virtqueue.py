@@ -15,22 +15,35 @@ slot it covers.
 from __future__ import annotations
 
 import itertools
-import struct
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
 from xvf.platform.sim.dma import DmaOps
 from xvf.platform.sim.memory import GuestRam
-
-DESC_SIZE = 16
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-MAX_QUEUE_SIZE = 32768
-
-_DESC = struct.Struct("<QIHH")
+from xvf.protocols.virtqueue import (
+    AVAIL_IDX_H,
+    AVAIL_RING_H,
+    DESC,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_ELEM_I,
+    USED_FLAGS_H,
+    USED_ID_I,
+    USED_IDX_H,
+    USED_LEN_I,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    avail_bytes,
+    avail_event_h,
+    desc_bytes,
+    need_event,
+    ring_layout,
+    used_bytes,
+    used_elems_bytes,
+    used_event_h,
+)
 
 
 class QueueFull(SimulatorError):
@@ -39,18 +52,6 @@ class QueueFull(SimulatorError):
 
 class DeviceBroke(SimulatorError):
     """The device returned something no correct device returns (Linux: BAD_RING)."""
-
-
-def ring_layout(size: int) -> tuple[int, int, int]:
-    """(avail offset, used offset, total bytes) of the rings for `size` entries."""
-    avail = DESC_SIZE * size
-    used = (avail + 6 + 2 * size + 3) & ~3
-    return avail, used, used + 6 + 8 * size
-
-
-def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """vring_need_event: did idx pass `event_idx` going from old to new?"""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
 @dataclass
@@ -88,11 +89,13 @@ class SplitVirtqueue:
         self.desc_dma = ring_dma
         self.avail_dma = ring_dma + avail_off
         self.used_dma = ring_dma + used_off
-        self._desc = ram.view(self.ring_gpa, DESC_SIZE * size)
-        self._avail = ram.view(self.ring_gpa + avail_off, 6 + 2 * size).cast("H")
-        used = ram.view(self.ring_gpa + used_off, 6 + 8 * size)
+        self._desc = ram.view(self.ring_gpa, desc_bytes(size))
+        self._avail = ram.view(self.ring_gpa + avail_off, avail_bytes(size)).cast("H")
+        used = ram.view(self.ring_gpa + used_off, used_bytes(size))
         self._used_h = used.cast("H")
-        self._used_i = used[: 4 + 8 * size].cast("I")
+        self._used_i = used[: used_elems_bytes(size)].cast("I")
+        self._used_event = used_event_h(size)
+        self._avail_event = avail_event_h(size)
         used.release()
         # Free descriptors are chained through a Python list (the device never
         # reads free descriptors, so their `next` fields need not be written).
@@ -134,7 +137,7 @@ class SplitVirtqueue:
                 for gpa, length in bufs:
                     addr = self.dma.map(gpa, length, writes)
                     entry.mappings.append((addr, length))
-                    segs.append((addr, length, VIRTQ_DESC_F_WRITE if writes else 0))
+                    segs.append((addr, length, VRING_DESC_F_WRITE if writes else 0))
             if use_indirect:
                 head = self._add_indirect(entry, segs)
             else:
@@ -147,9 +150,9 @@ class SplitVirtqueue:
             raise
         self._inflight[head] = entry
         # Ring slot first, then publish the index with a single 16-bit store.
-        self._avail[2 + (self._avail_idx % self.size)] = head
+        self._avail[AVAIL_RING_H + self._avail_idx % self.size] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        self._avail[1] = self._avail_idx
+        self._avail[AVAIL_IDX_H] = self._avail_idx
         self._added_since_kick += 1
         return head
 
@@ -164,12 +167,12 @@ class SplitVirtqueue:
         for i, (addr, length, flags) in enumerate(segs):
             last = i + 1 == len(segs)
             nxt = 0 if last else descs[i + 1]
-            _DESC.pack_into(
+            DESC.pack_into(
                 self._desc,
                 descs[i] * DESC_SIZE,
                 addr,
                 length,
-                flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                flags | (0 if last else VRING_DESC_F_NEXT),
                 nxt,
             )
         return descs[0]
@@ -181,21 +184,19 @@ class SplitVirtqueue:
         table = self.ram.view(gpa, table_len)
         for i, (addr, length, flags) in enumerate(segs):
             last = i + 1 == len(segs)
-            _DESC.pack_into(
+            DESC.pack_into(
                 table,
                 i * DESC_SIZE,
                 addr,
                 length,
-                flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                flags | (0 if last else VRING_DESC_F_NEXT),
                 0 if last else i + 1,
             )
         table_dma = self.dma.map(gpa, table_len, False)
         entry.mappings.append((table_dma, table_len))
         head = self._take_desc()
         entry.descs = [head]
-        _DESC.pack_into(
-            self._desc, head * DESC_SIZE, table_dma, table_len, VIRTQ_DESC_F_INDIRECT, 0
-        )
+        DESC.pack_into(self._desc, head * DESC_SIZE, table_dma, table_len, VRING_DESC_F_INDIRECT, 0)
         return head
 
     # -- notifications ----------------------------------------------------------
@@ -207,20 +208,20 @@ class SplitVirtqueue:
         if added == 0:
             return False
         if self.event_idx:
-            avail_event = self._used_h[2 + 4 * self.size]
+            avail_event = self._used_h[self._avail_event]
             old = (self._avail_idx - added) & 0xFFFF
             return need_event(avail_event, self._avail_idx, old)
-        return not self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY
+        return not self._used_h[USED_FLAGS_H] & VRING_USED_F_NO_NOTIFY
 
     # -- completions -----------------------------------------------------------
     def get_used(self) -> list[tuple[object, int]]:
         """Take every buffer the device returned: [(token, written_len)], in used order."""
         done: list[tuple[object, int]] = []
-        used_idx = self._used_h[1]
+        used_idx = self._used_h[USED_IDX_H]
         while self._last_used != used_idx:
-            slot = self._last_used % self.size
-            head = self._used_i[1 + 2 * slot]
-            written = self._used_i[2 + 2 * slot]
+            elem = USED_ELEM_I * (self._last_used % self.size)
+            head = self._used_i[USED_ID_I + elem]
+            written = self._used_i[USED_LEN_I + elem]
             entry = self._inflight[head] if head < self.size else None
             if entry is None:
                 raise DeviceBroke(f"virtqueue {self.index}: used id {head} is not a head in flight")
@@ -229,10 +230,10 @@ class SplitVirtqueue:
             self._last_used = (self._last_used + 1) & 0xFFFF
             done.append((entry.token, written))
             if self._last_used == used_idx:
-                used_idx = self._used_h[1]
+                used_idx = self._used_h[USED_IDX_H]
         if self.event_idx:
             # Interrupt me at the next buffer (pitfall 7: keep used_event moving).
-            self._avail[2 + self.size] = self._last_used
+            self._avail[self._used_event] = self._last_used
         return done
 
     def _release(self, head: int, entry: _InFlight) -> None:
