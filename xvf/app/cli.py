@@ -89,7 +89,8 @@ def open_status(path: str | None, frontend):
 
 
 def run_daemon(args) -> int:
-    from xvf.daemon.frontend import Frontend, install_signal_handlers
+    from xvf.app.signals import install_signal_handlers
+    from xvf.daemon.frontend import Frontend
 
     mapping = mapping_of(args)
     platform = open_platform(args.sim)

@@ -12,10 +12,10 @@ import errno
 import functools
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 
+from xvf import __version__
 from xvf.daemon.discovery import (
     VirtioDeviceNode,
     publish_state,
@@ -489,8 +489,6 @@ class Frontend:
     # -- status ---------------------------------------------------------------
     def status(self) -> dict:
         """What `xvf status` shows: assembled from memory, never from a backend or xenstore."""
-        from xvf.app.argparser import VERSION
-
         guests: dict[int, dict] = {}
         for domid, guest in sorted(self.guests.items()):
             server, ioreq = guest.server, guest.ioreq
@@ -523,7 +521,7 @@ class Frontend:
         for g in guests.values():
             g["devices"].sort(key=lambda d: d["devid"])
         return {
-            "version": VERSION,
+            "version": __version__,
             "pid": os.getpid(),
             "platform": self.platform.name,
             "mapping": self.mapping,
@@ -572,29 +570,3 @@ class Frontend:
         finally:
             self.mailbox.close()
             self.evtchn.close()
-
-
-def install_signal_handlers(frontend: Frontend, config_path: str | None = None) -> None:
-    def on_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        frontend.stop()
-
-    def on_hup(_signum: int, _frame: object) -> None:
-        if config_path is None:
-            log.info("SIGHUP: no --config file, nothing to reload")
-            return
-        from xvf.app.config import load_config
-
-        try:
-            level = load_config(config_path).get("log_level")
-        except XvfError as exc:
-            log.error("SIGHUP: keeping the current settings: %s", exc)
-            return
-        if level:
-            # Said before the change, so that it shows even when raising the level.
-            log.warning("SIGHUP: log level is now %s (other settings need a restart)", level)
-            logging.getLogger().setLevel(level.upper())
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
