@@ -13,5 +13,7 @@
 #define XVF_GUEST_VIRTIO_MMIO_SIZE   0x00100000ull
 #define XVF_GUEST_VIRTIO_MMIO_SPI_FIRST 33u
 #define XVF_GUEST_VIRTIO_MMIO_SPI_LAST  43u
+/* Each device's window inside it (libxl's VIRTIO_MMIO_DEV_SIZE, not a public header). */
+#define XVF_VIRTIO_MMIO_DEV_SIZE     0x200u
 
 #endif

@@ -13,6 +13,7 @@ from tests.conftest import needs_qsd
 from xvf.app import doctor
 from xvf.app.cli import main
 from xvf.errors import HypercallError
+from xvf.hotpath._privcmd import DOMID_INVALID
 from xvf.protocols.xenstore import XenStore
 
 BLK = "type=virtio,device2, transport=mmio, grant_usage=1"
@@ -73,14 +74,14 @@ def fake_dm_op(answers: dict[int, int]):
 def test_ioreq_probe_errnos():
     """ESRCH (no such domain) / ENOENT (no such server): the dm_op code is there;
     ENOSYS: Xen has no dm_op hypercall (built without CONFIG_IOREQ_SERVER)."""
-    with_ioreq = fake_dm_op({doctor.DOMID_INVALID: errno.ESRCH, 3: errno.ENOENT})
+    with_ioreq = fake_dm_op({DOMID_INVALID: errno.ESRCH, 3: errno.ENOENT})
     assert doctor.probe_ioreq(with_ioreq, None)[0] is True
     present, detail = doctor.probe_ioreq(with_ioreq, 3)
     assert present is True and "ESRCH" in detail and "ENOENT" in detail
-    without = fake_dm_op({doctor.DOMID_INVALID: errno.ENOSYS})
+    without = fake_dm_op({DOMID_INVALID: errno.ENOSYS})
     found = doctor.check_ioreq(without, 3, use_hypfs=False)
     assert found.ok is False and "CONFIG_IOREQ_SERVER" in found.fix
-    odd = fake_dm_op({doctor.DOMID_INVALID: errno.EPERM})
+    odd = fake_dm_op({DOMID_INVALID: errno.EPERM})
     assert doctor.check_ioreq(odd, None, use_hypfs=False).ok is None
 
 

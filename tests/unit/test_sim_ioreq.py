@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
-from xvf.platform.sim.ioreq import IOREQ_SIZE, GuestDataAbort, VcpuStuck
+from xvf.hotpath._layout import IOREQ_SIZE
+from xvf.platform.sim.ioreq import GuestDataAbort, VcpuStuck
 from xvf.platform.sim.platform import SimPlatform
 
 BASE = 0x2000000

@@ -35,7 +35,6 @@ SYS_HYPERVISOR = "/sys/hypervisor"
 PROC_XEN = "/proc/xen"
 DEV_XEN = "/dev/xen"
 MIN_XEN = (4, 18)  # xl's `virtio = [...]` line and libxl's virtio nodes
-DOMID_INVALID = 0x7FF4
 UNUSED_SERVER_ID = 0xFFFF  # >= MAX_NR_IOREQ_SERVERS (8): never names a server
 PROBE_TIMEOUT = 3.0
 XENBUS_CONNECTED, XENBUS_CLOSED = 4, 6
@@ -213,6 +212,8 @@ def _dm_op_errno(dm_op, domid: int) -> int:
 
 def probe_ioreq(dm_op, guest_domid: int | None) -> tuple[bool | None, str]:
     """IOREQ servers present? from harmless destroy_ioreq_server calls (see the module doc)."""
+    from xvf.hotpath._privcmd import DOMID_INVALID
+
     err = _dm_op_errno(dm_op, DOMID_INVALID)
     seen = [f"dm_op against DOMID_INVALID: {_errname(err)}"]
     if err in (errno.ENOSYS, errno.EOPNOTSUPP):

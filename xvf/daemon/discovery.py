@@ -23,14 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xvf.errors import ConfigError
+from xvf.hotpath._layout import (
+    GUEST_VIRTIO_MMIO_BASE,
+    GUEST_VIRTIO_MMIO_SIZE,
+    GUEST_VIRTIO_MMIO_SPI_FIRST,
+    GUEST_VIRTIO_MMIO_SPI_LAST,
+    VIRTIO_MMIO_DEV_SIZE,
+)
 from xvf.protocols.xenbus import XENBUS_STATE_CLOSING, parse_compatible
 from xvf.protocols.xenstore import XenStore, XenStoreRequestError
 
-GUEST_VIRTIO_MMIO_BASE = 0x02000000
-GUEST_VIRTIO_MMIO_SIZE = 0x00100000
-VIRTIO_MMIO_DEV_SIZE = 0x200
-GUEST_VIRTIO_MMIO_SPI_FIRST = 33
-GUEST_VIRTIO_MMIO_SPI_LAST = 43
 TRANSPORTS = ("mmio",)
 
 

@@ -42,6 +42,7 @@ from xvf.device.types import DeviceType
 from xvf.errors import ConfigError, VhostUserError, XvfError
 from xvf.guest.guest import Guest
 from xvf.hotpath._ioreq import MmioState, ServiceLoop
+from xvf.hotpath._layout import VIRTIO_MMIO_DEV_SIZE
 from xvf.platform.interface import Platform
 from xvf.protocols import virtio as V
 from xvf.protocols.vhost_user import VhostUserFrontend
@@ -52,7 +53,7 @@ from xvf.ratelimit import RateLimitedLog
 
 log = logging.getLogger("xvf.device")
 
-MMIO_WINDOW = 0x200  # libxl gives every virtio-mmio device 0x200 bytes
+MMIO_WINDOW = VIRTIO_MMIO_DEV_SIZE  # libxl gives every virtio-mmio device 0x200 bytes
 # How long the worker may spend on what a waiting vCPU needs before the device is given
 # up. Linux's virtio-mmio driver cannot be told "later", so the bound is what protects
 # its guest; it is above the 5 s after which a single vhost-user message times out

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from xvf.errors import GrantError, SimulatorError
+from xvf.hotpath import _layout as L
 from xvf.hotpath._layout import PAGE_SHIFT, PAGE_SIZE
 from xvf.platform.sim import control as C
 from xvf.platform.sim.evtchn import EventChannels
 from xvf.platform.sim.grant_table import GrantTable
 from xvf.platform.sim.ioreq import (
     MAX_SERVERS_PER_DOMAIN,
-    TYPE_INVALIDATE,
     GuestDataAbort,
     IoreqServer,
     MmioRange,
@@ -136,7 +136,7 @@ class Domain:
                 True,
                 ~0 & 0xFFFFFFFFFFFFFFFF,
                 self.access_timeout,
-                req_type=TYPE_INVALIDATE,
+                req_type=L.IOREQ_TYPE_INVALIDATE,
                 count=0,
             )
         return len(servers)

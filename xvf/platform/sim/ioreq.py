@@ -18,21 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
-from xvf.hotpath._layout import PAGE_SIZE
+from xvf.hotpath import _layout as L
 
-IOREQ_SIZE = 32
-STATE_NONE, STATE_READY, STATE_INPROCESS, STATE_RESP_READY = 0, 1, 2, 3
-STATE_MASK = 0x0F
-DIR_READ_BIT = 0x20  # dir=1 is IOREQ_READ
-TYPE_COPY = 1
-TYPE_INVALIDATE = 8
-FLAGS_OFFSET = 30
-# addr, data, count, size, vp_eport (the page's fields before the flags byte)
+# addr, data, count, size, vp_eport (the slot's fields before pad0 and flags)
 _REQ_HEAD = struct.Struct("<QQIII")
-# Frames of an IOREQ server resource: 0 buffered ioreqs, 1 synchronous ioreqs.
-FRAME_BUFIOREQ = 0
-FRAME_IOREQ = 1
-MAX_VCPUS = PAGE_SIZE // IOREQ_SIZE
+MAX_VCPUS = L.PAGE_SIZE // L.IOREQ_SIZE
 MAX_SERVERS_PER_DOMAIN = 8  # MAX_NR_IOREQ_SERVERS (xen/include/xen/ioreq.h)
 
 
@@ -70,14 +60,14 @@ class IoreqServer:
         if len(ports) > MAX_VCPUS:
             raise SimulatorError(f"{len(ports)} vCPUs do not fit one ioreq page")
         fd = os.memfd_create(f"xvf-ioreq-d{domid}-s{server_id}", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 2 * PAGE_SIZE)
-        page = mmap.mmap(fd, PAGE_SIZE, offset=FRAME_IOREQ * PAGE_SIZE)
+        os.ftruncate(fd, 2 * L.PAGE_SIZE)
+        page = mmap.mmap(fd, L.PAGE_SIZE, offset=L.IOREQ_SERVER_FRAME_IOREQ * L.PAGE_SIZE)
         return cls(server_id, domid, len(ports), ports, fd, page)
 
     def allocate_page(self) -> None:
         """acquire_resource: Xen allocates the page on first use and clears it."""
         if not self.allocated:
-            self.page[:] = bytes(PAGE_SIZE)
+            self.page[:] = bytes(L.PAGE_SIZE)
             # Already enabled? Then this page gets no ports until the next enable,
             # as in Xen, where ports are written only to a page that exists then.
             self.allocated = True
@@ -88,7 +78,7 @@ class IoreqServer:
         vp_eport before enabling reads 0 (as on real Xen)."""
         if enabled and not self.enabled and self.allocated:
             for vcpu, port in enumerate(self.ports):
-                struct.pack_into("<I", self.page, vcpu * IOREQ_SIZE + 24, port)
+                struct.pack_into("<I", self.page, vcpu * L.IOREQ_SIZE + L.IOREQ_VP_EPORT, port)
         self.enabled = enabled
 
     def claims(self, addr: int, size: int) -> bool:
@@ -147,15 +137,15 @@ def issue(
     is_write: bool,
     value: int,
     timeout: float,
-    req_type: int = TYPE_COPY,
+    req_type: int = L.IOREQ_TYPE_COPY,
     count: int = 1,
 ) -> int:
     """Run one access through the ioreq page; returns the value read (0 for writes)."""
     with server.in_use():  # the page stays while this vCPU waits on it, past a destroy
-        base = vcpu * IOREQ_SIZE
+        base = vcpu * L.IOREQ_SIZE
         page = server.page
-        state = page[base + FLAGS_OFFSET] & STATE_MASK
-        if state != STATE_NONE:
+        state = page[base + L.IOREQ_FLAGS] & L.IOREQ_STATE_MASK
+        if state != L.STATE_IOREQ_NONE:
             raise SimulatorError(f"vCPU {vcpu} slot busy (state {state})")
         chan.event.clear()
         _REQ_HEAD.pack_into(
@@ -163,15 +153,15 @@ def issue(
         )
         page[base + 31] = req_type
         # The flags byte is the publication point: one single-byte store, last.
-        page[base + FLAGS_OFFSET] = STATE_READY | (0 if is_write else DIR_READ_BIT)
+        page[base + L.IOREQ_FLAGS] = L.STATE_IOREQ_READY | (0 if is_write else L.IOREQ_DIR_READ_BIT)
         notify(server.domid, server.ports[vcpu])
         deadline = time.monotonic() + timeout
         while True:
-            if (page[base + FLAGS_OFFSET] & STATE_MASK) == STATE_RESP_READY:
+            if (page[base + L.IOREQ_FLAGS] & L.IOREQ_STATE_MASK) == L.STATE_IORESP_READY:
                 break
             if server.destroyed:
                 # Xen completes the access with the request's own data (0 for a read).
-                page[base + FLAGS_OFFSET] = STATE_NONE
+                page[base + L.IOREQ_FLAGS] = L.STATE_IOREQ_NONE
                 return 0
             left = deadline - time.monotonic()
             if left <= 0:
@@ -183,7 +173,7 @@ def issue(
             chan.event.wait(min(0.5, left))
             chan.event.clear()
         data = struct.unpack_from("<Q", page, base + 8)[0]
-        page[base + FLAGS_OFFSET] = STATE_NONE
+        page[base + L.IOREQ_FLAGS] = L.STATE_IOREQ_NONE
         if size < 8:
             data &= (1 << (8 * size)) - 1
         return 0 if is_write else data

@@ -17,12 +17,13 @@ import threading
 from dataclasses import dataclass
 
 from xvf.errors import SimulatorError
-from xvf.hotpath._layout import PAGE_SIZE
-
-GUEST_RAM0_BASE = 0x40000000
-GUEST_RAM0_SIZE = 0xC0000000  # 3 GiB, Xen's maximum for bank 0
-GUEST_RAM1_BASE = 0x0200000000
-GUEST_RAM1_SIZE = 0xFE00000000  # 1016 GiB
+from xvf.hotpath._layout import (
+    GUEST_RAM0_BASE,
+    GUEST_RAM0_SIZE,
+    GUEST_RAM1_BASE,
+    GUEST_RAM1_SIZE,
+    PAGE_SIZE,
+)
 
 
 def page_align_up(value: int) -> int:

@@ -50,6 +50,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xvf.errors import ConfigError, XenStoreError
+from xvf.hotpath._layout import (
+    GUEST_VIRTIO_MMIO_BASE,
+    GUEST_VIRTIO_MMIO_SIZE,
+    GUEST_VIRTIO_MMIO_SPI_FIRST,
+    GUEST_VIRTIO_MMIO_SPI_LAST,
+    VIRTIO_MMIO_DEV_SIZE,
+)
 from xvf.protocols.xenbus import (
     XENBUS_STATE_CLOSED,
     XENBUS_STATE_CLOSING,
@@ -58,11 +65,6 @@ from xvf.protocols.xenbus import (
 )
 from xvf.protocols.xenstore import XenStore, XenStoreRequestError
 
-GUEST_VIRTIO_MMIO_BASE = 0x02000000
-GUEST_VIRTIO_MMIO_SIZE = 0x00100000
-VIRTIO_MMIO_DEV_SIZE = 0x200
-GUEST_VIRTIO_MMIO_SPI_FIRST = 33
-GUEST_VIRTIO_MMIO_SPI_LAST = 43
 # libxl waits this long for a backend to reach Closed on destroy (LIBXL_DESTROY_TIMEOUT)
 LIBXL_DESTROY_TIMEOUT = 10.0
 TOOLSTACK_DOMID = 0
