@@ -46,4 +46,17 @@
 #define XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET 64u
 #define XVF_VIRTIO_STATUS_FAILED           128u
 
+/* Transport feature bits (virtio 1.2 section 6), as bit numbers. */
+#define XVF_VIRTIO_F_INDIRECT_DESC      28u
+#define XVF_VIRTIO_F_EVENT_IDX          29u
+#define XVF_VIRTIO_F_VERSION_1          32u
+#define XVF_VIRTIO_F_ACCESS_PLATFORM    33u
+#define XVF_VIRTIO_F_RING_PACKED        34u
+#define XVF_VIRTIO_F_IN_ORDER           35u
+#define XVF_VIRTIO_F_ORDER_PLATFORM     36u
+#define XVF_VIRTIO_F_SR_IOV             37u
+#define XVF_VIRTIO_F_NOTIFICATION_DATA  38u
+#define XVF_VIRTIO_F_NOTIF_CONFIG_DATA  39u
+#define XVF_VIRTIO_F_RING_RESET         40u
+
 #endif

@@ -1,6 +1,53 @@
-# include/xvf/virtio_mmio.h: the virtio-mmio v2 registers the hot path answers.
+# include/xvf/virtio_mmio.h: the virtio-mmio v2 register file, status and feature bits.
 cdef extern from "xvf/virtio_mmio.h" nogil:
-    unsigned int XVF_VIRTIO_MMIO_QUEUE_NOTIFY, XVF_VIRTIO_MMIO_INTERRUPT_STATUS
-    unsigned int XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_STATUS
-    unsigned int XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INT_CONFIG
-    unsigned int XVF_VIRTIO_STATUS_DRIVER_OK, XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET
+    unsigned int XVF_VIRTIO_MMIO_MAGIC_VALUE
+    unsigned int XVF_VIRTIO_MMIO_VERSION
+    unsigned int XVF_VIRTIO_MMIO_DEVICE_ID
+    unsigned int XVF_VIRTIO_MMIO_VENDOR_ID
+    unsigned int XVF_VIRTIO_MMIO_DEVICE_FEATURES
+    unsigned int XVF_VIRTIO_MMIO_DEVICE_FEATURES_SEL
+    unsigned int XVF_VIRTIO_MMIO_DRIVER_FEATURES
+    unsigned int XVF_VIRTIO_MMIO_DRIVER_FEATURES_SEL
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_SEL
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_NUM_MAX
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_NUM
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_READY
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_NOTIFY
+    unsigned int XVF_VIRTIO_MMIO_INTERRUPT_STATUS
+    unsigned int XVF_VIRTIO_MMIO_INTERRUPT_ACK
+    unsigned int XVF_VIRTIO_MMIO_STATUS
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DESC_LOW
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DESC_HIGH
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DRIVER_LOW
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DRIVER_HIGH
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DEVICE_LOW
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_DEVICE_HIGH
+    unsigned int XVF_VIRTIO_MMIO_SHM_SEL
+    unsigned int XVF_VIRTIO_MMIO_SHM_LEN_LOW
+    unsigned int XVF_VIRTIO_MMIO_SHM_LEN_HIGH
+    unsigned int XVF_VIRTIO_MMIO_SHM_BASE_LOW
+    unsigned int XVF_VIRTIO_MMIO_SHM_BASE_HIGH
+    unsigned int XVF_VIRTIO_MMIO_QUEUE_RESET
+    unsigned int XVF_VIRTIO_MMIO_CONFIG_GENERATION
+    unsigned int XVF_VIRTIO_MMIO_CONFIG
+    unsigned int XVF_VIRTIO_MMIO_MAGIC
+    unsigned int XVF_VIRTIO_MMIO_VERSION_2
+    unsigned int XVF_VIRTIO_MMIO_INT_VRING
+    unsigned int XVF_VIRTIO_MMIO_INT_CONFIG
+    unsigned int XVF_VIRTIO_STATUS_ACKNOWLEDGE
+    unsigned int XVF_VIRTIO_STATUS_DRIVER
+    unsigned int XVF_VIRTIO_STATUS_DRIVER_OK
+    unsigned int XVF_VIRTIO_STATUS_FEATURES_OK
+    unsigned int XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET
+    unsigned int XVF_VIRTIO_STATUS_FAILED
+    unsigned int XVF_VIRTIO_F_INDIRECT_DESC
+    unsigned int XVF_VIRTIO_F_EVENT_IDX
+    unsigned int XVF_VIRTIO_F_VERSION_1
+    unsigned int XVF_VIRTIO_F_ACCESS_PLATFORM
+    unsigned int XVF_VIRTIO_F_RING_PACKED
+    unsigned int XVF_VIRTIO_F_IN_ORDER
+    unsigned int XVF_VIRTIO_F_ORDER_PLATFORM
+    unsigned int XVF_VIRTIO_F_SR_IOV
+    unsigned int XVF_VIRTIO_F_NOTIFICATION_DATA
+    unsigned int XVF_VIRTIO_F_NOTIF_CONFIG_DATA
+    unsigned int XVF_VIRTIO_F_RING_RESET
