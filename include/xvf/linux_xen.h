@@ -75,6 +75,8 @@ typedef struct xvf_privcmd_ioeventfd {
 
 #define XVF_IOCTL_PRIVCMD_MMAPBATCH_V2 XVF_IOC(XVF_IOC_NONE, 'P', 4, sizeof(xvf_privcmd_mmapbatch_v2_t))
 #define XVF_IOCTL_PRIVCMD_DM_OP        XVF_IOC(XVF_IOC_NONE, 'P', 5, sizeof(xvf_privcmd_dm_op_t))
+/* Limits an fd to one domain for good: what backends are handed to map a guest. */
+#define XVF_IOCTL_PRIVCMD_RESTRICT     XVF_IOC(XVF_IOC_NONE, 'P', 6, sizeof(xvf_domid_t))
 #define XVF_IOCTL_PRIVCMD_MMAP_RESOURCE XVF_IOC(XVF_IOC_NONE, 'P', 7, sizeof(xvf_privcmd_mmap_resource_t))
 /* These two are _IOW (direction write), unlike the older privcmd ioctls. Linux
  * 6.6.0 shipped IRQFD as _IOC_NONE; 6.6 stable and 6.7 changed it to _IOW. */

@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memset
 
 from xvf.hotpath.includes.linux_xen cimport (
     XVF_IOCTL_PRIVCMD_DM_OP, XVF_IOCTL_PRIVCMD_IOEVENTFD, XVF_IOCTL_PRIVCMD_IRQFD,
-    XVF_IOCTL_PRIVCMD_IRQFD_6_6_0, XVF_IOCTL_PRIVCMD_MMAP_RESOURCE,
+    XVF_IOCTL_PRIVCMD_IRQFD_6_6_0, XVF_IOCTL_PRIVCMD_MMAP_RESOURCE, XVF_IOCTL_PRIVCMD_RESTRICT,
     XVF_IOCTL_PRIVCMD_MMAPBATCH_V2, XVF_PRIVCMD_IOEVENTFD_FLAG_DEASSIGN,
     XVF_PRIVCMD_IRQFD_FLAG_DEASSIGN, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
     xvf_privcmd_ioeventfd_t, xvf_privcmd_irqfd_t, xvf_privcmd_mmap_resource_t,
@@ -373,6 +373,17 @@ cdef class Privcmd:
         if rc < 0:
             raise HypercallError(f"dm_op {code} for domain {domid} failed", err)
         return bytes(out)
+
+    def restrict(self, uint16_t domid) -> None:
+        """Limit this fd to one domain (IOCTL_PRIVCMD_RESTRICT); cannot be undone."""
+        cdef uint16_t dom = domid
+        cdef int rc, err = 0
+        with nogil:
+            rc = ioctl(self.fd, XVF_IOCTL_PRIVCMD_RESTRICT, &dom)
+            if rc < 0:
+                err = errno
+        if rc < 0:
+            raise HypercallError(f"restricting privcmd to domain {domid}", err)
 
     def map_resource(self, uint16_t domid, uint32_t type_, uint32_t id_, uint32_t idx,
                      uint64_t num) -> Mapping:

@@ -75,3 +75,44 @@ def test_foreign_mapping_of_a_guest_bigger_than_one_batch(results, sockets, proc
     i2c = result(guest.wait_done(), "i2c")
     assert abs(int(i2c["rtc_epoch"]) - time.time()) < 600, i2c
     assert "384 MiB of RAM foreign-mapped in 1 bank(s)" in xvf.log()
+
+
+def test_backends_get_a_privcmd_fd_restricted_to_their_guest(results, sockets, procs, guests):
+    """The fd a FOREIGN region carries (what a backend maps the guest through) is a
+    privcmd fd restricted to that guest: it maps the guest's RAM, and nothing of any
+    other domain (EPERM, the kernel's answer for a restricted fd), while xvf's own fd
+    reaches every domain."""
+    import errno
+    from pathlib import Path
+
+    from xvf.errors import HypercallError
+    from xvf.hotpath._layout import GUEST_RAM0_BASE, PAGE_SIZE
+    from xvf.platform.xen.platform import XenPlatform
+
+    procs.append(start_ref_backend(results, "i2c", sockets / "i2c.sock0", "--require-xen-mmap"))
+    xvf = start_xvf(results, sockets, foreign=True)
+    procs.append(xvf)
+    guest = Guest("i2c-restrict", [virtio_device(I2C, grant_usage=False)], {"checks": "i2c"},
+                  results)  # fmt: skip
+    guests.append(guest)
+    guest.wait_served()
+    platform = XenPlatform()
+    try:
+        memory = platform.map_guest_memory(guest.domid)
+        try:
+            fds = {r.fd for r in memory.xen_regions()}
+            assert fds == {memory.backend.fd} and memory.backend.fd != platform.privcmd.fd
+            page, size = memory.backend.map_foreign(guest.domid, GUEST_RAM0_BASE, PAGE_SIZE)
+            assert size == PAGE_SIZE
+            page.close()
+            with pytest.raises(HypercallError) as refused:
+                memory.backend.map_foreign(0, GUEST_RAM0_BASE, PAGE_SIZE)
+            assert refused.value.errno == errno.EPERM, refused.value
+            (Path(results) / "restricted-privcmd.txt").write_text(str(refused.value) + "\n")
+        finally:
+            memory.close()
+    finally:
+        platform.close()
+    guest.unpause()
+    i2c = result(guest.wait_done(), "i2c")  # the backend maps it through that fd
+    assert abs(int(i2c["rtc_epoch"]) - time.time()) < 600, i2c

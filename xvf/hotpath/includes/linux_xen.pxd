@@ -45,7 +45,7 @@ cdef extern from "xvf/linux_xen.h" nogil:
         xvf_domid_t dom
         uint8_t pad[2]
     unsigned long XVF_IOCTL_PRIVCMD_MMAPBATCH_V2, XVF_IOCTL_PRIVCMD_DM_OP
-    unsigned long XVF_IOCTL_PRIVCMD_MMAP_RESOURCE
+    unsigned long XVF_IOCTL_PRIVCMD_MMAP_RESOURCE, XVF_IOCTL_PRIVCMD_RESTRICT
     unsigned long XVF_IOCTL_PRIVCMD_IRQFD, XVF_IOCTL_PRIVCMD_IOEVENTFD
     unsigned long XVF_IOCTL_PRIVCMD_IRQFD_6_6_0
     unsigned int XVF_PRIVCMD_IRQFD_FLAG_DEASSIGN, XVF_PRIVCMD_IOEVENTFD_FLAG_DEASSIGN

@@ -141,8 +141,11 @@ class XenIoreqServer:
 class XenGuestMemory:
     """A guest's whole RAM, foreign-mapped bank by bank."""
 
-    def __init__(self, pc: P.Privcmd, domid: int, mem_bytes: int) -> None:
+    def __init__(self, pc: P.Privcmd, domid: int, mem_bytes: int, backend: P.Privcmd) -> None:
+        """Maps with `pc`; `backend` is a privcmd fd restricted to this guest, the one
+        backends are handed to map it (not xvf's own, which reaches every domain)."""
         self.domid = domid
+        self.backend = backend
         self._maps: list[tuple[int, P.Mapping, int]] = []  # (gpa, mapping, bytes populated)
         self.regions: list[MemoryRegion] = []
         try:
@@ -167,13 +170,14 @@ class XenGuestMemory:
                         upper >> 20,
                     )
                 # Backends map Xen guests themselves from (flags, domid, gpa);
-                # the fd is the privcmd device that such a mapping is made on.
+                # the fd is the privcmd device that such a mapping is made on,
+                # restricted to this guest.
                 self.regions.append(
                     MemoryRegion(
                         gpa=gpa,
                         size=size,
                         uva=m.address,
-                        fd=pc.fd,
+                        fd=backend.fd,
                         fd_offset=0,
                         xen_mmap_flags=XEN_MMAP_FLAG_FOREIGN,
                         domid=domid,
@@ -196,7 +200,7 @@ class XenGuestMemory:
         return list(self.regions)
 
     def after_mem_table(self, regions: list[MemoryRegion]) -> None:
-        """Nothing to drop: the fd sent is xvf's own privcmd, which stays open."""
+        """Nothing to drop: the restricted privcmd fd lives as long as this mapping."""
 
     def translate(self, gpa: int, length: int) -> tuple[int, int] | None:
         """(offset in the bank's mapping, frontend address) of a RAM range, or None."""
@@ -215,6 +219,7 @@ class XenGuestMemory:
         for _, m, _ in self._maps:
             m.close()
         self._maps.clear()
+        self.backend.close()
 
 
 class XenGrantMapper:
@@ -337,7 +342,14 @@ class XenPlatform:
         return read_guest_memory_bytes(self.xenstore_path(), domid)
 
     def map_guest_memory(self, domid: int) -> XenGuestMemory:
-        return XenGuestMemory(self.privcmd, domid, self.guest_memory_bytes(domid))
+        # A backend is handed an fd that can map this guest and nothing else.
+        backend = P.Privcmd(devices.open_device(self.dev_dir, "privcmd"))
+        try:
+            backend.restrict(domid)
+            return XenGuestMemory(self.privcmd, domid, self.guest_memory_bytes(domid), backend)
+        except BaseException:
+            backend.close()
+            raise
 
     def open_grant_mapper(self, domid: int) -> XenGrantMapper:
         return XenGrantMapper(devices.open_device(self.dev_dir, "gntdev"), domid, self._max_grants)
