@@ -19,6 +19,7 @@ from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
 from xvf.hotpath._gnttab import GrantMapping, map_file_pages
 from xvf.hotpath._layout import PAGE_SIZE
+from xvf.platform.dm_op import DmOpIoreqServer
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
 from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
@@ -63,17 +64,11 @@ class SimEventChannelHandle:
         self.channel.close()
 
 
-class SimIoreqServer:
+class SimIoreqServer(DmOpIoreqServer):
     def __init__(self, platform: SimPlatform, domid: int, existing: int | None = None) -> None:
         """A new server, or with `existing` the server of that id (another process's)."""
-        self._p = platform
-        self.domid = domid
-        if existing is None:
-            out = platform.dm_op(domid, P.dm_op_create_ioreq_server())
-            self.id = P.parse_created_server_id(out)
-        else:
-            self.id = existing
-        self.nr_vcpus = P.parse_nr_vcpus(platform.dm_op(domid, P.dm_op_nr_vcpus()))
+        super().__init__(platform, domid, existing)
+        self.nr_vcpus = self._query_nr_vcpus()
         frame = P.XENMEM_resource_ioreq_server_frame_ioreq(0)
         reply, fds = platform.ctl.call(
             C.OP_MMAP_RESOURCE,
@@ -89,22 +84,9 @@ class SimIoreqServer:
         self.page_address = ctypes.addressof(anchor)
         del anchor  # release the export, or the mapping could never be closed
 
-    def _range(self, map_: bool, start: int, end_inclusive: int) -> None:
-        op = P.dm_op_io_range(map_, self.id, P.XEN_DMOP_IO_RANGE_MEMORY, start, end_inclusive)
-        self._p.dm_op(self.domid, op)
-
-    def map_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(True, start, end_inclusive)
-
-    def unmap_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(False, start, end_inclusive)
-
-    def set_enabled(self, enabled: bool) -> None:
-        self._p.dm_op(self.domid, P.dm_op_set_ioreq_server_state(self.id, enabled))
-
     def destroy(self) -> None:
         try:
-            self._p.dm_op(self.domid, P.dm_op_destroy_ioreq_server(self.id))
+            self._destroy_server()
         finally:
             self.page.release()
             self._mmap.close()

@@ -22,6 +22,7 @@ from xvf.hotpath import _privcmd as P
 from xvf.hotpath._evtchn import EventChannel
 from xvf.hotpath._gnttab import GntDev, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
+from xvf.platform.dm_op import DmOpIoreqServer
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.xen import devices
 
@@ -66,25 +67,17 @@ class XenEventChannelHandle:
         self.channel.close()
 
 
-class XenIoreqServer:
+class XenIoreqServer(DmOpIoreqServer):
     """An IOREQ server of one guest with its synchronous ioreq page mapped here."""
 
     def __init__(self, pc: P.Privcmd, domid: int, existing: int | None = None) -> None:
-        """A new server, or with `existing` the server of that id (left by a process
-        that died: IOREQ servers belong to Dom0, not to the process)."""
-        self._pc = pc
-        self.domid = domid
-        if existing is None:
-            out = pc.dm_op(domid, P.dm_op_create_ioreq_server(P.HVM_IOREQSRV_BUFIOREQ_OFF))
-            self.id = P.parse_created_server_id(out)
-        else:
-            self.id = existing
+        super().__init__(pc, domid, existing)
         self._mapping: P.Mapping | None = None
         try:
-            self.nr_vcpus = P.parse_nr_vcpus(pc.dm_op(domid, P.dm_op_nr_vcpus()))
+            self.nr_vcpus = self._query_nr_vcpus()
             # no_gfns: the page comes from acquire_resource, not the guest's memory map
             port, _, _ = P.parse_ioreq_server_info(
-                pc.dm_op(domid, P.dm_op_get_ioreq_server_info(self.id, P.XEN_DMOP_no_gfns))
+                self._dm_op(P.dm_op_get_ioreq_server_info(self.id, P.XEN_DMOP_no_gfns))
             )
             pages = max(1, -(-self.nr_vcpus // P.IOREQ_SLOTS_PER_PAGE))
             self._mapping = pc.map_resource(
@@ -112,22 +105,9 @@ class XenIoreqServer:
         """User address of the ioreq page (what IOCTL_PRIVCMD_IOEVENTFD wants)."""
         return self._mapping.address if self._mapping else 0
 
-    def _range(self, map_: bool, start: int, end_inclusive: int) -> None:
-        op = P.dm_op_io_range(map_, self.id, P.XEN_DMOP_IO_RANGE_MEMORY, start, end_inclusive)
-        self._pc.dm_op(self.domid, op)
-
-    def map_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(True, start, end_inclusive)
-
-    def unmap_mmio_range(self, start: int, end_inclusive: int) -> None:
-        self._range(False, start, end_inclusive)
-
-    def set_enabled(self, enabled: bool) -> None:
-        self._pc.dm_op(self.domid, P.dm_op_set_ioreq_server_state(self.id, enabled))
-
     def _destroy_server(self) -> None:
         try:
-            self._pc.dm_op(self.domid, P.dm_op_destroy_ioreq_server(self.id))
+            super()._destroy_server()
         except HypercallError as exc:
             log.warning("domain %d: destroying IOREQ server %d: %s", self.domid, self.id, exc)
 
