@@ -272,17 +272,16 @@ def choose(
     backend_xen_mmap: bool,
     platform: Platform,
     domid: int,
-    ram: GuestRam | None,
+    ram: GuestRam,
     socket_path: str,
 ) -> BackendMemory:
     """The strategy for a backend that does (not) offer XEN_MMAP; refuses, with the
-    fix named, a combination in which the guest's driver would hang."""
+    fix named, a combination in which the guest's driver would hang. `ram` is the
+    guest's (mapped by the device before the guest can use it)."""
     if not foreign_mapping:
         if backend_xen_mmap:
             return GrantRegions(label, platform, domid)
         return ShadowRelay(label, platform, domid)
-    if ram is None:
-        raise XvfError(f"{label}: foreign mapping without the guest's RAM mapped")
     if backend_xen_mmap:
         return ForeignRegions(label, ram)
     if platform.guest_ram_shareable:
