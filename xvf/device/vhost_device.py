@@ -379,62 +379,60 @@ class VhostDevice:
         return self.vhost is not None
 
     def driver_ok(self, queues: list[QueueRegisters], driver_features: int) -> None:
-        self._connected_memory()
+        memory = self._connected_memory()
         backend_bits = driver_features & self.backend_features
         if self.backend_features & F_PROTOCOL_FEATURES:
             backend_bits |= F_PROTOCOL_FEATURES
         steps: list[Step] = [lambda v: v.set_features(backend_bits)]
-        after: list[Callable[[BaseException | None], None] | None] = [None]
-
-        def prepare() -> None:
-            after[0] = self._table_steps(queues, [q for q in queues if q.ready], steps)
-            for index, q in enumerate(queues):
-                if q.ready:
-                    self._queue_steps(index, q, steps)
-
-        self._prepare(prepare)
-        self._exchange("starting the device", steps, self._defer("DRIVER_OK"), after[0])
+        starting = [(index, q) for index, q in enumerate(queues) if q.ready]
+        self._start(memory, "starting the device", "DRIVER_OK", queues, starting, steps)
 
     def queue_ready(self, index: int, q: QueueRegisters) -> None:
         """A queue enabled after DRIVER_OK."""
         if index in self.queues or self.regs is None:
             return
-        all_queues = self.regs.queues
-        steps: list[Step] = []
-        after: list[Callable[[BaseException | None], None] | None] = [None]
-
-        def prepare() -> None:
-            # A ring the memory table does not cover yet (grant regions map rings in
-            # advance) needs a new table first.
-            after[0] = self._table_steps(all_queues, [q], steps)
-            self._queue_steps(index, q, steps)
-
-        self._prepare(prepare)
-        self._exchange(f"starting queue {index}", steps, self._defer("QueueReady"), after[0])
-
-    def _prepare(self, build: Callable[[], None]) -> None:
-        """Run loop-side preparation; if it fails (a ring outside the guest's memory...),
-        undo what it set up, so that nothing half-made outlives it."""
-        live_before = set(self.queues.live)
         memory = self._connected_memory()
+        self._start(memory, f"starting queue {index}", "QueueReady", self.regs.queues,
+                    [(index, q)], [])  # fmt: skip
+
+    def _start(
+        self,
+        memory: BackendMemory,
+        what: str,
+        access: str,
+        queues: Sequence[QueueRegisters],
+        starting: list[tuple[int, QueueRegisters]],
+        steps: list[Step],
+    ) -> None:
+        """Prepare on the loop thread what the `starting` queues need: a memory table
+        if the backend's does not cover them (grant regions map rings in advance, so a
+        new ring needs a new table; the mappings are made here) and xvf's side of each
+        queue; then send it all on the worker while the access waits. A preparation
+        that fails (a ring outside the guest's memory...) undoes what it set up, so
+        that nothing half-made outlives it."""
+        live_before = set(self.queues.live)
         table_before = memory.table_current
         try:
-            build()
+            sent = self._table_steps(memory, queues, [q for _, q in starting], steps)
+            for index, q in starting:
+                if index not in self.queues:
+                    steps.append(memory.start_queue(index, q, self.queues))
         except BaseException:
             for index in [i for i in self.queues.live if i not in live_before]:
                 self.queues.discard(index)
             memory.table_current = table_before  # the table it prepared was never sent
             raise
+        self._exchange(what, steps, self._defer(access), sent)
 
     def _table_steps(
         self,
+        memory: BackendMemory,
         queues: Sequence[QueueRegisters],
         starting: Sequence[QueueRegisters],
         steps: list[Step],
     ) -> Callable[[BaseException | None], None] | None:
-        """Add the memory table to `steps` if `starting` queues need one (the mappings
-        are made here, on the loop thread); returns what to run once it is sent."""
-        memory = self._connected_memory()
+        """Add the memory table to `steps` if `starting` queues need one; returns what
+        to run once it is sent."""
         if not memory.needs_table(starting):
             return None
         log.info("%s: guest memory for the backend: %s", self.label, memory.description)
@@ -447,11 +445,6 @@ class VhostDevice:
                 memory.table_sent(regions)
 
         return sent
-
-    def _queue_steps(self, index: int, q: QueueRegisters, steps: list[Step]) -> None:
-        """Loop-side set-up of a live queue; its messages go to `steps`."""
-        if index not in self.queues:
-            steps.append(self._connected_memory().start_queue(index, q, self.queues))
 
     def queue_reset(self, index: int) -> None:
         stopping = self.queues.take([index])
