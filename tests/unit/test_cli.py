@@ -63,6 +63,14 @@ def test_defaults_are_grant_mapping():
     assert args.socket_timeout == 30.0
 
 
+def test_poll_us_is_off_by_default_and_bounded():
+    assert build_parser().parse_args(["--socket-path", "/x"]).poll_us == 0
+    assert build_parser().parse_args(["--socket-path", "/x", "--poll-us", "25"]).poll_us == 25
+    for bad, why in (("-1", "outside"), ("2e6", "outside"), ("soon", "not a number")):
+        res = run_cli("--socket-path", "/x", "--poll-us", bad)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+
+
 def test_missing_xen_gives_a_clear_error(tmp_path):
     res = run_cli("--socket-path", str(tmp_path), "--sim", str(tmp_path / "nowhere"))
     assert res.returncode == 1
@@ -82,6 +90,8 @@ def test_config_file(tmp_path):
         ("foreign_mapping = 1", "wrong type"),
         ('log_level = "loud"', "log_level must be"),
         ("socket_timeout = -1", "positive"),
+        ("poll_us = -3", "poll_us must be within"),
+        ('poll_us = "fast"', "wrong type"),
         ("socket_path = ", "not valid TOML"),
     ):
         cfg.write_text(bad + "\n")

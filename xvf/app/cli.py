@@ -102,6 +102,7 @@ def run_daemon(args) -> int:
             socket_timeout=args.socket_timeout,
             offload=not args.ioreq_only,
             fs_tag=args.fs_tag,
+            poll_us=args.poll_us,
         )
         install_signal_handlers(frontend, args.config)
         status = open_status(args.status_socket, frontend)

@@ -1,7 +1,7 @@
 """The optional TOML configuration file (`--config FILE`).
 
 Keys mirror the long options: socket_path, mapping, foreign_mapping,
-socket_timeout, log_level, status_socket, fs_tag. Command-line options win over the
+socket_timeout, log_level, status_socket, fs_tag, poll_us. Command-line options win over the
 file. On SIGHUP the daemon re-reads the file and applies log_level; other keys
 need a restart.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from typing import Any
 
-from xvf.app.argparser import LOG_LEVELS, MAPPINGS
+from xvf.app.argparser import LOG_LEVELS, MAPPINGS, MAX_POLL_US
 from xvf.errors import ConfigError
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -22,6 +22,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "socket_timeout": (int, float),
     "log_level": str,
     "fs_tag": str,
+    "poll_us": (int, float),
 }
 
 
@@ -48,4 +49,6 @@ def load_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: mapping must be one of {', '.join(MAPPINGS)}")
     if "socket_timeout" in data and data["socket_timeout"] <= 0:
         raise ConfigError(f"{path}: socket_timeout must be positive")
+    if "poll_us" in data and not 0 <= data["poll_us"] <= MAX_POLL_US:
+        raise ConfigError(f"{path}: poll_us must be within 0..{MAX_POLL_US:.0f}")
     return data

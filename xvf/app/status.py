@@ -207,6 +207,12 @@ def format_table(status: dict) -> str:
         f"{status.get('platform', '?')} platform, {status.get('mapping', '?')} mapping, "
         f"sockets in {status.get('socket_dir', '?')}, up {status.get('uptime_s', 0):.0f}s"
     ]
+    if status.get("poll_us"):
+        lines.append(
+            f"polling {status['poll_us']:g} µs before each sleep: "
+            f"{status.get('polled_requests', 0)} ioreqs found by spinning, "
+            f"{status.get('idle_spins', 0)} spins found none"
+        )
     guests = status.get("guests", [])
     if not guests:
         lines.append("no guests served")

@@ -83,6 +83,7 @@ class Frontend:
         offload: bool = True,
         mapping: str | None = None,
         fs_tag: str = DEFAULT_FS_TAG,
+        poll_us: float = 0.0,
     ) -> None:
         """`mapping`: grant, foreign or per-device (each device's grant_usage decides);
         without it, `foreign_mapping` picks foreign or grant."""
@@ -96,6 +97,8 @@ class Frontend:
         self.own_domid = platform.own_domid()
         self.evtchn = platform.open_event_channel()
         self.loop = ServiceLoop(self.evtchn.channel)
+        self.loop.set_polling(poll_us)
+        self.poll_us = poll_us
         self.mailbox = Mailbox(self.loop)
         self.xs = XenStore(platform.xenstore_path())
         # IOREQ servers created by this daemon, and those a killed one left (xvf.daemon.takeover)
@@ -451,6 +454,12 @@ class Frontend:
             self.mapping,
             self.socket_dir,
         )
+        if self.poll_us:
+            log.info(
+                "polling: spinning up to %g µs on the ioreq slots after each event "
+                "before sleeping on the event channel",
+                self.poll_us,
+            )
         self._notify_served()
         while self.running:
             self.loop.run_once(TICK_MS)
@@ -527,6 +536,9 @@ class Frontend:
             "mapping": self.mapping,
             "socket_dir": self.socket_dir,
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "poll_us": self.poll_us,
+            "polled_requests": self.loop.polled,
+            "idle_spins": self.loop.idle_spins,
             "guests": list(guests.values()),
         }
 

@@ -85,6 +85,14 @@ cdef class ServiceLoop:
     cdef list _route_server
     cdef uint32_t *_route_vcpu
     cdef uint32_t _route_len
+    # Opt-in polling (set_polling): each routed port's slot, and the routed ports in a
+    # compact array, so that the spin before sleeping reads the page without the GIL.
+    cdef xvf_ioreq_t **_route_slot
+    cdef uint32_t *_poll_ports
+    cdef uint32_t _poll_len
+    cdef readonly uint64_t poll_ns
+    cdef readonly uint64_t polled       # requests served because a spin found them
+    cdef readonly uint64_t idle_spins   # spins that found nothing, then slept
     cdef dict _fds          # fd -> (kind, object)
     cdef readonly uint64_t wakeups
     cdef readonly uint64_t evtchn_errors
@@ -94,4 +102,7 @@ cdef class ServiceLoop:
 
     cdef _add(self, int fd, int kind, object obj)
     cdef void _on_evtchn(self) noexcept
+    cdef int _spin(self) noexcept nogil
+    cdef void _serve_port(self, uint32_t port) noexcept
+    cdef void _index_polled(self) noexcept
     cdef void _on_call(self, int fd, MmioState device) noexcept

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -348,6 +349,13 @@ class IoreqServer:
             self.notify_vcpu(vcpu)
         return True
 
+    def slot_state(self, vcpu: int) -> int:
+        """The state of `vcpu`'s slot (-1: no such slot, or the page is released)."""
+        page = self._page
+        if page is None or vcpu >= self.nr_vcpus:
+            return -1
+        return page[vcpu * IOREQ_SIZE + FLAGS_OFFSET] & STATE_MASK
+
     def service(self, vcpu: int) -> bool:
         """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
         page = self._page
@@ -407,6 +415,9 @@ class ServiceLoop:
         self.wakeups = 0
         self.evtchn_errors = 0
         self.evtchn_lost = False  # its other end went away (see _ioreq.pyx)
+        self.poll_ns = 0
+        self.polled = 0
+        self.idle_spins = 0
         self._add(evtchn.fileno(), KIND_EVTCHN, None)
 
     def __del__(self) -> None:
@@ -433,10 +444,28 @@ class ServiceLoop:
         self._add(fd, KIND_PYTHON, callback)
 
     def add_route(self, port: int, server: IoreqServer, vcpu: int) -> None:
+        if server.slot_state(vcpu) < 0:
+            raise XvfError(f"vCPU {vcpu} has no slot in this ioreq page")
         self._routes[port] = (server, vcpu)
 
     def remove_route(self, port: int) -> None:
         self._routes.pop(port, None)
+
+    def set_polling(self, poll_us: float) -> None:
+        if not 0 <= poll_us <= 1e6:
+            raise XvfError(f"poll time {poll_us} µs is outside 0..1000000")
+        self.poll_ns = int(poll_us * 1000)
+
+    def _spin(self) -> int:
+        """The port of a routed slot holding a READY request, within poll_ns; else -1."""
+        deadline = time.monotonic_ns() + self.poll_ns
+        while True:
+            for port, (server, vcpu) in self._routes.items():
+                if server.slot_state(vcpu) == STATE_IOREQ_READY:
+                    return port
+            if time.monotonic_ns() >= deadline:
+                return -1
+            time.sleep(0)  # the GIL: the Cython spin runs without it
 
     def _on_evtchn(self) -> None:
         evtchn = self.evtchn
@@ -476,7 +505,24 @@ class ServiceLoop:
 
     def run_once(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for events and handle them; returns the number handled."""
-        events = self._ep.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, MAX_EVENTS)
+        timeout = timeout_ms / 1000 if timeout_ms >= 0 else -1
+        if self.poll_ns and self._routes and timeout_ms != 0:
+            events = self._ep.poll(0, MAX_EVENTS)
+            if not events:
+                port = self._spin()
+                if port >= 0:
+                    server, vcpu = self._routes[port]
+                    if server.service(vcpu):
+                        self.polled += 1
+                        try:
+                            self.evtchn.notify(port)
+                        except Exception:
+                            pass
+                    return 1
+                self.idle_spins += 1
+                events = self._ep.poll(timeout, MAX_EVENTS)
+        else:
+            events = self._ep.poll(timeout, MAX_EVENTS)
         self.wakeups += 1
         for fd, mask in events:
             entry = self._fds.get(fd)
