@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kick-fd", type=int, default=-1)
     p.add_argument("--call-fd", type=int, default=-1)
     p.add_argument("--irq-fd", type=int, default=-1)
+    p.add_argument("--poll-us", type=float, default=0.0, help="as xvf's --poll-us")
     a = p.parse_args(argv)
     mod = _ioreq if a.impl == "cython" else _ioreq_py
     irq_line = SimIrqLine if a.impl == "cython" else _sim_py.SimIrqLine
     os.set_blocking(a.evtchn_fd, False)
     chan = SimEventChannel(a.evtchn_fd)
     loop = mod.ServiceLoop(chan)
+    loop.set_polling(a.poll_us)
     maps = []
     for dev in range(a.ndev):
         page = mmap.mmap(a.page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)

@@ -4,8 +4,10 @@
  * requester costs as little as possible and the responder is what is measured.
  *
  * Usage:
- *   requester mmio PAGE_FD EVT_FD NDEV VCPUS_PER_DEV ITERS WARMUP OP OUT [dispatch]
+ *   requester mmio PAGE_FD EVT_FD NDEV VCPUS_PER_DEV ITERS WARMUP OP OUT [dispatch|spin]
  *     OP: "read" (InterruptStatus) or "notify" (QueueNotify write of queue 0).
+ *     spin: no event channel at all, the vCPU spins on its slot for the answer (with
+ *     the "spin" responder: the floor of an access through shared memory alone).
  *     Thread t serves device t / VCPUS_PER_DEV (ioreq page at fd offset dev*4096),
  *     slot t % VCPUS_PER_DEV, event-channel port t + 1.
  *   requester kick PAGE_FD EVT_FD KICK_FD DIRECT_FD ITERS WARMUP OUT
@@ -44,6 +46,15 @@
 #define REG_ISR 0x60
 #define REG_ACK 0x64
 
+/* A spin-wait hint (x86 PAUSE, Arm YIELD). */
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() do { } while (0)
+#endif
+
 typedef struct {
     uint64_t addr, data;
     uint32_t count, size, vp_eport;
@@ -54,6 +65,7 @@ typedef struct {
 static uint8_t *pages;
 static int evt_fd = -1, irq_fd = -1;
 static int dispatch;              /* a dispatcher thread reads EVT_FD for all vCPUs */
+static int spin;                  /* no events: spin on the slot for the response */
 static int *wake_fds;             /* per thread eventfd, written by the dispatcher */
 static volatile int stop_dispatch;
 static int irq_level;
@@ -133,8 +145,13 @@ static uint64_t access_reg(int t, int vpd, uint32_t off, int is_write, uint64_t 
     req->vp_eport = port;
     req->type = 1;
     __atomic_store_n(&req->flags, (uint8_t)(ST_READY | (is_write ? 0 : DIR_READ)), __ATOMIC_RELEASE);
-    if (send(evt_fd, &port, 4, 0) != 4) die("evtchn send");
-    for (;;) {
+    if (spin) {
+        while ((__atomic_load_n(&req->flags, __ATOMIC_ACQUIRE) & STATE_MASK) != ST_RESP)
+            cpu_relax();
+    } else if (send(evt_fd, &port, 4, 0) != 4) {
+        die("evtchn send");
+    }
+    while (!spin) {
         wait_notify(t, port);
         if ((__atomic_load_n(&req->flags, __ATOMIC_ACQUIRE) & STATE_MASK) == ST_RESP) break;
     }
@@ -174,7 +191,7 @@ static int run_mmio(int ndev, int vpd, int iters, int warmup, const char *op, co
     struct mmio_arg args[nt];
     pthread_barrier_t bar;
     pthread_barrier_init(&bar, NULL, (unsigned)nt + 1);
-    if (nt > 1) dispatch = 1;
+    if (nt > 1 && !spin) dispatch = 1;
     wake_fds = calloc((size_t)nt, sizeof(int));
     for (int t = 0; t < nt; t++) wake_fds[t] = eventfd(0, EFD_CLOEXEC);
     if (dispatch) pthread_create(&disp, NULL, dispatcher, NULL);
@@ -305,6 +322,7 @@ int main(int argc, char **argv) {
         pages = mmap(NULL, (size_t)ndev * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
         if (pages == MAP_FAILED) die("mmap");
         if (argc > 10 && !strcmp(argv[10], "dispatch")) dispatch = 1;
+        if (argc > 10 && !strcmp(argv[10], "spin")) spin = 1;
         return run_mmio(ndev, atoi(argv[5]), atoi(argv[6]), atoi(argv[7]), argv[8], argv[9]);
     }
     pages = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);

@@ -90,6 +90,10 @@ cdef class ServiceLoop:
     cdef xvf_ioreq_t **_route_slot
     cdef uint32_t *_poll_ports
     cdef uint32_t _poll_len
+    # While polling, ports whose event was read stay masked (Xen then only marks them
+    # pending: no more events to read) and are unmasked together before the loop sleeps.
+    cdef uint32_t *_masked
+    cdef uint32_t _masked_len
     cdef readonly uint64_t poll_ns
     cdef readonly uint64_t polled       # requests served because a spin found them
     cdef readonly uint64_t idle_spins   # spins that found nothing, then slept
@@ -105,4 +109,5 @@ cdef class ServiceLoop:
     cdef int _spin(self) noexcept nogil
     cdef void _serve_port(self, uint32_t port) noexcept
     cdef void _index_polled(self) noexcept
+    cdef void _unmask_deferred(self) noexcept nogil
     cdef void _on_call(self, int fd, MmioState device) noexcept

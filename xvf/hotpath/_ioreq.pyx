@@ -491,6 +491,8 @@ cdef class ServiceLoop:
         self._route_len = 0
         self._poll_ports = NULL
         self._poll_len = 0
+        self._masked = NULL
+        self._masked_len = 0
         self._fds = {}
         self._add(evtchn.fd, KIND_EVTCHN, None)
 
@@ -498,6 +500,7 @@ cdef class ServiceLoop:
         free(self._route_vcpu)
         free(self._route_slot)
         free(self._poll_ports)
+        free(self._masked)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -544,6 +547,10 @@ cdef class ServiceLoop:
             if grown == NULL:
                 raise MemoryError()
             self._poll_ports = grown
+            grown = <uint32_t *>realloc(self._masked, n * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._masked = grown
             self._route_server.extend([None] * (n - self._route_len))
             self._route_len = n
         self._route_server[port] = server
@@ -555,9 +562,15 @@ cdef class ServiceLoop:
 
     def remove_route(self, uint32_t port) -> None:
         if port < self._route_len:
+            self._unmask_deferred()  # before the port can be unbound and reused
             self._route_server[port] = None
             self._route_slot[port] = NULL
             self._index_polled()
+
+    cdef void _unmask_deferred(self) noexcept nogil:
+        if self._masked_len:
+            self.evtchn.c_unmask_many(self._masked, self._masked_len)
+            self._masked_len = 0
 
     cdef void _index_polled(self) noexcept:
         cdef uint32_t port
@@ -572,11 +585,15 @@ cdef class ServiceLoop:
 
         An ioreq found this way is served before its event-channel notification is even
         read: the device model's wake-up leaves the access's latency, at the price of a
-        CPU kept busy for that long after each event. The notification still arrives
-        and is read as usual (the slot is then no longer READY, so nothing is served
-        twice); the vCPU is notified exactly as without polling."""
+        CPU kept busy for that long after each event. A port whose event was read stays
+        masked while the loop spins (Xen then only marks it pending, so a burst of
+        accesses costs one read, not one per access) and every such port is unmasked
+        in one write before the loop sleeps; a pending one then fires at once. A slot
+        served by the spin is no longer READY when its event is read, so nothing is
+        served twice; the vCPU is notified exactly as without polling."""
         if not 0 <= poll_us <= 1e6:
             raise XvfError(f"poll time {poll_us} µs is outside 0..1000000")
+        self._unmask_deferred()
         self.poll_ns = <uint64_t>(poll_us * 1000)
 
     cdef void _on_evtchn(self) noexcept:
@@ -594,11 +611,20 @@ cdef class ServiceLoop:
                 return
             if n == 0:
                 return
-            # Unmask first, all in one write: a notification racing with our response
-            # is kept pending.
-            self.evtchn.c_unmask_many(ports, n)
+            if self.poll_ns == 0:
+                # Unmask first, all in one write: a notification racing with our
+                # response is kept pending.
+                self.evtchn.c_unmask_many(ports, n)
             for i in range(n):
                 port = ports[i]
+                if self.poll_ns:
+                    # Polling: the spin watches this slot; its port stays masked until
+                    # the loop sleeps, and a notification meanwhile stays pending.
+                    if port < self._route_len and self._masked_len < self._route_len:
+                        self._masked[self._masked_len] = port
+                        self._masked_len += 1
+                    else:
+                        self.evtchn.c_unmask(port)
                 if port >= self._route_len:
                     continue
                 obj = self._route_server[port]
@@ -658,8 +684,12 @@ cdef class ServiceLoop:
                     hit = self._spin()
                     spun = hit < 0
                     if spun:
+                        # Unmasked now, a port with a request that raced the end of the
+                        # spin fires at once: the sleep below returns for it.
+                        self._unmask_deferred()
                         n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
             else:
+                self._unmask_deferred()  # never sleep with a port masked
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
         if hit >= 0:
             self._serve_port(<uint32_t>hit)

@@ -416,6 +416,7 @@ class ServiceLoop:
         self.evtchn_errors = 0
         self.evtchn_lost = False  # its other end went away (see _ioreq.pyx)
         self.poll_ns = 0
+        self._masked: list[int] = []  # read while polling, unmasked before sleeping
         self.polled = 0
         self.idle_spins = 0
         self._add(evtchn.fileno(), KIND_EVTCHN, None)
@@ -449,12 +450,22 @@ class ServiceLoop:
         self._routes[port] = (server, vcpu)
 
     def remove_route(self, port: int) -> None:
+        self._unmask_deferred()
         self._routes.pop(port, None)
 
     def set_polling(self, poll_us: float) -> None:
         if not 0 <= poll_us <= 1e6:
             raise XvfError(f"poll time {poll_us} µs is outside 0..1000000")
+        self._unmask_deferred()
         self.poll_ns = int(poll_us * 1000)
+
+    def _unmask_deferred(self) -> None:
+        for port in self._masked:
+            try:
+                self.evtchn.unmask(port)
+            except Exception:
+                pass
+        self._masked.clear()
 
     def _spin(self) -> int:
         """The port of a routed slot holding a READY request, within poll_ns; else -1."""
@@ -479,11 +490,14 @@ class ServiceLoop:
             if not ports:
                 return
             for port in ports:
-                # Unmask first: a notification racing with our response is kept pending.
-                try:
-                    evtchn.unmask(port)
-                except Exception:
-                    pass
+                if self.poll_ns and port in self._routes:
+                    self._masked.append(port)  # unmasked before the loop sleeps
+                else:
+                    # Unmask first: a notification racing with our response is kept pending.
+                    try:
+                        evtchn.unmask(port)
+                    except Exception:
+                        pass
                 route = self._routes.get(port)
                 if route is None:
                     continue
@@ -520,8 +534,10 @@ class ServiceLoop:
                             pass
                     return 1
                 self.idle_spins += 1
+                self._unmask_deferred()
                 events = self._ep.poll(timeout, MAX_EVENTS)
         else:
+            self._unmask_deferred()
             events = self._ep.poll(timeout, MAX_EVENTS)
         self.wakeups += 1
         for fd, mask in events:
