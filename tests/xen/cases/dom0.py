@@ -95,13 +95,19 @@ def wait_socket(path: Path, proc: Process, timeout: float = 60) -> None:
 
 
 def start_xvf(
-    log_dir: Path, sockets: Path, foreign: bool = False, ioreq_only: bool = False, name: str = "xvf"
+    log_dir: Path,
+    sockets: Path,
+    foreign: bool = False,
+    ioreq_only: bool = False,
+    name: str = "xvf",
+    extra: tuple[str, ...] = (),
 ) -> Process:
     argv = ["xen-vhost-frontend", "--socket-path", str(sockets), "--log-level", "debug"]
     if foreign:
         argv.append("--foreign-mapping")
     if ioreq_only:
         argv.append("--ioreq-only")
+    argv += extra
     xvf = Process(name, argv, log_dir)
     xvf.wait_log("xvf serving", timeout=60)
     return xvf
