@@ -50,7 +50,8 @@ def test_quick_run_writes_every_result(tmp_path):
             assert set(res["columns"]) <= set(row), (name, row)
             assert row["n"] > 0 if "n" in row else True
     mmio = bench["mmio_roundtrip"]
-    assert {r["impl"] for r in mmio["rows"]} == {"c", "c-epoll", "cython", "python"}
+    impls = {"c", "c-epoll", "cython", "cython-poll", "python", "floor"}
+    assert {r["impl"] for r in mmio["rows"]} == impls
     for op in ("read", "notify"):
         assert {"cython/c latency median", "python/cython latency median"} <= set(
             mmio["ratios"][op]
@@ -63,6 +64,14 @@ def test_quick_run_writes_every_result(tmp_path):
         assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign+offload/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        assert "grant/foreign QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        for row in bench["e2e_blk"]["rows"]:
+            # every party's CPU is measured; only direct has no xvf (and no exits)
+            assert row["cpu_guest_us"] > 0 and row["cpu_backend_us"] > 0, row
+            if row["path"] == "direct":
+                assert row["cpu_xvf_us"] == 0 and row["exits_per_io"] == 0, row
+            else:
+                assert row["cpu_xvf_us"] > 0 and row["exits_per_io"] > 0, row
     assert [r["devices"] for r in bench["scale"]["rows"]] == [1, 2]
     # the PNG exists exactly when matplotlib does
     try:

@@ -16,6 +16,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -156,6 +157,46 @@ class EventChannels:
         except (KeyError, ValueError):
             pass
         handle.sock.close()
+
+    # -- lending a handle to a process outside the simulator ------------------
+    def lend_handle(self, domid: int, timeout: float = 2.0) -> tuple[Handle, dict[int, int]]:
+        """Stop serving the Dom0 handle bound to `domid`'s ports, so that another
+        process (the benchmarks' C guest) can play this side of it; returns the handle
+        and {guest port: Dom0 port}. Every port of the handle must be `domid`'s and idle
+        (unmasked, nothing pending): what the other process starts from; the device
+        model's last unmask may still be on its way, so this waits up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._lend_idle_handle(domid)
+            except SimulatorError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
+
+    def _lend_idle_handle(self, domid: int) -> tuple[Handle, dict[int, int]]:
+        with self._lock:
+            owners = [
+                h
+                for h in self._handles.values()
+                if any(self._ports[0][n].remote_domid == domid for n in h.ports)
+            ]
+            if len(owners) != 1:
+                raise SimulatorError(f"{len(owners)} handles hold ports of domain {domid}")
+            (handle,) = owners
+            ports = [self._ports[0][n] for n in handle.ports]
+            if any(p.remote_domid != domid or p.masked or p.pending for p in ports):
+                raise SimulatorError(f"the handle of domain {domid} is shared or busy")
+            self._selector.unregister(handle.sock)
+        os.write(self._wake_w, b"x")
+        return handle, {p.remote_port: p.number for p in ports}
+
+    def take_back(self, handle: Handle) -> None:
+        """Serve a lent handle again (the borrower left its ports unmasked)."""
+        with self._lock:
+            if handle.id in self._handles:
+                self._selector.register(handle.sock, selectors.EVENT_READ, handle)
+        os.write(self._wake_w, b"x")
 
     # -- signalling ------------------------------------------------------
     def notify(self, domid: int, number: int) -> None:

@@ -71,6 +71,8 @@ class Domain:
     # privcmd ioeventfd: (addr, addr_len, vq) -> eventfd the Dom0 kernel signals
     ioeventfds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     ioeventfd_hits: int = 0
+    # SPI -> eventfd signalled on each assertion, for a vCPU lent to another process
+    irq_eventfds: dict[int, int] = field(default_factory=dict)
 
     # -- what a vCPU does ---------------------------------------------------
     def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> int:
@@ -162,6 +164,9 @@ class Domain:
             self.irq_levels[irq] = 1 if level else 0
             if level:
                 self.irq_pending.add(irq)
+                efd = self.irq_eventfds.get(irq)
+                if efd is not None:
+                    os.eventfd_write(efd, 1)
             self.irq_cond.notify_all()
 
 

@@ -39,6 +39,17 @@ class IrqfdWatcher:
                 return
         os.close(fd)
 
+    def lend(self, fd: int) -> Callable[[], None]:
+        """Stop watching `fd` without closing it (another process reads it now);
+        returns what it fired, for take_back."""
+        with self._lock:
+            fire = self._sel.unregister(fd).data
+        os.write(self._wake_w, b"x")
+        return fire
+
+    def take_back(self, fd: int, fire: Callable[[], None]) -> None:
+        self.add(fd, fire)
+
     def _run(self) -> None:
         while not self._stopping:
             for key, _ in self._sel.select(timeout=0.5):
