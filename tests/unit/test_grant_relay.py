@@ -418,3 +418,65 @@ def test_event_idx_guest_keeps_kicking(hypervisor) -> None:
             assert e.dom.ram.read(i, len(out)) == bytes(b ^ 0x5A for b in out)
     finally:
         e.close()
+
+
+class CountingMapper:
+    """The platform's grant mapper, counting the gntdev maps the relay asks for."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.maps: list[tuple[int, bool]] = []  # (refs, writable) per map
+
+    def map(self, refs: list[int], writable: bool):
+        self.maps.append((len(refs), writable))
+        return self.inner.map(refs, writable)
+
+    def unmap(self, refs: list[int]) -> None:
+        self.inner.unmap(refs)
+
+
+def test_one_kick_maps_its_requests_readable_grants_together(env: Env) -> None:
+    counting = CountingMapper(env.mapper)
+    env.relay.mapper = counting
+    rings = len(env.mapped_refs())  # the relay holds the guest's rings all along
+    payloads = [os.urandom(300 + 100 * k) for k in range(4)]  # the 8-entry queue's room
+    for k, p in enumerate(payloads):
+        env.submit(p, 64, k)
+    env.kick()
+    taken = env.backend.take()
+    assert [t.readable for t in taken] == payloads
+    # One read-only map for the four requests' device-readable buffers, then one
+    # writable map per request (released when that request completes, not later).
+    assert counting.maps[0] == (4, False)
+    assert counting.maps[1:] == [(1, True)] * 4
+    held = set(env.mapped_refs())
+    assert len(held) == 4 + rings  # the writable buffers, and the rings
+    for t in taken[:2]:
+        env.backend.complete(t)
+    env.relay.on_backend_call()
+    assert len(env.vq.get_used()) == 2
+    # the completed requests' grants are no longer mapped; the others' still are
+    assert len(set(env.mapped_refs())) == len(held) - 2
+    for t in taken[2:]:
+        env.backend.complete(t)
+    env.relay.on_backend_call()
+    assert len(env.vq.get_used()) == 2 and len(env.mapped_refs()) == rings
+
+
+@pytest.mark.parametrize("kind", ["ungranted_ref", "write_to_readonly_grant"])
+def test_a_bad_grant_in_a_batch_refuses_only_its_own_request(env: Env, kind: str) -> None:
+    rings = len(env.mapped_refs())
+    heads = [env.submit(os.urandom(100), 100, k)[0] for k in range(4)]
+    descs = env.descs()
+    CORRUPTIONS[kind](descs, heads[1], _second(descs, heads[1]))
+    descs.release()
+    env.kick()
+    assert env.relay.bad_requests == 1
+    taken = env.backend.take()
+    assert len(taken) == 3  # the other three reached the backend
+    assert env.vq.get_used() == [(1, 0)]  # refused at once, with used len 0
+    for t in taken:
+        env.backend.complete(t)
+    env.relay.on_backend_call()
+    assert sorted(tok for tok, _ in env.vq.get_used()) == [0, 2, 3]
+    assert len(env.mapped_refs()) == rings and env.relay.in_flight() == 0

@@ -194,17 +194,30 @@ def grant_span(addr: int, length: int) -> tuple[list[int], int]:
 
 
 class _Grants:
-    """One grant mapping and its refs; `release()` unmaps."""
+    """One gntdev mapping of a list of refs, shared by `users` holders: the last `put()`
+    (or `release()`) unmaps it. `offset` is where the mapped range starts in it."""
 
-    def __init__(self, mapper: GrantPages, addr: int, length: int, writable: bool) -> None:
-        refs, self.offset = grant_span(addr, length)
+    def __init__(
+        self, mapper: GrantPages, refs: list[int], writable: bool, offset: int = 0, what: str = ""
+    ) -> None:
         try:
             self.mapping = mapper.map(refs, writable)
         except GrantError as exc:
-            raise RelayError(f"grant {addr:#x}+{length:#x} refused: {exc}") from None
+            raise RelayError(f"grant {what or refs[:4]} refused: {exc}") from None
         self.mapper = mapper
         self.refs = refs
-        self.length = length
+        self.offset = offset
+        self.users = 1
+
+    @classmethod
+    def span(cls, mapper: GrantPages, addr: int, length: int, writable: bool) -> _Grants:
+        refs, offset = grant_span(addr, length)
+        return cls(mapper, refs, writable, offset, f"{addr:#x}+{length:#x}")
+
+    def put(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.release()
 
     def release(self) -> None:
         self.mapping.close()
@@ -223,9 +236,18 @@ class _Segment:
 class _Request:
     guest_head: int
     segments: list[_Segment]
+    refs: int = 0  # grant refs its segments span
     bounce: int = -1  # shadow offset of the request's bounce block
+    offsets: list[int] = field(default_factory=list)  # each segment's bounce offset
     shadow_descs: list[int] = field(default_factory=list)
-    writes: list[tuple[_Grants, int]] = field(default_factory=list)  # (grants, bounce offset)
+    # device-writable segments: (mapping, start in it, length, bounce offset)
+    writes: list[tuple[_Grants, int, int, int]] = field(default_factory=list)
+
+
+# Requests whose device-readable grants one kick maps together (with QD32 and
+# EVENT_IDX a kick usually finds many): one gntdev map for all of them, copied and
+# unmapped at once, plus one per request for its device-writable segments.
+MAX_BATCH = 64
 
 
 class GrantRelayQueue:
@@ -311,7 +333,7 @@ class GrantRelayQueue:
 
     def _map_ring(self, addr: int, length: int, writable: bool) -> memoryview:
         try:
-            g = _Grants(self.mapper, addr, length, writable)
+            g = _Grants.span(self.mapper, addr, length, writable)
         except RelayError as exc:
             raise GuestError(f"queue {self.index}: ring: {exc}") from None
         self._grants.append(g)
@@ -361,7 +383,8 @@ class GrantRelayQueue:
         if self.stopped or self.broken or self.quiesced:
             return
         self.stalled = False
-        posted = completed = 0
+        batch: list[_Request] = []
+        batch_refs = posted = completed = 0
         while True:
             ahead = (self._guest_avail[AVAIL_IDX_H] - self.last_avail) & 0xFFFF
             if ahead > self.num:
@@ -385,24 +408,37 @@ class GrantRelayQueue:
                 self._break(f"avail entry {self.last_avail} names head {head} of {self.num}")
                 break
             try:
-                segments = self._walk_chain(head)
-                req = _Request(head, segments)
-                if not self._post(req):
-                    self._stall()
-                    break  # resumed by the completions that free room
-                posted += 1
+                req = _Request(head, self._walk_chain(head))
+                req.refs = sum(len(grant_span(s.addr, s.length)[0]) for s in req.segments)
             except RelayError as exc:
-                self._refusals(logging.WARNING, "%s: request %d refused: %s", self.where, head, exc)
-                self.bad_requests += 1
-                self._complete_guest(head, 0)
+                self._refuse(head, exc)
                 completed += 1
+                self.last_avail = (self.last_avail + 1) & 0xFFFF
+                continue
+            if batch and (len(batch) >= MAX_BATCH or batch_refs + req.refs > MAX_REFS_PER_MAP):
+                p, c = self._post_batch(batch)
+                posted, completed = posted + p, completed + c
+                batch, batch_refs = [], 0
+            if not self._reserve(req):
+                self._stall()
+                break  # resumed by the completions that free room
+            batch.append(req)
+            batch_refs += req.refs
             self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if batch:
+            p, c = self._post_batch(batch)
+            posted, completed = posted + p, completed + c
         if posted:
             os.write(self.backend_kick_fd, (1).to_bytes(8, "little"))
         if completed:
             fence_release()
             self._guest_used_h[USED_IDX_H] = self._guest_used_idx
             self.state.raise_interrupt(1)
+
+    def _refuse(self, head: int, exc: RelayError) -> None:
+        self._refusals(logging.WARNING, "%s: request %d refused: %s", self.where, head, exc)
+        self.bad_requests += 1
+        self._complete_guest(head, 0)
 
     def _stall(self) -> None:
         self.stalled = True
@@ -433,7 +469,7 @@ class GrantRelayQueue:
     def _walk_indirect(self, addr: int, length: int) -> list[_Segment]:
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.num:
             raise RelayError(f"indirect table of {length} bytes")
-        table = _Grants(self.mapper, addr, length, False)
+        table = _Grants.span(self.mapper, addr, length, False)
         try:
             with memoryview(table.mapping) as raw:
                 data = bytes(raw[table.offset : table.offset + length])
@@ -467,8 +503,8 @@ class GrantRelayQueue:
             raise RelayError(f"request of {total} bytes exceeds the relay's bounce space")
         return segments
 
-    def _post(self, req: _Request) -> bool:
-        """Map, copy and post `req` on the shadow ring; False when out of room (nothing held)."""
+    def _reserve(self, req: _Request) -> bool:
+        """Shadow descriptors and a bounce block for `req`; False (nothing held) if full."""
         if len(req.segments) > len(self._free_descs):
             return False
         align = ShadowMemory.ALIGN
@@ -477,33 +513,113 @@ class GrantRelayQueue:
         if bounce is None:
             return False
         req.bounce = bounce
-        mem = self.shadow.mem
-        offsets = []
+        req.offsets = []
         off = bounce
+        for size in sizes:
+            req.offsets.append(off)
+            off += size
+        req.shadow_descs = [self._free_descs.pop() for _ in req.segments]
+        return True
+
+    def _post_batch(self, batch: list[_Request]) -> tuple[int, int]:
+        """Map the batch's grants (two maps for all), copy, post; returns (posted, refused).
+        If a batch map is refused, each request is mapped alone, so that only the one
+        with a bad grant is refused, as without batching."""
+        if not self._fill_batch(batch):
+            kept = []
+            for req in batch:
+                try:
+                    self._fill_alone(req)
+                    kept.append(req)
+                except RelayError as exc:
+                    self._release_request(req)
+                    self._refuse(req.guest_head, exc)
+            refused = len(batch) - len(kept)
+            batch = kept
+        else:
+            refused = 0
+        for req in batch:
+            self._publish(req)
+        if batch:
+            fence_release()  # descriptors, bounce data and entries before the index
+            self._savail[AVAIL_IDX_H] = self._shadow_avail_idx  # published last
+        return len(batch), refused
+
+    def _fill_batch(self, batch: list[_Request]) -> bool:
+        """The batch's device-readable segments through one mapping, copied and unmapped
+        at once; each request's device-writable segments through one mapping of its own,
+        kept until it completes (the guest may end its grants as soon as it sees the
+        request used, so no mapping may outlive the request it belongs to)."""
+        readable: list[tuple[_Segment, int, int]] = []  # (segment, start in map, bounce)
+        ro_refs: list[int] = []
+        writable: list[tuple[_Request, list[int], list[tuple[_Segment, int, int]]]] = []
+        for req in batch:
+            rw_refs: list[int] = []
+            rw_segs: list[tuple[_Segment, int, int]] = []
+            for seg, bounce in zip(req.segments, req.offsets, strict=True):
+                refs, offset = grant_span(seg.addr, seg.length)
+                if seg.writable:
+                    rw_segs.append((seg, len(rw_refs) * PAGE_SIZE + offset, bounce))
+                    rw_refs += refs
+                else:
+                    readable.append((seg, len(ro_refs) * PAGE_SIZE + offset, bounce))
+                    ro_refs += refs
+            if rw_refs:
+                writable.append((req, rw_refs, rw_segs))
         try:
-            for s, size in zip(req.segments, sizes, strict=True):
-                g = _Grants(self.mapper, s.addr, s.length, s.writable)
-                if s.writable:
+            ro = _Grants(self.mapper, ro_refs, False) if ro_refs else None
+        except RelayError:
+            return False
+        mem = self.shadow.mem
+        mapped: list[tuple[_Request, _Grants, list[tuple[_Segment, int, int]]]] = []
+        try:
+            for req, rw_refs, rw_segs in writable:
+                mapped.append((req, _Grants(self.mapper, rw_refs, True), rw_segs))
+        except RelayError:
+            for _, g, _ in mapped:
+                g.release()
+            if ro is not None:
+                ro.release()
+            return False
+        if ro is not None:
+            try:
+                with memoryview(ro.mapping) as raw:
+                    for seg, start, bounce in readable:
+                        mem[bounce : bounce + seg.length] = raw[start : start + seg.length]
+                        self.copied_bytes += seg.length
+            finally:
+                ro.release()  # copied now, so the grants are released now
+        for req, g, rw_segs in mapped:
+            g.users = len(rw_segs)
+            with memoryview(g.mapping) as raw:
+                for seg, start, bounce in rw_segs:
                     # The whole area goes back at completion (backends under-report
                     # `len`): start it as the guest's bytes, never stale bounce bytes.
-                    req.writes.append((g, off))
+                    mem[bounce : bounce + seg.length] = raw[start : start + seg.length]
+                    req.writes.append((g, start, seg.length, bounce))
+        return True
+
+    def _fill_alone(self, req: _Request) -> None:
+        """`req`'s segments, each through its own mapping (a batch map was refused)."""
+        mem = self.shadow.mem
+        for seg, bounce in zip(req.segments, req.offsets, strict=True):
+            g = _Grants.span(self.mapper, seg.addr, seg.length, seg.writable)
+            start = g.offset
+            if seg.writable:
+                req.writes.append((g, start, seg.length, bounce))
+                with memoryview(g.mapping) as raw:
+                    mem[bounce : bounce + seg.length] = raw[start : start + seg.length]
+            else:
+                try:
                     with memoryview(g.mapping) as raw:
-                        mem[off : off + s.length] = raw[g.offset : g.offset + s.length]
-                else:  # copied now, so the grant is released now
-                    try:
-                        with memoryview(g.mapping) as raw:
-                            mem[off : off + s.length] = raw[g.offset : g.offset + s.length]
-                    finally:
-                        g.release()
-                    self.copied_bytes += s.length
-                offsets.append(off)
-                off += size
-        except Exception:
-            self._release_request(req)
-            raise
-        descs = [self._free_descs.pop() for _ in req.segments]
-        req.shadow_descs = descs
-        for i, (s, gpa) in enumerate(zip(req.segments, offsets, strict=True)):
+                        mem[bounce : bounce + seg.length] = raw[start : start + seg.length]
+                finally:
+                    g.release()
+                self.copied_bytes += seg.length
+
+    def _publish(self, req: _Request) -> None:
+        descs = req.shadow_descs
+        for i, (s, gpa) in enumerate(zip(req.segments, req.offsets, strict=True)):
             last = i + 1 == len(descs)
             flags = (VRING_DESC_F_WRITE if s.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
             DESC.pack_into(
@@ -512,14 +628,11 @@ class GrantRelayQueue:
         self._inflight[descs[0]] = req
         self._savail[AVAIL_RING_H + self._shadow_avail_idx % self.num] = descs[0]
         self._shadow_avail_idx = (self._shadow_avail_idx + 1) & 0xFFFF
-        fence_release()  # descriptors, bounce data and entry before the index
-        self._savail[AVAIL_IDX_H] = self._shadow_avail_idx  # published last
         self.relayed_requests += 1
-        return True
 
     def _release_request(self, req: _Request) -> None:
-        for g, _ in req.writes:
-            g.release()
+        for g, _, _, _ in req.writes:
+            g.put()
         req.writes.clear()
         if req.bounce >= 0:
             self.shadow.free(req.bounce)
@@ -574,10 +687,10 @@ class GrantRelayQueue:
         Bytes the backend did not write go back as the guest's own (see _post)."""
         mem = self.shadow.mem
         total = 0
-        for g, off in req.writes:
+        for g, start, length, off in req.writes:
             with memoryview(g.mapping) as raw:
-                raw[g.offset : g.offset + g.length] = mem[off : off + g.length]
-            total += g.length
+                raw[start : start + length] = mem[off : off + length]
+            total += length
         self.copied_bytes += total
         return min(written, total)
 
