@@ -35,14 +35,15 @@ def _rusage_ns(who: int) -> int:
     return int((ru.ru_utime + ru.ru_stime) * 1e9)
 
 
-def cpu_by_party(xvf_pid: int | None, backend_pid: int) -> dict[str, int]:
+def cpu_by_party(dm_pid: int | None, backend_pid: int) -> dict[str, int]:
     """CPU so far of each party. The guest: this process's reaped children, which are
-    the C guest's runs (xvf and the backend are reaped only at the end). The simulated
-    Xen: this process, all threads (its event channels, dm_ops, grant maps)."""
+    the C guest's runs (the device model and the backend are reaped only at the end).
+    The simulated Xen: this process, all threads (its event channels, dm_ops, grant
+    maps). The device model: xvf, or the C baseline; none when direct."""
     return {
         "guest": _rusage_ns(resource.RUSAGE_CHILDREN),
         "sim_xen": _rusage_ns(resource.RUSAGE_SELF),
-        "xvf": process_cpu_ns(xvf_pid) if xvf_pid is not None else 0,
+        "dm": process_cpu_ns(dm_pid) if dm_pid is not None else 0,
         "backend": process_cpu_ns(backend_pid),
     }
 

@@ -21,12 +21,14 @@ import subprocess
 import tempfile
 import time
 
+from benchmarks.c_dm import CDeviceModel
 from benchmarks.c_guest import CGuest, cpu_by_party
 from benchmarks.common import REPO, BenchError, ratio, summarize
 from xvf.errors import SimulatorError
 from xvf.platform.sim.backends import make_disk_image, start_qsd, xvf_command
 from xvf.platform.sim.dma import DirectDma
 from xvf.platform.sim.drivers.blk import VirtioBlk
+from xvf.platform.sim.hypervisor import Domain
 from xvf.platform.sim.lend import lend_device
 from xvf.platform.sim.memory import GuestRam
 from xvf.platform.sim.virtqueue import SplitVirtqueue
@@ -170,12 +172,15 @@ class Setup:
         self.qsd.append(proc)
         return proc
 
-    def start_xvf(self, foreign: bool, kernel_eventfds: bool = False) -> subprocess.Popen:
+    def start_hv(self, kernel_eventfds: bool = False) -> None:
         from xvf.platform.sim.hypervisor import Hypervisor
 
         # kernel_eventfds: the simulated Dom0 kernel has privcmd ioeventfd/irqfd
         # (Linux 6.7+), so QueueNotify and interrupts bypass xvf.
         self.hv = Hypervisor(os.path.join(self.dir, "xen"), kernel_eventfds=kernel_eventfds).start()
+
+    def start_xvf(self, foreign: bool, kernel_eventfds: bool = False) -> subprocess.Popen:
+        self.start_hv(kernel_eventfds)
         self.log = os.path.join(self.dir, "xvf.log")
         argv = xvf_command(self.hv.run_dir, self.sockets, foreign)
         with open(self.log, "wb") as log:
@@ -194,13 +199,16 @@ class Setup:
                 raise BenchError(f"xvf never logged {text!r} {count} times")
             time.sleep(0.02)
 
-    def guest_blk(self, foreign: bool, name: str = "bench", memory_mib: int = 64) -> VirtioBlk:
-        from xvf.platform.sim.guest import attach
-
+    def create_guest(self, foreign: bool, name: str = "bench", memory_mib: int = 64) -> Domain:
         usage = "0" if foreign else "1"
         line = f'virtio = [ "type=virtio,device2, transport=mmio, grant_usage={usage}" ]'
         self.dom = self.hv.create_domain(name, memory_mib=memory_mib, vcpus=1, virtio=line)
-        return VirtioBlk(attach(self.dom, 0))
+        return self.dom
+
+    def guest_blk(self, foreign: bool, name: str = "bench", memory_mib: int = 64) -> VirtioBlk:
+        from xvf.platform.sim.guest import attach
+
+        return VirtioBlk(attach(self.create_guest(foreign, name, memory_mib), 0))
 
     def close(self) -> None:
         if self.xvf is not None and self.xvf.poll() is None:
@@ -222,6 +230,8 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
     driver brings the device up, then the C guest runs each queue depth."""
     setup = Setup()
     loan = None
+    dm: CDeviceModel | None = None
+    dm_pid = None
     try:
         qsd = setup.start_qsd()
         if mode == "direct":
@@ -231,6 +241,16 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
             blk.start()
             signals = {"kick_fd": dev._kick[0], "call_fd": dev._call[0]}
             fds, guest_mode = list(signals.values()), "direct"
+        elif mode == "c-dm":
+            from xvf.platform.sim.guest import attach
+
+            setup.start_hv()
+            dm = CDeviceModel(setup.create_guest(True), os.path.join(setup.sockets, "blk.sock0"))
+            blk = VirtioBlk(attach(setup.dom, 0))
+            blk.start()
+            loan = lend_device(setup.dom, 0)
+            signals, fds, guest_mode = loan.args, loan.pass_fds, "xen"
+            dm_pid = dm.pid
         else:
             foreign = mode.startswith("foreign")
             setup.start_xvf(foreign=foreign, kernel_eventfds=mode.endswith("+offload"))
@@ -240,13 +260,13 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
             loan = lend_device(setup.dom, 0)
             signals, fds, guest_mode = loan.args, loan.pass_fds, "xen"
         guest = CGuest(blk, max(qds), signals, fds)
-        xvf_pid = setup.xvf.pid if setup.xvf is not None else None
+        dm_pid = setup.xvf.pid if setup.xvf is not None else dm_pid
         out = {}
         for qd in qds:
             guest.run(guest_mode, qd, max(qd * 4, counts[qd] // 10), seed=1)  # warm-up
-            before = cpu_by_party(xvf_pid, qsd.pid)
+            before = cpu_by_party(dm_pid, qsd.pid)
             r = guest.run(guest_mode, qd, counts[qd], seed=2)
-            after = cpu_by_party(xvf_pid, qsd.pid)
+            after = cpu_by_party(dm_pid, qsd.pid)
             stats = r["stats"]
             n = stats["requests"]
             per_io = {k: (after[k] - before[k]) / n / 1e3 for k in before}
@@ -270,6 +290,8 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
     finally:
         if loan is not None:
             loan.close()
+        if dm is not None:
+            dm.close()
         setup.close()
 
 
@@ -278,7 +300,7 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
     if shutil.which("qemu-storage-daemon") is None:
         return {"name": "e2e_blk", "skipped": "qemu-storage-daemon not installed", "rows": []}
     qds = [1, 32]
-    modes = ("direct", "foreign", "foreign+offload", "grant")
+    modes = ("direct", "c-dm", "foreign", "foreign+offload", "grant")
     # The grant relay is two orders of magnitude slower on the simulator (every grant
     # map is a message to the simulated Xen): fewer requests keep the set short.
     counts = (
@@ -301,15 +323,22 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
             ratios[f"{mode}/direct QD{qd} latency median"] = ratio(
                 res[mode][qd]["median_us"], res["direct"][qd]["median_us"]
             )
+        ratios[f"foreign/c-dm QD{qd} IOPS"] = ratio(
+            res["foreign"][qd]["iops"], res["c-dm"][qd]["iops"]
+        )
+        ratios[f"foreign/c-dm QD{qd} device-model CPU per I/O"] = ratio(
+            res["foreign"][qd]["cpu_dm_us"], res["c-dm"][qd]["cpu_dm_us"]
+        )
         for mode in modes[1:]:
-            ratios[f"{mode} QD{qd}: xvf CPU / guest CPU"] = ratio(
-                res[mode][qd]["cpu_xvf_us"], res[mode][qd]["cpu_guest_us"]
+            ratios[f"{mode} QD{qd}: device-model CPU / guest CPU"] = ratio(
+                res[mode][qd]["cpu_dm_us"], res[mode][qd]["cpu_guest_us"]
             )
     return {
         "name": "e2e_blk",
         "title": "4 KiB random read/write (50/50): C guest (Linux-like) -> simulated Xen -> "
-        "xvf -> QSD, against the same guest -> QSD over vhost-user directly; CPU µs per I/O "
-        "by party",
+        "xvf -> QSD, against the same guest -> QSD over vhost-user directly (direct) and "
+        "through the smallest C device model (c-dm, foreign, no offload); CPU µs per I/O by "
+        "party (dm: xvf or the C device model)",
         "params": {"counts": counts, "image_mib": 64, "queue_size": 128},
         "columns": [
             "qd",
@@ -320,7 +349,7 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
             "iops",
             "cpu_guest_us",
             "cpu_sim_xen_us",
-            "cpu_xvf_us",
+            "cpu_dm_us",
             "cpu_backend_us",
             "exits_per_io",
             "irqs_per_io",

@@ -60,18 +60,19 @@ def test_quick_run_writes_every_result(tmp_path):
     assert {r["via"] for r in bench["notify"]["rows"]} == {"xvf", "direct eventfd"}
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
-        modes = ("direct", "foreign", "foreign+offload", "grant")
+        modes = ("direct", "c-dm", "foreign", "foreign+offload", "grant")
         assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign+offload/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "grant/foreign QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        assert "foreign/c-dm QD32 IOPS" in bench["e2e_blk"]["ratios"]
         for row in bench["e2e_blk"]["rows"]:
-            # every party's CPU is measured; only direct has no xvf (and no exits)
+            # every party's CPU is measured; only direct has no device model (no exits)
             assert row["cpu_guest_us"] > 0 and row["cpu_backend_us"] > 0, row
             if row["path"] == "direct":
-                assert row["cpu_xvf_us"] == 0 and row["exits_per_io"] == 0, row
+                assert row["cpu_dm_us"] == 0 and row["exits_per_io"] == 0, row
             else:
-                assert row["cpu_xvf_us"] > 0 and row["exits_per_io"] > 0, row
+                assert row["cpu_dm_us"] > 0 and row["exits_per_io"] > 0, row
     assert [r["devices"] for r in bench["scale"]["rows"]] == [1, 2]
     # the PNG exists exactly when matplotlib does
     try:
