@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from xvf.errors import GrantError
 from xvf.hotpath._ioreq import MmioState
-from xvf.platform.sim.dma import GrantDma, grant_to_dma
+from xvf.platform.sim.dma import GrantDma, dma_to_grant, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.platform import SimPlatform
 from xvf.platform.sim.virtqueue import SplitVirtqueue
@@ -425,13 +426,19 @@ class CountingMapper:
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.maps: list[tuple[int, bool]] = []  # (refs, writable) per map
+        self.calls: list[list[tuple[int, bool]]] = []  # per call: (refs, writable) per map
+        self.unmaps: list[int] = []  # refs given back per call
 
     def map(self, refs: list[int], writable: bool):
-        self.maps.append((len(refs), writable))
+        self.calls.append([(len(refs), writable)])
         return self.inner.map(refs, writable)
 
+    def map_many(self, groups):
+        self.calls.append([(len(refs), writable) for refs, writable in groups])
+        return self.inner.map_many(groups)
+
     def unmap(self, refs: list[int]) -> None:
+        self.unmaps.append(len(refs))
         self.inner.unmap(refs)
 
 
@@ -445,18 +452,20 @@ def test_one_kick_maps_its_requests_readable_grants_together(env: Env) -> None:
     env.kick()
     taken = env.backend.take()
     assert [t.readable for t in taken] == payloads
-    # One read-only map for the four requests' device-readable buffers, then one
+    # One call: a read-only map for the four requests' device-readable buffers and a
     # writable map per request (released when that request completes, not later).
-    assert counting.maps[0] == (4, False)
-    assert counting.maps[1:] == [(1, True)] * 4
+    assert counting.calls == [[(4, False)] + [(1, True)] * 4]
+    assert counting.unmaps == [4]  # the read-only map's grants, given back at once
     held = set(env.mapped_refs())
     assert len(held) == 4 + rings  # the writable buffers, and the rings
     for t in taken[:2]:
         env.backend.complete(t)
     env.relay.on_backend_call()
     assert len(env.vq.get_used()) == 2
-    # the completed requests' grants are no longer mapped; the others' still are
+    # the completed requests' grants are no longer mapped (given back in one call
+    # before the guest saw them used); the others' still are
     assert len(set(env.mapped_refs())) == len(held) - 2
+    assert counting.unmaps == [4, 2]
     for t in taken[2:]:
         env.backend.complete(t)
     env.relay.on_backend_call()
@@ -480,3 +489,29 @@ def test_a_bad_grant_in_a_batch_refuses_only_its_own_request(env: Env, kind: str
     env.relay.on_backend_call()
     assert sorted(tok for tok, _ in env.vq.get_used()) == [0, 2, 3]
     assert len(env.mapped_refs()) == rings and env.relay.in_flight() == 0
+
+
+def test_map_many_maps_each_group_on_its_own_all_or_none(env: Env) -> None:
+    a, b = env.buf(b"A" * 4096), env.buf(b"B" * 100)
+    ra = dma_to_grant(env.dma.map(a, 4096, False))
+    rb = dma_to_grant(env.dma.map(b, 100, True))
+    before = set(env.mapped_refs())
+    m1, m2 = env.mapper.map_many([([ra], False), ([rb], True)])
+    assert bytes(memoryview(m1)[:4]) == b"AAAA" and bytes(memoryview(m2)[:4]) == b"BBBB"
+    memoryview(m2)[:1] = b"b"  # the writable one writes through to the guest
+    assert env.dom.ram.read(b, 1) == b"b"
+    assert set(env.mapped_refs()) == before | {ra, rb}
+    m1.close()
+    env.mapper.unmap([ra])  # one closed, its grant given back; the other still mapped
+    assert set(env.mapped_refs()) == before | {rb}
+    m2.close()
+    env.mapper.unmap([rb])
+    # A group the guest did not grant (or granted read-only, asked writable): nothing
+    # of the call stays mapped.
+    with pytest.raises(GrantError):
+        env.mapper.map_many([([ra], False), ([ra], True)])
+    with pytest.raises(GrantError):
+        env.mapper.map_many([([rb], True), ([4000], False)])
+    assert set(env.mapped_refs()) == before
+    env.dma.unmap(grant_to_dma(ra), 4096)
+    env.dma.unmap(grant_to_dma(rb), 100)

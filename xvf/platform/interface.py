@@ -74,6 +74,10 @@ class GrantMapper(Protocol):
     """gntdev: maps pages a guest granted to us."""
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
+    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
+        """One mapping per (refs, writable) group, all or none (each closed on its own)."""
+        ...
+
     def unmap(self, refs: list[int]) -> None:
         """Give back the grants of a mapping already closed. gntdev does it as the
         mapping closes (a no-op there); the simulator's software Xen needs the call."""

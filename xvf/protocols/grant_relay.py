@@ -95,6 +95,7 @@ class GrantPages(Protocol):
     this protocol layer needs nothing from the platform layer above it."""
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
+    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]: ...
     def unmap(self, refs: list[int]) -> None: ...
 
 
@@ -195,24 +196,40 @@ def grant_span(addr: int, length: int) -> tuple[list[int], int]:
 
 class _Grants:
     """One gntdev mapping of a list of refs, shared by `users` holders: the last `put()`
-    (or `release()`) unmaps it. `offset` is where the mapped range starts in it."""
+    (or `release()`) unmaps it. `offset` is where the mapped range starts in it. With
+    `unmaps`, the refs to give back are collected there (the relay gives them back in
+    one call before the guest can see the requests complete) instead of at once."""
 
     def __init__(
-        self, mapper: GrantPages, refs: list[int], writable: bool, offset: int = 0, what: str = ""
+        self,
+        mapper: GrantPages,
+        refs: list[int],
+        mapping: GrantMapping,
+        offset: int = 0,
+        unmaps: list[int] | None = None,
     ) -> None:
-        try:
-            self.mapping = mapper.map(refs, writable)
-        except GrantError as exc:
-            raise RelayError(f"grant {what or refs[:4]} refused: {exc}") from None
         self.mapper = mapper
         self.refs = refs
+        self.mapping = mapping
         self.offset = offset
         self.users = 1
+        self._unmaps = unmaps
 
     @classmethod
-    def span(cls, mapper: GrantPages, addr: int, length: int, writable: bool) -> _Grants:
+    def span(
+        cls,
+        mapper: GrantPages,
+        addr: int,
+        length: int,
+        writable: bool,
+        unmaps: list[int] | None = None,
+    ) -> _Grants:
         refs, offset = grant_span(addr, length)
-        return cls(mapper, refs, writable, offset, f"{addr:#x}+{length:#x}")
+        try:
+            mapping = mapper.map(refs, writable)
+        except GrantError as exc:
+            raise RelayError(f"grant {addr:#x}+{length:#x} refused: {exc}") from None
+        return cls(mapper, refs, mapping, offset, unmaps)
 
     def put(self) -> None:
         self.users -= 1
@@ -221,7 +238,10 @@ class _Grants:
 
     def release(self) -> None:
         self.mapping.close()
-        self.mapper.unmap(self.refs)
+        if self._unmaps is not None:
+            self._unmaps.extend(self.refs)
+        else:
+            self.mapper.unmap(self.refs)
 
 
 # -- one relayed queue --------------------------------------------------------------
@@ -306,6 +326,7 @@ class GrantRelayQueue:
         self._used_event = used_event_h(num)
         self._avail_event = avail_event_h(num)
         self._grants: list[_Grants] = []
+        self._unmaps: list[int] = []  # refs of closed mappings, given back by _give_back
         self._views: list[memoryview] = []
         try:
             self._guest_desc = self._map_ring(desc, desc_bytes(num), False)
@@ -428,12 +449,20 @@ class GrantRelayQueue:
         if batch:
             p, c = self._post_batch(batch)
             posted, completed = posted + p, completed + c
-        if posted:
+        if posted:  # the backend first: giving grants back is one more round trip
             os.write(self.backend_kick_fd, (1).to_bytes(8, "little"))
+        self._give_back()
         if completed:
             fence_release()
             self._guest_used_h[USED_IDX_H] = self._guest_used_idx
             self.state.raise_interrupt(1)
+
+    def _give_back(self) -> None:
+        """Give back the grants of closed mappings, in one call: before the guest can
+        see their requests completed, as it may end its grants then."""
+        if self._unmaps:
+            refs, self._unmaps[:] = list(self._unmaps), []
+            self.mapper.unmap(refs)
 
     def _refuse(self, head: int, exc: RelayError) -> None:
         self._refusals(logging.WARNING, "%s: request %d refused: %s", self.where, head, exc)
@@ -469,7 +498,7 @@ class GrantRelayQueue:
     def _walk_indirect(self, addr: int, length: int) -> list[_Segment]:
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.num:
             raise RelayError(f"indirect table of {length} bytes")
-        table = _Grants.span(self.mapper, addr, length, False)
+        table = _Grants.span(self.mapper, addr, length, False, self._unmaps)
         try:
             with memoryview(table.mapping) as raw:
                 data = bytes(raw[table.offset : table.offset + length])
@@ -566,21 +595,20 @@ class GrantRelayQueue:
                     ro_refs += refs
             if rw_refs:
                 writable.append((req, rw_refs, rw_segs))
+        groups = [(ro_refs, False)] if ro_refs else []
+        groups += [(rw_refs, True) for _, rw_refs, _ in writable]
         try:
-            ro = _Grants(self.mapper, ro_refs, False) if ro_refs else None
-        except RelayError:
+            maps = self.mapper.map_many(groups)  # one request to the hypervisor's side
+        except GrantError:
             return False
         mem = self.shadow.mem
-        mapped: list[tuple[_Request, _Grants, list[tuple[_Segment, int, int]]]] = []
-        try:
-            for req, rw_refs, rw_segs in writable:
-                mapped.append((req, _Grants(self.mapper, rw_refs, True), rw_segs))
-        except RelayError:
-            for _, g, _ in mapped:
-                g.release()
-            if ro is not None:
-                ro.release()
-            return False
+        ro = _Grants(self.mapper, ro_refs, maps[0], unmaps=self._unmaps) if ro_refs else None
+        mapped = [
+            (req, _Grants(self.mapper, rw_refs, m, unmaps=self._unmaps), rw_segs)
+            for (req, rw_refs, rw_segs), m in zip(
+                writable, maps[1 if ro_refs else 0 :], strict=True
+            )
+        ]
         if ro is not None:
             try:
                 with memoryview(ro.mapping) as raw:
@@ -603,7 +631,7 @@ class GrantRelayQueue:
         """`req`'s segments, each through its own mapping (a batch map was refused)."""
         mem = self.shadow.mem
         for seg, bounce in zip(req.segments, req.offsets, strict=True):
-            g = _Grants.span(self.mapper, seg.addr, seg.length, seg.writable)
+            g = _Grants.span(self.mapper, seg.addr, seg.length, seg.writable, self._unmaps)
             start = g.offset
             if seg.writable:
                 req.writes.append((g, start, seg.length, bounce))
@@ -671,6 +699,7 @@ class GrantRelayQueue:
                 self._savail[self._used_event] = self._shadow_last_used
                 fence_full()
                 used_idx = self._sused_h[USED_IDX_H]
+        self._give_back()
         if completed:
             fence_release()  # used entries and copied-back data before the index
             self._guest_used_h[USED_IDX_H] = self._guest_used_idx  # published last
@@ -730,6 +759,7 @@ class GrantRelayQueue:
         for req in self._inflight.values():
             self._release_request(req)
         self._inflight.clear()
+        self._give_back()
         self._release_rings()
         self.shadow.free(self._ring_base)
         os.close(self.guest_kick_fd)

@@ -37,6 +37,10 @@ OP_IOEVENTFD = 9
 # OP_IRQFD: u16 domid, u16 pad, u32 flags, u32 irq, + eventfd
 OP_IRQFD = 10
 FLAG_DEASSIGN = 1
+# OP_GNT_MAP_MANY: several maps in one request, each its own mapping (unmapped on its
+# own), as a batch of gntdev MAP_GRANT_REF ioctls: u16 domid, u16 pad, u32 groups, then
+# per group u8 writable, u8 pad[3], u32 count, count * u32 ref -> all offsets, fd
+OP_GNT_MAP_MANY = 11
 
 HEADER = struct.Struct("<II")
 RC = struct.Struct("<i")

@@ -485,6 +485,7 @@ class _Session:
             C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
             C.OP_GNT_MAP: self._gnt_map,
             C.OP_GNT_UNMAP: self._gnt_unmap,
+            C.OP_GNT_MAP_MANY: self._gnt_map_many,
             C.OP_IOEVENTFD: lambda p: self._ioeventfd(p, fds),
             C.OP_IRQFD: lambda p: self._irqfd(p, fds),
         }.get(op)
@@ -627,20 +628,47 @@ class _Session:
             raise OSError(errno.EINVAL, "grant count")
         refs = struct.unpack_from(f"<{count}I", payload, 8)
         dom = self.hv.domain(domid)
+        offsets = self._map_refs(dom, [(list(refs), bool(writable))])
+        return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
+
+    def _gnt_map_many(self, payload: bytes) -> tuple[bytes, list[int]]:
+        domid, _, ngroups = struct.unpack_from("<HHI", payload)
+        if ngroups == 0 or ngroups > 4096:
+            raise OSError(errno.EINVAL, "group count")
+        pos, groups, total = 8, [], 0
+        for _ in range(ngroups):
+            if pos + 8 > len(payload):
+                raise OSError(errno.EINVAL, "short group")
+            writable, _, _, _, count = struct.unpack_from("<BBBBI", payload, pos)
+            total += count
+            if count == 0 or total > 4096 or pos + 8 + 4 * count > len(payload):
+                raise OSError(errno.EINVAL, "grant count")
+            groups.append(
+                (list(struct.unpack_from(f"<{count}I", payload, pos + 8)), bool(writable))
+            )
+            pos += 8 + 4 * count
+        dom = self.hv.domain(domid)
+        offsets = self._map_refs(dom, groups)
+        return struct.pack(f"<{len(offsets)}Q", *offsets), [os.dup(dom.ram.fd)]
+
+    def _map_refs(self, dom: Domain, groups: list[tuple[list[int], bool]]) -> list[int]:
+        """Map every group's refs (all or none); the frames' offsets in guest RAM."""
         offsets = []
         done: list[int] = []
         try:
-            for ref in refs:
-                gfn = dom.grants.lookup(ref, DM_DOMID, bool(writable))
-                offsets.append(dom.ram.gpa_to_offset(gfn << PAGE_SHIFT))
-                dom.grants.mark_mapped(ref, bool(writable))
-                done.append(ref)
+            for refs, writable in groups:
+                for ref in refs:
+                    gfn = dom.grants.lookup(ref, DM_DOMID, writable)
+                    offsets.append(dom.ram.gpa_to_offset(gfn << PAGE_SHIFT))
+                    dom.grants.mark_mapped(ref, writable)
+                    done.append(ref)
         except Exception:
             for ref in done:
                 dom.grants.mark_unmapped(ref)
             raise
-        self.mapped_grants.extend((domid, ref, bool(writable)) for ref in refs)
-        return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
+        for refs, writable in groups:
+            self.mapped_grants.extend((dom.domid, ref, writable) for ref in refs)
+        return offsets
 
     def _require_kernel_eventfds(self) -> None:
         if not self.hv.kernel_eventfds:  # the ioctl does not exist before Linux 6.7

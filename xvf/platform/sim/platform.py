@@ -186,6 +186,35 @@ class SimGrantMapper:
         finally:
             os.close(fds[0])
 
+    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
+        payload = struct.pack("<HHI", self.domid, 0, len(groups))
+        for refs, writable in groups:
+            payload += struct.pack(f"<BBBBI{len(refs)}I", int(writable), 0, 0, 0, len(refs), *refs)
+        total = sum(len(refs) for refs, _ in groups)
+        try:
+            reply, fds = self._ctl.call(C.OP_GNT_MAP_MANY, payload)
+        except OSError as exc:
+            raise GrantError(
+                f"mapping {total} grants in {len(groups)} maps of domain {self.domid}", exc.errno
+            ) from None
+        mappings: list[GrantMapping] = []
+        try:
+            offsets = struct.unpack(f"<{total}Q", reply)
+            pos = 0
+            for refs, writable in groups:
+                mappings.append(
+                    map_file_pages(fds[0], list(offsets[pos : pos + len(refs)]), writable)
+                )
+                pos += len(refs)
+        except BaseException:
+            for m in mappings:
+                m.close()
+            self.unmap([ref for refs, _ in groups for ref in refs])  # the software Xen's pins
+            raise
+        finally:
+            os.close(fds[0])
+        return mappings
+
     def fileno(self) -> int:
         """What a Xen-aware backend maps this guest's grants through (gntdev on a
         Dom0; a fresh connection to the software Xen here, closed by

@@ -218,6 +218,19 @@ class XenGrantMapper:
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         return self.gntdev.map(self.domid, refs, writable)
 
+    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
+        """gntdev has no batch ioctl: one map each, all or none. Each is an ioctl and
+        an mmap in this process (the grant map hypercall is the mmap's), no IPC."""
+        mappings: list[GrantMapping] = []
+        try:
+            for refs, writable in groups:
+                mappings.append(self.gntdev.map(self.domid, refs, writable))
+        except BaseException:
+            for m in mappings:
+                m.close()
+            raise
+        return mappings
+
     def fileno(self) -> int:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
         return self.gntdev.fd
