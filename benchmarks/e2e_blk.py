@@ -38,6 +38,7 @@ from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
 from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
 
 MIB = 1 << 20
+POLL_US = 50  # foreign+poll: xvf --poll-us
 BLOCK = 4096
 FAKE_UVA = 0x1000_0000_0000
 
@@ -179,10 +180,12 @@ class Setup:
         # (Linux 6.7+), so QueueNotify and interrupts bypass xvf.
         self.hv = Hypervisor(os.path.join(self.dir, "xen"), kernel_eventfds=kernel_eventfds).start()
 
-    def start_xvf(self, foreign: bool, kernel_eventfds: bool = False) -> subprocess.Popen:
+    def start_xvf(
+        self, foreign: bool, kernel_eventfds: bool = False, extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
         self.start_hv(kernel_eventfds)
         self.log = os.path.join(self.dir, "xvf.log")
-        argv = xvf_command(self.hv.run_dir, self.sockets, foreign)
+        argv = xvf_command(self.hv.run_dir, self.sockets, foreign, extra=extra)
         with open(self.log, "wb") as log:
             self.xvf = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         return self.xvf
@@ -253,7 +256,8 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
             dm_pid = dm.pid
         else:
             foreign = mode.startswith("foreign")
-            setup.start_xvf(foreign=foreign, kernel_eventfds=mode.endswith("+offload"))
+            extra = ("--poll-us", str(POLL_US)) if mode.endswith("+poll") else ()
+            setup.start_xvf(foreign, kernel_eventfds=mode.endswith("+offload"), extra=extra)
             blk = setup.guest_blk(foreign=foreign)
             setup.wait_log("serving virtio blk")
             blk.start()
@@ -300,7 +304,7 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
     if shutil.which("qemu-storage-daemon") is None:
         return {"name": "e2e_blk", "skipped": "qemu-storage-daemon not installed", "rows": []}
     qds = [1, 32]
-    modes = ("direct", "c-dm", "foreign", "foreign+offload", "grant")
+    modes = ("direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant")
     # The grant relay is two orders of magnitude slower on the simulator (every grant
     # map is a message to the simulated Xen): fewer requests keep the set short.
     counts = (
@@ -323,6 +327,12 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
             ratios[f"{mode}/direct QD{qd} latency median"] = ratio(
                 res[mode][qd]["median_us"], res["direct"][qd]["median_us"]
             )
+        ratios[f"foreign+poll/foreign QD{qd} latency median"] = ratio(
+            res["foreign+poll"][qd]["median_us"], res["foreign"][qd]["median_us"]
+        )
+        ratios[f"foreign+poll/foreign QD{qd} device-model CPU per I/O"] = ratio(
+            res["foreign+poll"][qd]["cpu_dm_us"], res["foreign"][qd]["cpu_dm_us"]
+        )
         ratios[f"foreign/c-dm QD{qd} IOPS"] = ratio(
             res["foreign"][qd]["iops"], res["c-dm"][qd]["iops"]
         )

@@ -60,7 +60,7 @@ def test_quick_run_writes_every_result(tmp_path):
     assert {r["via"] for r in bench["notify"]["rows"]} == {"xvf", "direct eventfd"}
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
-        modes = ("direct", "c-dm", "foreign", "foreign+offload", "grant")
+        modes = ("direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant")
         assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign+offload/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
