@@ -118,20 +118,19 @@ def plot(results: dict, path: str) -> str | None:
     ]
     if not panels:
         return "nothing to plot"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
         rows = b[name]["rows"]
         if name == "mmio_roundtrip":
-            labels = [f"{r['impl']}\n{r['op'].split()[0]}" for r in rows]
+            labels = [f"{r['impl']} {r['op'].split()[0]}" for r in rows]
             ax.bar(labels, [r["median_us"] for r in rows], label="median")
             ax.set_ylabel("µs per access")
         elif name == "notify":
-            labels = [f"{r['impl']} {r['via'].split()[0]}\n{r['path'][:14]}" for r in rows]
+            labels = [f"{r['impl']} {r['via'].split()[0]} {r['path'][:14]}" for r in rows]
             ax.bar(labels, [r["median_us"] for r in rows])
             ax.set_ylabel("µs")
-            ax.tick_params(axis="x", labelsize=6)
         elif name == "e2e_blk":
-            labels = [f"{r['path']}\nQD{r['qd']}" for r in rows]
+            labels = [f"{r['path']} QD{r['qd']}" for r in rows]
             ax.bar(labels, [r["iops"] / 1e3 for r in rows])
             ax.set_ylabel("k IOPS (4 KiB random r/w)")
         else:
@@ -140,7 +139,8 @@ def plot(results: dict, path: str) -> str | None:
             ax.set_xlabel("devices issuing at once")
             ax.set_ylabel("median µs per access")
         ax.set_title(name)
-        ax.tick_params(axis="x", labelsize=7)
+        if name != "scale":
+            ax.tick_params(axis="x", labelsize=6, labelrotation=70)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
