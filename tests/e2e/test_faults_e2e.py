@@ -140,7 +140,9 @@ def test_mapping_mode_that_cannot_work_is_refused_clearly(
     )
     fe.wait_log("cannot start")
     assert ("--foreign-mapping" in fe.log()) and "grant_usage" in fe.log()
-    # not served rather than served wrongly: the guest finds no device there
+    # not served rather than served wrongly: the guest finds no device there (once the
+    # placeholder holds the window: it is attached just after the refusal is logged)
+    fe.wait_log("now reads as 'no device'")
     assert dom.mmio(0, dom.virtio[0].base + R.DEVICE_ID, 4, False) == 0
     assert fe.proc.poll() is None
 
