@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from xvf.errors import GrantError, SimulatorError
+from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.sim import grant_table as G
 from xvf.platform.sim import memory as M
 from xvf.platform.sim.dma import DirectDma, GrantDma, dma_to_grant, grant_to_dma
@@ -414,3 +415,29 @@ def test_grant_dma_breaks_when_backend_keeps_a_mapping(ram, gt):
     assert gt.entry(ref)[0] & G.GTF_PERMIT_ACCESS
     with pytest.raises(GrantError, match="disabled"):
         dma.map(buf, 64, device_writes=True)
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [[0], [3, 4, 5, 6], [5, 1, 2, 3, 9], [7, 6, 5], [2, 2, 3], [0, 1, 8, 9, 4]],
+    ids=["one", "one-run", "runs-and-gaps", "backwards", "repeated", "mixed"],
+)
+def test_map_file_pages_puts_each_page_where_its_offset_says(pages) -> None:
+    """The simulator's gntdev mapping (xvf.hotpath._gnttab.map_file_pages): one mmap
+    per run of consecutive pages, the pages in the order asked, writes reaching the file."""
+    from xvf.hotpath._gnttab import map_file_pages
+
+    fd = os.memfd_create("xvf-test-pages", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 16 * PAGE_SIZE)
+        for p in range(16):
+            os.pwrite(fd, bytes([p]) * PAGE_SIZE, p * PAGE_SIZE)
+        m = map_file_pages(fd, [p * PAGE_SIZE for p in pages], True)
+        with memoryview(m) as view:
+            assert [view[i * PAGE_SIZE] for i in range(len(pages))] == pages
+            assert all(view[i * PAGE_SIZE + PAGE_SIZE - 1] == p for i, p in enumerate(pages))
+            view[len(pages) * PAGE_SIZE - 1] = 0xEE  # the last page, through the mapping
+        m.close()
+        assert os.pread(fd, 1, pages[-1] * PAGE_SIZE + PAGE_SIZE - 1) == b"\xee"
+    finally:
+        os.close(fd)

@@ -130,20 +130,37 @@ def map_file_pages(int fd, offsets, bint writable=True) -> GrantMapping:
     if count == 0:
         raise GrantError("no pages to map")
     cdef size_t length = count * XVF_PAGE_SIZE
-    cdef void *base = mmap(NULL, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
+    cdef size_t i, run
+    cdef uint64_t off, first
+    cdef void *base
+    for i in range(count):
+        if offsets[i] % XVF_PAGE_SIZE:
+            raise GrantError(f"page offset {offsets[i]:#x} is not page aligned")
+    # One mmap per run of consecutive pages, as gntdev maps a whole grant map in one
+    # go; pages that follow each other in the file need no reservation at all.
+    first = offsets[0]
+    for i in range(1, count):
+        if offsets[i] != first + i * XVF_PAGE_SIZE:
+            break
+    else:
+        base = mmap(NULL, length, prot, MAP_SHARED, fd, first)
+        if base == MAP_FAILED:
+            raise GrantError(f"mapping {count} pages at offset {first:#x} failed", errno)
+        return _wrap(base, length, writable, None)
+    base = mmap(NULL, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if base == MAP_FAILED:
         raise GrantError("reserving address space failed", errno)
-    cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
-    cdef size_t i
-    cdef uint64_t off
-    for i in range(count):
+    i = 0
+    while i < count:
         off = offsets[i]
-        if off % XVF_PAGE_SIZE:
-            munmap(base, length)
-            raise GrantError(f"page offset {off:#x} is not page aligned")
-        if mmap(<char *>base + i * XVF_PAGE_SIZE, XVF_PAGE_SIZE, prot,
+        run = 1
+        while i + run < count and offsets[i + run] == off + run * XVF_PAGE_SIZE:
+            run += 1
+        if mmap(<char *>base + i * XVF_PAGE_SIZE, run * XVF_PAGE_SIZE, prot,
                 MAP_SHARED | MAP_FIXED, fd, off) == MAP_FAILED:
             err = errno
             munmap(base, length)
             raise GrantError(f"mapping page at offset {off:#x} failed", err)
+        i += run
     return _wrap(base, length, writable, None)
