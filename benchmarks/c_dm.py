@@ -10,7 +10,7 @@ import os
 import subprocess
 import threading
 
-from benchmarks.common import REPO, BenchError, build_c
+from benchmarks.common import BenchError, build_c
 from xvf.hotpath import _layout as L
 from xvf.platform.sim import control as C
 from xvf.platform.sim.guest import backend_state_path
@@ -80,7 +80,7 @@ class CDeviceModel:
             "req_fd": req_w,
             "ack_fd": ack_r,
         }
-        exe = build_c("blk_dm", ["-I", os.path.join(REPO, "include")])
+        exe = build_c("blk_dm")
         fds = [page_fd, self.evtchn.channel.fd, irq_fd, self.kick, self.call, req_w, ack_r]
         self.proc = subprocess.Popen(
             [exe, *(f"{k}={v}" for k, v in args.items())],

@@ -8,7 +8,7 @@ import resource
 import subprocess
 import tempfile
 
-from benchmarks.common import REPO, BenchError, build_c, read_u32
+from benchmarks.common import BenchError, build_c, read_u32
 from xvf.platform.sim.drivers.blk import VirtioBlk
 
 BLOCK = 4096
@@ -54,7 +54,7 @@ class CGuest:
     grants) through the driver's own DMA ops."""
 
     def __init__(self, blk: VirtioBlk, qd_max: int, signals: dict[str, int], fds: list[int]):
-        self.exe = build_c("blk_guest", ["-I", os.path.join(REPO, "include")])
+        self.exe = build_c("blk_guest")
         vq = blk.dev.queues[0]
         ram = blk.ram
         self._dma = vq.dma

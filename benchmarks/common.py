@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -32,13 +33,16 @@ def build_c(name: str, extra: Sequence[str] = ()) -> str:
     """Compile benchmarks/c/<name>.c with the system cc (once per source change)."""
     src = os.path.join(C_DIR, name + ".c")
     exe = os.path.join(build_dir(), name)
-    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(src):
+    include = os.path.join(REPO, "include")  # the ABI facts: include/xvf/*.h
+    headers = glob.glob(os.path.join(include, "xvf", "*.h"))
+    newest = max(os.path.getmtime(f) for f in [src, *headers])
+    if os.path.exists(exe) and os.path.getmtime(exe) >= newest:
         return exe
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise BenchError("no C compiler (cc) to build the C baseline; apt-get install gcc")
     tmp = f"{exe}.{os.getpid()}"
-    argv = [cc, "-O2", "-Wall", "-pthread", "-o", tmp, src, *extra]
+    argv = [cc, "-O2", "-Wall", "-pthread", "-I", include, "-o", tmp, src, *extra]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"building {src} failed:\n{proc.stderr}")

@@ -32,7 +32,7 @@ from benchmarks.common import (
     summarize,
     wait_ready,
 )
-from xvf.hotpath._layout import PAGE_SIZE
+from xvf.hotpath._layout import IOREQ_SIZE, IOREQ_VP_EPORT, PAGE_SIZE
 
 IMPLS = ["c", "c-epoll", "cython", "cython-poll", "python", "floor"]
 POLL_US = 50
@@ -45,7 +45,8 @@ def make_pages(ndev: int, vpd: int) -> int:
     os.ftruncate(fd, ndev * PAGE_SIZE)
     for dev in range(ndev):
         for v in range(vpd):
-            os.pwrite(fd, struct.pack("<I", dev * vpd + v + 1), dev * PAGE_SIZE + v * 32 + 24)
+            slot = dev * PAGE_SIZE + v * IOREQ_SIZE
+            os.pwrite(fd, struct.pack("<I", dev * vpd + v + 1), slot + IOREQ_VP_EPORT)
     return fd
 
 

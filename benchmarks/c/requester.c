@@ -34,17 +34,21 @@
 #include <unistd.h>
 #include <fcntl.h>
 
-#define IOREQ_SIZE 32
-#define STATE_MASK 0x0f
-#define DIR_READ 0x20
-#define ST_NONE 0
-#define ST_READY 1
-#define ST_RESP 3
-#define NOTIFY_BIT 0x80000000u
-#define MMIO_BASE 0x2000000ull
-#define REG_NOTIFY 0x50
-#define REG_ISR 0x60
-#define REG_ACK 0x64
+#include "xvf/virtio_mmio.h"
+#include "xvf/xen_arm.h"
+#include "xvf/xen_ioreq.h"
+
+#define STATE_MASK XVF_IOREQ_STATE_MASK
+#define DIR_READ XVF_IOREQ_DIR_BIT
+#define ST_NONE XVF_STATE_IOREQ_NONE
+#define ST_READY XVF_STATE_IOREQ_READY
+#define ST_RESP XVF_STATE_IORESP_READY
+#define NOTIFY_BIT 0x80000000u  /* the simulator's IOCTL_EVTCHN_NOTIFY tag */
+#define MMIO_BASE XVF_GUEST_VIRTIO_MMIO_BASE
+#define REG_NOTIFY XVF_VIRTIO_MMIO_QUEUE_NOTIFY
+#define REG_ISR XVF_VIRTIO_MMIO_INTERRUPT_STATUS
+#define REG_ACK XVF_VIRTIO_MMIO_INTERRUPT_ACK
+#define PAGE XVF_PAGE_SIZE
 
 /* A spin-wait hint (x86 PAUSE, Arm YIELD). */
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,12 +59,7 @@
 #define cpu_relax() do { } while (0)
 #endif
 
-typedef struct {
-    uint64_t addr, data;
-    uint32_t count, size, vp_eport;
-    uint16_t pad;
-    uint8_t flags, type;
-} ioreq_t;
+typedef xvf_ioreq_t ioreq_t;
 
 static uint8_t *pages;
 static int evt_fd = -1, irq_fd = -1;
@@ -135,7 +134,7 @@ static void *dispatcher(void *arg) {
 
 /* One trapped access by thread t on its slot; returns the value read. */
 static uint64_t access_reg(int t, int vpd, uint32_t off, int is_write, uint64_t value) {
-    ioreq_t *req = (ioreq_t *)(pages + (size_t)(t / vpd) * 4096) + (t % vpd);
+    ioreq_t *req = (ioreq_t *)(pages + (size_t)(t / vpd) * PAGE) + (t % vpd);
     uint32_t port = (uint32_t)t + 1;
     if ((__atomic_load_n(&req->flags, __ATOMIC_ACQUIRE) & STATE_MASK) != ST_NONE) die("slot busy");
     req->addr = MMIO_BASE + off;
@@ -143,7 +142,7 @@ static uint64_t access_reg(int t, int vpd, uint32_t off, int is_write, uint64_t 
     req->count = 1;
     req->size = 4;
     req->vp_eport = port;
-    req->type = 1;
+    req->type = XVF_IOREQ_TYPE_COPY;
     __atomic_store_n(&req->flags, (uint8_t)(ST_READY | (is_write ? 0 : DIR_READ)), __ATOMIC_RELEASE);
     if (spin) {
         while ((__atomic_load_n(&req->flags, __ATOMIC_ACQUIRE) & STATE_MASK) != ST_RESP)
@@ -319,13 +318,13 @@ int main(int argc, char **argv) {
     fcntl(evt_fd, F_SETFL, flags & ~O_NONBLOCK);
     if (!strcmp(mode, "mmio") && argc >= 10) {
         int ndev = atoi(argv[4]);
-        pages = mmap(NULL, (size_t)ndev * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
+        pages = mmap(NULL, (size_t)ndev * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
         if (pages == MAP_FAILED) die("mmap");
         if (argc > 10 && !strcmp(argv[10], "dispatch")) dispatch = 1;
         if (argc > 10 && !strcmp(argv[10], "spin")) spin = 1;
         return run_mmio(ndev, atoi(argv[5]), atoi(argv[6]), atoi(argv[7]), argv[8], argv[9]);
     }
-    pages = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
+    pages = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
     if (pages == MAP_FAILED) die("mmap");
     if (!strcmp(mode, "kick") && argc == 9)
         return run_kick(atoi(argv[4]), atoi(argv[5]), atoi(argv[6]), atoi(argv[7]), argv[8]);

@@ -27,15 +27,20 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define STATE_MASK 0x0f
-#define PTR_BIT 0x10
-#define DIR_READ 0x20
-#define ST_READY 1
-#define ST_INPROC 2
-#define ST_RESP 3
-#define NOTIFY_BIT 0x80000000u
-#define MMIO_BASE 0x2000000ull
-#define MMIO_SIZE 0x200ull
+#include "xvf/virtio_mmio.h"
+#include "xvf/xen_arm.h"
+#include "xvf/xen_ioreq.h"
+
+#define STATE_MASK XVF_IOREQ_STATE_MASK
+#define PTR_BIT XVF_IOREQ_DATA_IS_PTR_BIT
+#define DIR_READ XVF_IOREQ_DIR_BIT
+#define ST_READY XVF_STATE_IOREQ_READY
+#define ST_INPROC XVF_STATE_IOREQ_INPROCESS
+#define ST_RESP XVF_STATE_IORESP_READY
+#define NOTIFY_BIT 0x80000000u  /* the simulator's IOCTL_EVTCHN_NOTIFY tag */
+#define MMIO_BASE XVF_GUEST_VIRTIO_MMIO_BASE  /* the first window libxl gives */
+#define MMIO_SIZE XVF_VIRTIO_MMIO_DEV_SIZE
+#define PAGE XVF_PAGE_SIZE
 
 /* A spin-wait hint (x86 PAUSE, Arm YIELD). */
 #if defined(__x86_64__) || defined(__i386__)
@@ -46,12 +51,7 @@
 #define cpu_relax() do { } while (0)
 #endif
 
-typedef struct {
-    uint64_t addr, data;
-    uint32_t count, size, vp_eport;
-    uint16_t pad;
-    uint8_t flags, type;
-} ioreq_t;
+typedef xvf_ioreq_t ioreq_t;
 
 static uint8_t *pages;
 static int ndev, vpd, kick_fd, evt;
@@ -61,22 +61,22 @@ static int notify = 1;
 static void serve(uint32_t port) {
     uint32_t t = port - 1;
     if (port == 0 || t >= (uint32_t)(ndev * vpd)) return;
-    ioreq_t *req = (ioreq_t *)(pages + (size_t)(t / vpd) * 4096) + (t % vpd);
+    ioreq_t *req = (ioreq_t *)(pages + (size_t)(t / vpd) * PAGE) + (t % vpd);
     uint8_t flags = __atomic_load_n(&req->flags, __ATOMIC_ACQUIRE);
     if ((flags & STATE_MASK) != ST_READY) return;
     __atomic_store_n(&req->flags, (uint8_t)((flags & ~STATE_MASK) | ST_INPROC), __ATOMIC_RELEASE);
     int is_read = (flags & DIR_READ) != 0;
-    if (req->type != 1 || (flags & PTR_BIT) || req->count != 1 || req->size == 0 || req->size > 8 ||
+    if (req->type != XVF_IOREQ_TYPE_COPY || (flags & PTR_BIT) || req->count != 1 || req->size == 0 || req->size > 8 ||
         req->addr < MMIO_BASE || req->addr - MMIO_BASE >= MMIO_SIZE) {
         if (is_read) req->data = ~0ull;
     } else {
         uint64_t off = req->addr - MMIO_BASE;
         if (is_read) {
-            req->data = (off == 0x60 && req->size == 4) ? int_status : 0;
-        } else if (off == 0x50 && req->size == 4) {
+            req->data = (off == XVF_VIRTIO_MMIO_INTERRUPT_STATUS && req->size == 4) ? int_status : 0;
+        } else if (off == XVF_VIRTIO_MMIO_QUEUE_NOTIFY && req->size == 4) {
             uint64_t one = 1;
             if (kick_fd >= 0 && write(kick_fd, &one, 8) != 8) perror("kick");
-        } else if (off == 0x64 && req->size == 4) {
+        } else if (off == XVF_VIRTIO_MMIO_INTERRUPT_ACK && req->size == 4) {
             int_status &= ~(uint32_t)req->data;
         }
     }
@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     ndev = atoi(argv[4]);
     vpd = atoi(argv[5]);
     kick_fd = atoi(argv[6]);
-    pages = mmap(NULL, (size_t)ndev * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
+    pages = mmap(NULL, (size_t)ndev * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
     if (pages == MAP_FAILED) { perror("mmap"); return 2; }
     int fl = fcntl(evt, F_GETFL);
     fcntl(evt, F_SETFL, use_epoll ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK));
