@@ -129,3 +129,55 @@ def test_a_route_to_a_slot_the_page_lacks_is_refused(served):
     _dom, loop, ioreq, _thread = served
     with pytest.raises(XvfError, match="no slot"):
         loop.add_route(999, ioreq, 2)  # the domain has 2 vCPUs: slots 0 and 1
+
+
+@pytest.mark.parametrize("mod", IMPLS, ids=["cython", "python"])
+def test_a_vcpu_that_keeps_its_slot_busy_does_not_starve_the_others(mod):
+    """The spin starts after the slot it served last: with vCPU 0 READY again at every
+    look, vCPUs 1 and 2 are still served in turn (both implementations)."""
+    import mmap
+    import socket
+    import struct
+
+    from xvf.hotpath._layout import IOREQ_FLAGS, IOREQ_SIZE, STATE_IOREQ_READY
+    from xvf.platform.sim._hotpath import SimEventChannel
+
+    page = mmap.mmap(-1, 4096)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    try:
+        state = mod.MmioState()
+        state.handler = Scratch()
+        ioreq = mod.IoreqServer(page, 3, BASE, 0x200, state)
+        loop = mod.ServiceLoop(SimEventChannel(ours.fileno()))
+        for vcpu in range(3):
+            loop.add_route(vcpu + 1, ioreq, vcpu)
+        loop.set_polling(100_000)
+
+        def arm(vcpu: int) -> None:  # an InterruptStatus read, as Xen publishes it
+            base = vcpu * IOREQ_SIZE
+            struct.pack_into("<QQIII", page, base, BASE + 0x60, 0, 1, 4, vcpu + 1)
+            page[base + 31] = 1  # IOREQ_TYPE_COPY
+            page[base + IOREQ_FLAGS] = STATE_IOREQ_READY | 0x20  # a read
+
+        def state_of(vcpu: int) -> int:
+            return page[vcpu * IOREQ_SIZE + IOREQ_FLAGS] & 0x0F
+
+        for vcpu in range(3):
+            arm(vcpu)
+        served = []
+        for _ in range(3):
+            before = [state_of(v) for v in range(3)]
+            assert loop.run_once(1000) == 1
+            (vcpu,) = [v for v in range(3) if before[v] == STATE_IOREQ_READY != state_of(v)]
+            served.append(vcpu)
+            arm(0)  # vCPU 0 is READY again at once, every time
+        assert sorted(served) == [0, 1, 2], served
+        assert loop.polled == 3
+        for vcpu in range(3):
+            loop.remove_route(vcpu + 1)
+        ioreq.release()
+    finally:
+        ours.close()
+        theirs.close()
+        page.close()

@@ -90,6 +90,7 @@ cdef class ServiceLoop:
     cdef xvf_ioreq_t **_route_slot
     cdef uint32_t *_poll_ports
     cdef uint32_t _poll_len
+    cdef uint32_t _poll_next  # where the next spin starts: round robin, so no guest starves
     # While polling, ports whose event was read stay masked (Xen then only marks them
     # pending: no more events to read) and are unmasked together before the loop sleeps.
     cdef uint32_t *_masked

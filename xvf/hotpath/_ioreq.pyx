@@ -491,6 +491,7 @@ cdef class ServiceLoop:
         self._route_len = 0
         self._poll_ports = NULL
         self._poll_len = 0
+        self._poll_next = 0
         self._masked = NULL
         self._masked_len = 0
         self._fds = {}
@@ -640,14 +641,18 @@ cdef class ServiceLoop:
         """Watch the routed slots for a READY request for up to poll_ns; its port, or -1."""
         cdef timespec ts
         cdef uint64_t now, deadline
-        cdef uint32_t i, port
+        cdef uint32_t i, k, port
         clock_gettime(CLOCK_MONOTONIC, &ts)
         deadline = <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec + self.poll_ns
         while True:
-            for i in range(self._poll_len):
+            # From the slot after the last one served: a vCPU that keeps its slot busy
+            # cannot keep the others' requests waiting.
+            for k in range(self._poll_len):
+                i = (self._poll_next + k) % self._poll_len
                 port = self._poll_ports[i]
                 if (xvf_load_flags(&self._route_slot[port].flags)
                         & XVF_IOREQ_STATE_MASK) == XVF_STATE_IOREQ_READY:
+                    self._poll_next = i + 1
                     return <int>port
             clock_gettime(CLOCK_MONOTONIC, &ts)
             now = <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec

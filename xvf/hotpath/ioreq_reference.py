@@ -417,6 +417,7 @@ class ServiceLoop:
         self.evtchn_lost = False  # its other end went away (see _ioreq.pyx)
         self.poll_ns = 0
         self._masked: list[int] = []  # read while polling, unmasked before sleeping
+        self._poll_next = 0
         self.polled = 0
         self.idle_spins = 0
         self._add(evtchn.fileno(), KIND_EVTCHN, None)
@@ -470,10 +471,15 @@ class ServiceLoop:
     def _spin(self) -> int:
         """The port of a routed slot holding a READY request, within poll_ns; else -1."""
         deadline = time.monotonic_ns() + self.poll_ns
+        ports = list(self._routes)
         while True:
-            for port, (server, vcpu) in self._routes.items():
+            # From the slot after the last one served (round robin, as _ioreq.pyx).
+            for k in range(len(ports)):
+                i = (self._poll_next + k) % len(ports)
+                server, vcpu = self._routes[ports[i]]
                 if server.slot_state(vcpu) == STATE_IOREQ_READY:
-                    return port
+                    self._poll_next = i + 1
+                    return ports[i]
             if time.monotonic_ns() >= deadline:
                 return -1
             time.sleep(0)  # the GIL: the Cython spin runs without it
