@@ -4,6 +4,7 @@ Driven on the software Xen with both hot paths (Cython and its Python reference)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -178,6 +179,58 @@ def test_a_vcpu_that_keeps_its_slot_busy_does_not_starve_the_others(mod):
             loop.remove_route(vcpu + 1)
         ioreq.release()
     finally:
+        ours.close()
+        theirs.close()
+        page.close()
+
+
+@pytest.mark.parametrize("mod", IMPLS, ids=["cython", "python"])
+def test_a_loop_kept_busy_by_other_fds_does_not_keep_a_port_masked(mod):
+    """A port read while polling stays masked for the spin; when other fds keep the loop
+    from spinning, it is unmasked at once, so the guest's next notification is not held
+    back behind them (both implementations)."""
+    import mmap
+    import socket
+    import struct
+
+    from xvf.hotpath._layout import IOREQ_FLAGS, STATE_IOREQ_READY
+    from xvf.platform.sim._hotpath import SimEventChannel
+    from xvf.platform.sim.evtchn import NOTIFY_BIT
+
+    page = mmap.mmap(-1, 4096)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    r, w = os.pipe()
+    try:
+        state = mod.MmioState()
+        state.handler = Scratch()
+        ioreq = mod.IoreqServer(page, 1, BASE, 0x200, state)
+        loop = mod.ServiceLoop(SimEventChannel(ours.fileno()))
+        loop.add_route(1, ioreq, 0)
+        loop.set_polling(1000)
+        struct.pack_into("<QQIII", page, 0, BASE + 0x60, 0, 1, 4, 1)
+        page[31] = 1
+        page[IOREQ_FLAGS] = STATE_IOREQ_READY | 0x20
+        theirs.send(struct.pack("<I", 1))  # the event of that request
+        assert loop.run_once(1000) >= 1
+        words = []
+        while True:
+            try:
+                words += struct.unpack("<I", theirs.recv(4))
+            except BlockingIOError:
+                break
+        assert words == [1 | NOTIFY_BIT]  # answered, and port 1 kept masked for the spin
+        os.write(w, b"x")  # another fd that stays readable: no spin from now on
+        loop.add_reader(r, lambda: None)
+        loop.run_once(1000)
+        assert struct.unpack("<I", theirs.recv(4)) == (1,)  # unmasked without a spin
+        loop.remove_fd(r)
+        loop.remove_route(1)
+        ioreq.release()
+    finally:
+        for fd in (r, w):
+            os.close(fd)
         ours.close()
         theirs.close()
         page.close()

@@ -685,7 +685,12 @@ cdef class ServiceLoop:
             if self.poll_ns and self._poll_len and timeout_ms != 0:
                 # Polling: what is already there first, then the spin, then the sleep.
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
-                if n == 0:
+                if n != 0:
+                    # Busy with other fds, so no spin this time: the ports kept masked
+                    # for the spin are unmasked, or a guest whose request is only
+                    # pending would wait for as long as the others keep the loop busy.
+                    self._unmask_deferred()
+                else:
                     hit = self._spin()
                     spun = hit < 0
                     if spun:

@@ -528,7 +528,9 @@ class ServiceLoop:
         timeout = timeout_ms / 1000 if timeout_ms >= 0 else -1
         if self.poll_ns and self._routes and timeout_ms != 0:
             events = self._ep.poll(0, MAX_EVENTS)
-            if not events:
+            if events:
+                self._unmask_deferred()  # no spin this time (see _ioreq.pyx)
+            else:
                 port = self._spin()
                 if port >= 0:
                     server, vcpu = self._routes[port]
