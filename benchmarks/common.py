@@ -34,7 +34,7 @@ def build_c(name: str, extra: Sequence[str] = ()) -> str:
     src = os.path.join(C_DIR, name + ".c")
     exe = os.path.join(build_dir(), name)
     include = os.path.join(REPO, "include")  # the ABI facts: include/xvf/*.h
-    headers = glob.glob(os.path.join(include, "xvf", "*.h"))
+    headers = glob.glob(os.path.join(include, "xvf", "*.h")) + glob.glob(os.path.join(C_DIR, "*.h"))
     newest = max(os.path.getmtime(f) for f in [src, *headers])
     if os.path.exists(exe) and os.path.getmtime(exe) >= newest:
         return exe

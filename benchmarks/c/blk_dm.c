@@ -31,11 +31,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "xvf/virtio_mmio.h"
 #include "xvf/xen_dmop.h"
 #include "xvf/xen_ioreq.h"
 
-#define NOTIFY_BIT 0x80000000u
 #define WINDOW 0x200u
 
 static volatile xvf_ioreq_t *slot;

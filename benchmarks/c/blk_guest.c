@@ -37,11 +37,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "xvf/virtio_mmio.h"
 #include "xvf/virtio_ring.h"
 #include "xvf/xen_ioreq.h"
 
-#define NOTIFY_BIT 0x80000000u     /* the simulator's tag for IOCTL_EVTCHN_NOTIFY */
 #define BLK_T_IN 0u
 #define BLK_T_OUT 1u
 #define SECTOR 512u

@@ -34,6 +34,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 
+#include "bench.h"
 #include "xvf/virtio_mmio.h"
 #include "xvf/xen_arm.h"
 #include "xvf/xen_ioreq.h"
@@ -43,21 +44,11 @@
 #define ST_NONE XVF_STATE_IOREQ_NONE
 #define ST_READY XVF_STATE_IOREQ_READY
 #define ST_RESP XVF_STATE_IORESP_READY
-#define NOTIFY_BIT 0x80000000u  /* the simulator's IOCTL_EVTCHN_NOTIFY tag */
 #define MMIO_BASE XVF_GUEST_VIRTIO_MMIO_BASE
 #define REG_NOTIFY XVF_VIRTIO_MMIO_QUEUE_NOTIFY
 #define REG_ISR XVF_VIRTIO_MMIO_INTERRUPT_STATUS
 #define REG_ACK XVF_VIRTIO_MMIO_INTERRUPT_ACK
 #define PAGE XVF_PAGE_SIZE
-
-/* A spin-wait hint (x86 PAUSE, Arm YIELD). */
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__) || defined(__arm__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() do { } while (0)
-#endif
 
 typedef xvf_ioreq_t ioreq_t;
 

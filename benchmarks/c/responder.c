@@ -27,6 +27,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "xvf/virtio_mmio.h"
 #include "xvf/xen_arm.h"
 #include "xvf/xen_ioreq.h"
@@ -37,19 +38,9 @@
 #define ST_READY XVF_STATE_IOREQ_READY
 #define ST_INPROC XVF_STATE_IOREQ_INPROCESS
 #define ST_RESP XVF_STATE_IORESP_READY
-#define NOTIFY_BIT 0x80000000u  /* the simulator's IOCTL_EVTCHN_NOTIFY tag */
 #define MMIO_BASE XVF_GUEST_VIRTIO_MMIO_BASE  /* the first window libxl gives */
 #define MMIO_SIZE XVF_VIRTIO_MMIO_DEV_SIZE
 #define PAGE XVF_PAGE_SIZE
-
-/* A spin-wait hint (x86 PAUSE, Arm YIELD). */
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__) || defined(__arm__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() do { } while (0)
-#endif
 
 typedef xvf_ioreq_t ioreq_t;
 
