@@ -52,8 +52,9 @@ class CDeviceModel:
         )
         port = self.evtchn.bind_interdomain(dom.domid, vp_eport)
         self.server.map_mmio_range(spec.base, spec.base + L.VIRTIO_MMIO_DEV_SIZE - 1)
-        irq_line = self.plat.irq_line(dom.domid, spec.irq)
-        del irq_line  # only its connection is used: the C program sends the dm_ops
+        # Only its connection is used (kept open while the line lives): the C program
+        # sends the dm_ops itself.
+        self._irq_line = self.plat.irq_line(dom.domid, spec.irq)
         prefix = C.HEADER.pack(C.OP_DM_OP, C.DM_OP_PREFIX.size + C.DM_OP_SIZE)
         prefix += C.DM_OP_PREFIX.pack(dom.domid, 0, 0)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
@@ -62,7 +63,7 @@ class CDeviceModel:
         ack_r, ack_w = os.pipe()
         self._ack = ack_w
         page_fd = dom.servers[self.server.id].fd
-        irq_fd = self.plat._irq_sock.fileno() if self.plat._irq_sock is not None else -1
+        irq_fd = self._irq_line.fd
         args = {
             "page_fd": page_fd,
             "page_off": L.IOREQ_SERVER_FRAME_IOREQ * L.PAGE_SIZE,

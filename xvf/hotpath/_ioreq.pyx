@@ -1,18 +1,27 @@
 # cython: language_level=3
 """The ioreq service loop and the hot virtio-mmio registers.
 
-One `ServiceLoop` per daemon multiplexes, with epoll, the event-channel handle
-(ioreq notifications from every vCPU of every IOREQ server), the backends' call
-eventfds and any Python-level fds (xenstore, vhost-user sockets). Ioreq slots
-are decoded here; QueueNotify, InterruptStatus and InterruptACK are answered
-without calling Python. Every other register goes to the device's Python
-register file (xvf.protocols.virtio_mmio), which shares this module's `MmioState`.
+A `ServiceLoop` multiplexes, with epoll, an event-channel handle (ioreq
+notifications from the vCPUs routed to it), the backends' call eventfds and any
+Python-level fds (xenstore, vhost-user sockets). Ioreq slots are decoded here;
+QueueNotify, InterruptStatus and InterruptACK are answered without the GIL.
+Every other register goes to the device's Python register file
+(xvf.protocols.virtio_mmio), which shares this module's `MmioState`.
+
+Threads: the daemon's own loop runs on its main thread. A guest may have a loop
+of its own on a thread of its own (`serve_forever`, GIL-free): it then serves only
+the hot registers and call fds, and posts every other access to the daemon's
+thread (IoreqServer.enable_posting), where all Python runs. Tables one thread
+changes while another reads them have a mutex each, always taken with the GIL
+released (a thread holding one may wait for the GIL: the simulator's dm_op
+replies come from a Python thread). Lock order: loop, server, device.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.ref cimport PyObject
 from libc.errno cimport EBADF, ECONNRESET, EFAULT, EINTR, EINVAL, ENOTCONN, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -21,8 +30,10 @@ from xvf.hotpath.includes.linux_xen cimport (
     XVF_IOCTL_PRIVCMD_DM_OP, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
 )
 from xvf.hotpath.includes.system cimport (
-    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, epoll_create1,
-    close, epoll_ctl, epoll_event, epoll_wait, ioctl, read, write,
+    EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP,
+    EPOLLIN, close, epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd, ioctl,
+    pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock, read,
+    write,
 )
 from xvf.hotpath.includes.virtio_mmio cimport (
     XVF_VIRTIO_MMIO_INT_VRING, XVF_VIRTIO_MMIO_INTERRUPT_ACK, XVF_VIRTIO_MMIO_INTERRUPT_STATUS,
@@ -48,6 +59,19 @@ cdef extern from *:
         { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v)
         { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    /* Claim a slot (READY -> INPROCESS) that two threads may both see READY: the
+     * guest's service thread and the daemon's answering what waits at a stop. */
+    static inline int xvf_claim_flags(volatile uint8_t *p, uint8_t seen, uint8_t claimed)
+        { return __atomic_compare_exchange_n(p, &seen, claimed, 0,
+                                             __ATOMIC_ACQUIRE, __ATOMIC_RELAXED); }
+    static inline uint8_t xvf_take_u8(volatile uint8_t *p)
+        { return __atomic_exchange_n(p, 0, __ATOMIC_ACQ_REL); }
+    static inline void xvf_set_u8(volatile uint8_t *p)
+        { __atomic_store_n(p, 1, __ATOMIC_RELEASE); }
+    static inline uint32_t xvf_load_u32(volatile uint32_t *p)
+        { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void xvf_count(volatile uint64_t *p)
+        { __atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
     /* A spin-wait hint: lets the sibling hardware thread run (x86 PAUSE, Arm YIELD). */
     static inline void xvf_cpu_relax(void) {
     #if defined(__x86_64__) || defined(__i386__)
@@ -62,6 +86,11 @@ cdef extern from *:
     void xvf_full() nogil
     uint8_t xvf_load_flags(uint8_t *p) nogil
     void xvf_store_flags(uint8_t *p, uint8_t v) nogil
+    bint xvf_claim_flags(uint8_t *p, uint8_t seen, uint8_t claimed) nogil
+    uint8_t xvf_take_u8(uint8_t *p) nogil
+    void xvf_set_u8(uint8_t *p) nogil
+    uint32_t xvf_load_u32(uint32_t *p) nogil
+    void xvf_count(uint64_t *p) nogil
     void xvf_cpu_relax() nogil
 
 import logging
@@ -74,9 +103,22 @@ from xvf.ratelimit import RateLimitedLog  # noqa: E402
 
 cdef enum:
     MAX_EVENTS = 64
+    KIND_NONE = 0
     KIND_EVTCHN = 1
     KIND_CALL = 2
     KIND_PYTHON = 3
+    KIND_WAKE = 4     # serve_forever's stop signal
+
+cdef enum:
+    # what c_service_hot did with a slot
+    SERVED_NOTHING = 0
+    SERVED = 1        # answered: notify the vCPU
+    SERVE_SLOW = 2    # claimed; the register needs Python: the caller serves it with the GIL
+    SERVE_POSTED = 3  # claimed and handed to the daemon's thread, which answers it
+
+
+cdef void _line_failed(uint32_t irq, int level, int rc) noexcept with gil:
+    log.error("%s irq %d failed: errno %d", "raising" if level else "lowering", irq, -rc)
 
 
 def fence_acquire() -> None:
@@ -160,6 +202,10 @@ cdef class MmioState:
         self._deferred = {}
         self._deferring = <uint64_t>-1
         self._handler_errors = RateLimitedLog(log)
+        pthread_mutex_init(&self.lock, NULL)
+
+    def __dealloc__(self):
+        pthread_mutex_destroy(&self.lock)
 
     def defer_access(self) -> int:
         """Called by a register handler: leave the current access unanswered until
@@ -203,43 +249,52 @@ cdef class MmioState:
         return MAX_QUEUES
 
     def set_kick_fd(self, uint32_t queue, int fd) -> None:
-        """Where QueueNotify for `queue` goes (-1: nowhere, the queue is not live)."""
+        """Where QueueNotify for `queue` goes (-1: nowhere, the queue is not live).
+        Once it returns, no notify writes to the fd it replaced: it may be closed."""
         if queue >= MAX_QUEUES:
             raise XvfError(f"queue {queue} beyond the {MAX_QUEUES} queues xvf supports")
-        self.kick_fds[queue] = fd
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.kick_fds[queue] = fd
+            pthread_mutex_unlock(&self.lock)
 
     def kick_fd(self, uint32_t queue) -> int:
         return self.kick_fds[queue] if queue < MAX_QUEUES else -1
 
-    cdef void c_raise(self, uint32_t bits) noexcept:
-        cdef uint32_t old = self.int_status
+    cdef void c_raise(self, uint32_t bits) noexcept nogil:
+        # The line follows int_status under the lock: a raise and an ack racing on two
+        # threads cannot leave the line high with nothing pending, or low with something.
+        # The dm_op blocks until Xen (or the software Xen) answers: never with the GIL.
+        cdef int rc = 0
+        cdef uint32_t old
+        pthread_mutex_lock(&self.lock)
+        old = self.int_status
         self.int_status = old | bits
         self.interrupts += 1
         if old == 0 and self.irq is not None:
-            self._drive_line(1)
-
-    cdef void _drive_line(self, int level) noexcept:
-        # The dm_op blocks until Xen (or the software Xen, which may live in this
-        # very process in tests) answers: never hold the GIL across it.
-        cdef IrqLine line = self.irq
-        cdef int rc
-        with nogil:
-            rc = line.c_set(level)
+            rc = self.irq.c_set(1)
+        pthread_mutex_unlock(&self.lock)
         if rc < 0:
-            log.error("%s irq %d failed: errno %d", "raising" if level else "lowering",
-                      line.irq, -rc)
+            _line_failed(self.irq.irq, 1, rc)
 
     def raise_interrupt(self, uint32_t bits) -> None:
         """Set InterruptStatus bits and assert the line (used-buffer or config change)."""
-        self.c_raise(bits)
+        with nogil:
+            self.c_raise(bits)
 
-    cdef void c_ack(self, uint32_t bits) noexcept:
+    cdef void c_ack(self, uint32_t bits) noexcept nogil:
+        cdef int rc = 0
+        pthread_mutex_lock(&self.lock)
         self.int_status &= ~bits
         if self.int_status == 0 and self.irq is not None and self.irq.level:
-            self._drive_line(0)
+            rc = self.irq.c_set(0)
+        pthread_mutex_unlock(&self.lock)
+        if rc < 0:
+            _line_failed(self.irq.irq, 0, rc)
 
     def ack_interrupt(self, uint32_t bits) -> None:
-        self.c_ack(bits)
+        with nogil:
+            self.c_ack(bits)
 
     cdef void c_begin(self) noexcept:
         self._deferring = 0
@@ -250,12 +305,53 @@ cdef class MmioState:
         self._deferring = <uint64_t>-1
         return token
 
-    cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept:
+    cdef bint c_read_hot(self, uint64_t offset, uint32_t size, uint64_t *value) noexcept nogil:
+        """Answer a read without Python if it is a hot register; False if it is not."""
         if offset == XVF_VIRTIO_MMIO_INTERRUPT_STATUS and size == 4:
-            self.hot_accesses += 1
+            xvf_count(&self.hot_accesses)
+            value[0] = xvf_load_u32(&self.int_status)
             if self.vring_sticky:
-                return self.int_status | XVF_VIRTIO_MMIO_INT_VRING
-            return self.int_status
+                value[0] |= XVF_VIRTIO_MMIO_INT_VRING
+            return True
+        return False
+
+    cdef bint c_write_hot(self, uint64_t offset, uint32_t size, uint64_t value) noexcept nogil:
+        """Perform a write without Python if it is a hot register; False if it is not."""
+        cdef uint32_t queue
+        cdef uint64_t one = 1
+        cdef int fd
+        cdef uint32_t status
+        if size == 4 and offset == XVF_VIRTIO_MMIO_QUEUE_NOTIFY:
+            xvf_count(&self.hot_accesses)
+            queue = value & 0xffff      # upper bits: VIRTIO_F_NOTIFICATION_DATA
+            status = xvf_load_u32(&self.status)
+            # The lock keeps set_kick_fd from closing the fd between the load and the write.
+            pthread_mutex_lock(&self.lock)
+            fd = self.kick_fds[queue] if queue < MAX_QUEUES else -1
+            # The spec forbids notifying before DRIVER_OK or after NEEDS_RESET;
+            # such notifies are dropped, never forwarded to a backend.
+            if (fd < 0 or not (status & XVF_VIRTIO_STATUS_DRIVER_OK)
+                    or (status & XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET)):
+                self.ignored_notifies += 1
+            else:
+                self.notifies += 1
+                if write(fd, &one, 8) != 8:
+                    self.ignored_notifies += 1
+            pthread_mutex_unlock(&self.lock)
+            return True
+        if size == 4 and offset == XVF_VIRTIO_MMIO_INTERRUPT_ACK:
+            xvf_count(&self.hot_accesses)
+            self.c_ack(<uint32_t>value)
+            return True
+        return False
+
+    cdef uint64_t c_read(self, uint64_t offset, uint32_t size) noexcept:
+        cdef uint64_t value = 0
+        cdef bint hot
+        with nogil:
+            hot = self.c_read_hot(offset, size, &value)
+        if hot:
+            return value
         self.slow_accesses += 1
         try:
             return <uint64_t>self.handler.mmio_read(offset, size)
@@ -265,26 +361,10 @@ cdef class MmioState:
             return 0
 
     cdef void c_write(self, uint64_t offset, uint32_t size, uint64_t value) noexcept:
-        cdef uint32_t queue
-        cdef uint64_t one = 1
-        cdef int fd
-        if size == 4 and offset == XVF_VIRTIO_MMIO_QUEUE_NOTIFY:
-            self.hot_accesses += 1
-            queue = value & 0xffff      # upper bits: VIRTIO_F_NOTIFICATION_DATA
-            fd = self.kick_fds[queue] if queue < MAX_QUEUES else -1
-            # The spec forbids notifying before DRIVER_OK or after NEEDS_RESET;
-            # such notifies are dropped, never forwarded to a backend.
-            if (fd < 0 or not (self.status & XVF_VIRTIO_STATUS_DRIVER_OK)
-                    or (self.status & XVF_VIRTIO_STATUS_DEVICE_NEEDS_RESET)):
-                self.ignored_notifies += 1
-                return
-            self.notifies += 1
-            if write(fd, &one, 8) != 8:
-                self.ignored_notifies += 1
-            return
-        if size == 4 and offset == XVF_VIRTIO_MMIO_INTERRUPT_ACK:
-            self.hot_accesses += 1
-            self.c_ack(<uint32_t>value)
+        cdef bint hot
+        with nogil:
+            hot = self.c_write_hot(offset, size, value)
+        if hot:
             return
         self.slow_accesses += 1
         try:
@@ -318,6 +398,9 @@ cdef class IoreqServer:
 
     def __cinit__(self, page, uint32_t nr_vcpus, uint64_t base=0, uint64_t size=0,
                   MmioState device=None):
+        self.posted_fd = -1
+        self.posted = NULL
+        pthread_mutex_init(&self.lock, NULL)
         PyObject_GetBuffer(page, &self.view, PyBUF_WRITABLE)
         self.have_view = True
         if <size_t>self.view.len < nr_vcpus * XVF_IOREQ_SIZE:
@@ -333,6 +416,43 @@ cdef class IoreqServer:
     def __dealloc__(self):
         if self.have_view:
             PyBuffer_Release(&self.view)
+        if self.posted_fd >= 0:
+            close(self.posted_fd)
+        free(self.posted)
+        pthread_mutex_destroy(&self.lock)
+
+    def enable_posting(self) -> int:
+        """Hand accesses the hot path cannot answer to whoever reads the returned
+        eventfd and calls `serve_posted` (the daemon's thread), instead of serving
+        them on the loop's thread: for a guest whose loop runs without the GIL."""
+        if self.posted_fd < 0:
+            self.posted = <uint8_t *>calloc(max(self.nr_vcpus, 1), 1)
+            if self.posted == NULL:
+                raise MemoryError()
+            self.posted_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if self.posted_fd < 0:
+                raise OSError(errno, "eventfd failed")
+        return self.posted_fd
+
+    @property
+    def posting(self) -> bool:
+        return self.posted_fd >= 0
+
+    def serve_posted(self) -> int:
+        """Serve the accesses the service thread posted; returns how many were answered
+        (each answered vCPU is notified through `notify_vcpu`)."""
+        cdef uint64_t count
+        cdef uint32_t vcpu
+        cdef int n = 0
+        if self.posted_fd < 0:
+            return 0
+        read(self.posted_fd, &count, 8)  # nonblocking: a drained counter is fine
+        for vcpu in range(self.nr_vcpus):
+            if xvf_take_u8(&self.posted[vcpu]) and self.c_serve_slow(vcpu):
+                n += 1
+                if self.notify_vcpu is not None:
+                    self.notify_vcpu(vcpu)
+        return n
 
     def add_window(self, uint64_t base, uint64_t size, MmioState device) -> None:
         """Route accesses to [base, base + size) to `device`."""
@@ -344,23 +464,34 @@ cdef class IoreqServer:
                 raise XvfError(f"MMIO window {base:#x}+{size:#x} overlaps {self.win_base[i]:#x}")
         if self.nr_windows >= MAX_WINDOWS:
             raise XvfError(f"one IOREQ server serves at most {MAX_WINDOWS} devices")
-        self.win_base[self.nr_windows] = base
-        self.win_size[self.nr_windows] = size
-        self._win_dev.append(device)
-        self.nr_windows += 1
+        self._win_dev.append(device)  # holds the reference the borrowed pointer relies on
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.win_base[self.nr_windows] = base
+            self.win_size[self.nr_windows] = size
+            self.win_ptr[self.nr_windows] = <PyObject *>device
+            self.nr_windows += 1
+            pthread_mutex_unlock(&self.lock)
 
     def remove_window(self, uint64_t base) -> None:
         cdef uint32_t i, j
-        for i in range(self.nr_windows):
-            if self.win_base[i] == base:
-                for j in range(i, self.nr_windows - 1):
-                    self.win_base[j] = self.win_base[j + 1]
-                    self.win_size[j] = self.win_size[j + 1]
-                del self._win_dev[i]
-                self.nr_windows -= 1
-                self.last_hit = 0
-                return
-        raise XvfError(f"no MMIO window at {base:#x}")
+        cdef int found = -1
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            for i in range(self.nr_windows):
+                if self.win_base[i] == base:
+                    found = i
+                    for j in range(i, self.nr_windows - 1):
+                        self.win_base[j] = self.win_base[j + 1]
+                        self.win_size[j] = self.win_size[j + 1]
+                        self.win_ptr[j] = self.win_ptr[j + 1]
+                    self.nr_windows -= 1
+                    self.last_hit = 0
+                    break
+            pthread_mutex_unlock(&self.lock)
+        if found < 0:
+            raise XvfError(f"no MMIO window at {base:#x}")
+        del self._win_dev[found]  # only now: the service thread no longer sees it
 
     @property
     def windows(self) -> list:
@@ -369,7 +500,8 @@ cdef class IoreqServer:
                 for i in range(self.nr_windows)]
 
     def release(self) -> None:
-        """Drop the reference to the page so the caller can unmap it."""
+        """Drop the reference to the page so the caller can unmap it (after the loops
+        serving it removed its routes)."""
         if self.have_view:
             self.slots = NULL
             PyBuffer_Release(&self.view)
@@ -385,8 +517,8 @@ cdef class IoreqServer:
             raise XvfError(f"no vCPU {vcpu}")
         return self.slots[vcpu].vp_eport
 
-    cdef int c_window(self, uint64_t addr) noexcept:
-        """Index of the window holding `addr`, or -1."""
+    cdef int c_window(self, uint64_t addr) noexcept nogil:
+        """Index of the window holding `addr`, or -1. With self.lock held."""
         cdef uint32_t i = self.last_hit
         if i < self.nr_windows and addr - self.win_base[i] < self.win_size[i] \
                 and addr >= self.win_base[i]:
@@ -417,41 +549,100 @@ cdef class IoreqServer:
             self.notify_vcpu(vcpu)
         return True
 
-    cdef bint c_service(self, uint32_t vcpu) noexcept:
-        """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
+    cdef int c_service_hot(self, uint32_t vcpu, bint post) noexcept nogil:
+        """Claim the slot of `vcpu` if it holds a request and answer it if no Python is
+        needed (SERVED); a register that needs Python is left claimed (SERVE_SLOW), or
+        with `post` and posting enabled, handed to the daemon's thread (SERVE_POSTED)."""
         cdef xvf_ioreq_t *req
         cdef uint8_t flags
-        cdef uint64_t offset, value
+        cdef uint64_t offset, value = 0
         cdef int w = -1
         cdef bint is_read
-        cdef uint64_t token
+        cdef bint hot = False
+        cdef uint64_t one = 1
+        if self.slots == NULL or vcpu >= self.nr_vcpus:
+            return SERVED_NOTHING
+        req = &self.slots[vcpu]
+        flags = xvf_load_flags(&req.flags)
+        if (flags & XVF_IOREQ_STATE_MASK) != XVF_STATE_IOREQ_READY:
+            return SERVED_NOTHING
+        if not xvf_claim_flags(&req.flags, flags,
+                               (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IOREQ_INPROCESS):
+            return SERVED_NOTHING  # another thread claimed it
+        xvf_count(&self.requests)
+        is_read = (flags & XVF_IOREQ_DIR_BIT) != 0
+        if req.type == XVF_IOREQ_TYPE_INVALIDATE:
+            # Only an answer is wanted. Backends hold their own mappings and xvf's foreign
+            # mapping is made once at DRIVER_OK (see docs/real-xen.md: ballooning).
+            xvf_count(&self.invalidates)
+            if is_read:  # never from Xen; answered like any read that is no MMIO access
+                req.data = ~(<uint64_t>0)
+        elif (req.type == XVF_IOREQ_TYPE_COPY and not (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
+                and req.count == 1 and req.size != 0 and req.size <= 8):
+            pthread_mutex_lock(&self.lock)
+            w = self.c_window(req.addr)
+            if w >= 0:
+                offset = req.addr - self.win_base[w]
+                if is_read:
+                    hot = (<MmioState>self.win_ptr[w]).c_read_hot(offset, req.size, &value)
+                    if hot:
+                        if req.size < 8:
+                            value &= (((<uint64_t>1) << (req.size * 8)) - 1)
+                        req.data = value
+                else:
+                    value = req.data
+                    if req.size < 8:
+                        value &= (((<uint64_t>1) << (req.size * 8)) - 1)
+                    hot = (<MmioState>self.win_ptr[w]).c_write_hot(offset, req.size, value)
+            pthread_mutex_unlock(&self.lock)
+            if w < 0:
+                # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
+                xvf_count(&self.bad_requests)
+                if is_read:
+                    req.data = ~(<uint64_t>0)
+            elif not hot:
+                if post and self.posted_fd >= 0:
+                    xvf_set_u8(&self.posted[vcpu])
+                    write(self.posted_fd, &one, 8)
+                    return SERVE_POSTED
+                return SERVE_SLOW
+        else:
+            xvf_count(&self.bad_requests)
+            if is_read:
+                req.data = ~(<uint64_t>0)
+        xvf_release()
+        xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
+        return SERVED
+
+    cdef bint c_serve_slow(self, uint32_t vcpu) noexcept:
+        """Serve, with the GIL, the access c_service_hot claimed and left (the slot is
+        INPROCESS); True if a response was posted, False if it is deferred or gone."""
+        cdef xvf_ioreq_t *req
+        cdef uint8_t flags
+        cdef uint64_t offset = 0, value, token
+        cdef int w
+        cdef bint is_read
         cdef MmioState device
         if self.slots == NULL or vcpu >= self.nr_vcpus:
             return False
         req = &self.slots[vcpu]
         flags = xvf_load_flags(&req.flags)
-        if (flags & XVF_IOREQ_STATE_MASK) != XVF_STATE_IOREQ_READY:
+        if (flags & XVF_IOREQ_STATE_MASK) != XVF_STATE_IOREQ_INPROCESS:
             return False
-        xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IOREQ_INPROCESS)
-        self.requests += 1
         is_read = (flags & XVF_IOREQ_DIR_BIT) != 0
-        if (req.type == XVF_IOREQ_TYPE_COPY and not (flags & XVF_IOREQ_DATA_IS_PTR_BIT)
-                and req.count == 1 and req.size != 0 and req.size <= 8):
+        with nogil:
+            pthread_mutex_lock(&self.lock)
             w = self.c_window(req.addr)
-        if req.type == XVF_IOREQ_TYPE_INVALIDATE:
-            # Only an answer is wanted. Backends hold their own mappings and xvf's foreign
-            # mapping is made once at DRIVER_OK (see docs/real-xen.md: ballooning).
-            self.invalidates += 1
-            if is_read:  # never from Xen; answered like any read that is no MMIO access
-                req.data = ~(<uint64_t>0)
-        elif w < 0:
-            # Not an access virtio-mmio can be asked for on Arm: answer, never hang the vCPU.
-            self.bad_requests += 1
+            if w >= 0:
+                offset = req.addr - self.win_base[w]
+            pthread_mutex_unlock(&self.lock)
+        if w < 0:  # the window went away since the access was claimed
+            xvf_count(&self.bad_requests)
             if is_read:
                 req.data = ~(<uint64_t>0)
         else:
+            # Windows change only on this (the daemon's) thread: index w is still valid.
             device = <MmioState>self._win_dev[w]
-            offset = req.addr - self.win_base[w]
             device.c_begin()
             if is_read:
                 value = device.c_read(offset, req.size)
@@ -473,19 +664,35 @@ cdef class IoreqServer:
         xvf_store_flags(&req.flags, (flags & ~XVF_IOREQ_STATE_MASK) | XVF_STATE_IORESP_READY)
         return True
 
+    cdef bint c_service(self, uint32_t vcpu) noexcept:
+        """Serve the slot of `vcpu` if it holds a request; True if a response was posted."""
+        cdef int done
+        with nogil:
+            done = self.c_service_hot(vcpu, False)
+        if done == SERVE_SLOW:
+            return self.c_serve_slow(vcpu)
+        return done == SERVED
+
     def service(self, uint32_t vcpu) -> bool:
         return self.c_service(vcpu)
 
 
 cdef class ServiceLoop:
-    """epoll over the event channel, backends' call fds and Python callbacks."""
+    """epoll over an event channel, backends' call fds and Python callbacks.
+
+    `run_once` serves it from the calling thread (the daemon's loop); `serve_forever`
+    on a thread of its own, GIL-free (a guest's service thread: no Python callbacks,
+    and its servers post what needs Python to the daemon's thread)."""
 
     def __cinit__(self, EventChannel evtchn):
+        pthread_mutex_init(&self.lock, NULL)
+        self._wake_fd = -1
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self.evtchn = evtchn
         self._route_server = []
+        self._route_srv = NULL
         self._route_vcpu = NULL
         self._route_slot = NULL
         self._route_len = 0
@@ -494,28 +701,86 @@ cdef class ServiceLoop:
         self._poll_next = 0
         self._masked = NULL
         self._masked_len = 0
+        self._slow_ports = NULL
+        self._slow_len = 0
+        self._fd_kind = NULL
+        self._fd_obj = NULL
+        self._fd_cap = 0
         self._fds = {}
         self._add(evtchn.fd, KIND_EVTCHN, None)
 
     def __dealloc__(self):
+        free(self._route_srv)
         free(self._route_vcpu)
         free(self._route_slot)
         free(self._poll_ports)
         free(self._masked)
+        free(self._slow_ports)
+        free(self._fd_kind)
+        free(self._fd_obj)
+        if self._wake_fd >= 0:
+            close(self._wake_fd)
         if self.epfd >= 0:
             close(self.epfd)
+        pthread_mutex_destroy(&self.lock)
 
     cdef _add(self, int fd, int kind, object obj):
         cdef epoll_event ev
+        cdef uint8_t *kinds
+        cdef PyObject **objs
+        cdef int n, i
+        if fd < 0:
+            raise XvfError(f"cannot watch fd {fd}")
+        if kind == KIND_PYTHON and self.own_thread:
+            raise XvfError("a loop on its own thread runs no Python callbacks")
+        if fd in self._fds:
+            raise XvfError(f"fd {fd} is watched already")
+        if fd >= self._fd_cap:
+            n = fd + 64
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                kinds = <uint8_t *>realloc(self._fd_kind, n * sizeof(uint8_t))
+                if kinds != NULL:
+                    self._fd_kind = kinds
+                objs = <PyObject **>realloc(self._fd_obj, n * sizeof(PyObject *))
+                if objs != NULL:
+                    self._fd_obj = objs
+                if kinds != NULL and objs != NULL:
+                    for i in range(self._fd_cap, n):
+                        self._fd_kind[i] = KIND_NONE
+                        self._fd_obj[i] = NULL
+                    self._fd_cap = n
+                pthread_mutex_unlock(&self.lock)
+            if fd >= self._fd_cap:
+                raise MemoryError()
+        self._fds[fd] = (kind, obj)  # owns obj for as long as the table points at it
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self._fd_kind[fd] = kind
+            self._fd_obj[fd] = <PyObject *>obj
+            pthread_mutex_unlock(&self.lock)
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>fd
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            raise OSError(errno, f"epoll_ctl(ADD, fd {fd}) failed")
-        self._fds[fd] = (kind, obj)
+            err = errno
+            self._forget(fd)
+            raise OSError(err, f"epoll_ctl(ADD, fd {fd}) failed")
+
+    cdef void _forget(self, int fd) noexcept:
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if fd < self._fd_cap:
+                self._fd_kind[fd] = KIND_NONE
+                self._fd_obj[fd] = NULL
+            pthread_mutex_unlock(&self.lock)
+        self._fds.pop(fd, None)
 
     def remove_fd(self, int fd) -> None:
-        if self._fds.pop(fd, None) is not None:
+        """Stop watching `fd`. Once this returns the loop no longer touches it (even
+        from its own thread), so the caller may close it."""
+        if fd in self._fds:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+            self._forget(fd)
 
     def add_call_fd(self, int fd, MmioState device) -> None:
         """A backend's call eventfd: each signal sets the used-buffer interrupt."""
@@ -527,53 +792,83 @@ cdef class ServiceLoop:
 
     def add_route(self, uint32_t port, IoreqServer server, uint32_t vcpu) -> None:
         """Ioreq notifications arriving on local `port` are for `vcpu` of `server`."""
-        cdef uint32_t *grown
-        cdef xvf_ioreq_t **grown_slots
-        cdef uint32_t n, i
+        cdef uint32_t n
         if vcpu >= server.nr_vcpus or server.slots == NULL:
             raise XvfError(f"vCPU {vcpu} has no slot in this ioreq page")
+        if self.own_thread and not server.posting:
+            raise XvfError("a loop on its own thread serves only servers that post")
         if port >= self._route_len:
             n = port + 64
-            grown = <uint32_t *>realloc(self._route_vcpu, n * sizeof(uint32_t))
-            if grown == NULL:
-                raise MemoryError()
-            self._route_vcpu = grown
-            grown_slots = <xvf_ioreq_t **>realloc(self._route_slot, n * sizeof(xvf_ioreq_t *))
-            if grown_slots == NULL:
-                raise MemoryError()
-            self._route_slot = grown_slots
-            for i in range(self._route_len, n):
-                self._route_slot[i] = NULL
-            grown = <uint32_t *>realloc(self._poll_ports, n * sizeof(uint32_t))
-            if grown == NULL:
-                raise MemoryError()
-            self._poll_ports = grown
-            grown = <uint32_t *>realloc(self._masked, n * sizeof(uint32_t))
-            if grown == NULL:
-                raise MemoryError()
-            self._masked = grown
             self._route_server.extend([None] * (n - self._route_len))
-            self._route_len = n
-        self._route_server[port] = server
-        self._route_vcpu[port] = vcpu
-        # The route list holds the server, and the server holds its page until
-        # release(), which callers do only after remove_route: the pointer stays valid.
-        self._route_slot[port] = &server.slots[vcpu]
-        self._index_polled()
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                n = self._grow_routes(n)
+                pthread_mutex_unlock(&self.lock)
+            if n == 0:
+                raise MemoryError()
+        self._route_server[port] = server  # the reference the borrowed pointers rely on
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self._route_srv[port] = <PyObject *>server
+            self._route_vcpu[port] = vcpu
+            # The server holds its page until release(), which callers do only after
+            # remove_route: the slot pointer stays valid while routed.
+            self._route_slot[port] = &server.slots[vcpu]
+            self._index_polled()
+            pthread_mutex_unlock(&self.lock)
+
+    cdef uint32_t _grow_routes(self, uint32_t n) noexcept nogil:
+        """Grow every per-port table to n entries (lock held); 0 if out of memory."""
+        cdef uint32_t i
+        cdef void *p
+        p = realloc(self._route_srv, n * sizeof(PyObject *))
+        if p == NULL:
+            return 0
+        self._route_srv = <PyObject **>p
+        p = realloc(self._route_vcpu, n * sizeof(uint32_t))
+        if p == NULL:
+            return 0
+        self._route_vcpu = <uint32_t *>p
+        p = realloc(self._route_slot, n * sizeof(xvf_ioreq_t *))
+        if p == NULL:
+            return 0
+        self._route_slot = <xvf_ioreq_t **>p
+        p = realloc(self._poll_ports, n * sizeof(uint32_t))
+        if p == NULL:
+            return 0
+        self._poll_ports = <uint32_t *>p
+        p = realloc(self._masked, n * sizeof(uint32_t))
+        if p == NULL:
+            return 0
+        self._masked = <uint32_t *>p
+        p = realloc(self._slow_ports, n * sizeof(uint32_t))
+        if p == NULL:
+            return 0
+        self._slow_ports = <uint32_t *>p
+        for i in range(self._route_len, n):
+            self._route_srv[i] = NULL
+            self._route_slot[i] = NULL
+        self._route_len = n
+        return n
 
     def remove_route(self, uint32_t port) -> None:
+        """Once this returns the loop no longer reads the port's slot."""
         if port < self._route_len:
-            self._unmask_deferred()  # before the port can be unbound and reused
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                self._unmask_deferred()  # before the port can be unbound and reused
+                self._route_srv[port] = NULL
+                self._route_slot[port] = NULL
+                self._index_polled()
+                pthread_mutex_unlock(&self.lock)
             self._route_server[port] = None
-            self._route_slot[port] = NULL
-            self._index_polled()
 
     cdef void _unmask_deferred(self) noexcept nogil:
         if self._masked_len:
             self.evtchn.c_unmask_many(self._masked, self._masked_len)
             self._masked_len = 0
 
-    cdef void _index_polled(self) noexcept:
+    cdef void _index_polled(self) noexcept nogil:
         cdef uint32_t port
         self._poll_len = 0
         for port in range(self._route_len):
@@ -594,21 +889,43 @@ cdef class ServiceLoop:
         served twice; the vCPU is notified exactly as without polling."""
         if not 0 <= poll_us <= 1e6:
             raise XvfError(f"poll time {poll_us} µs is outside 0..1000000")
-        self._unmask_deferred()
-        self.poll_ns = <uint64_t>(poll_us * 1000)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self._unmask_deferred()
+            self.poll_ns = <uint64_t>(poll_us * 1000)
+            pthread_mutex_unlock(&self.lock)
 
-    cdef void _on_evtchn(self) noexcept:
+    cdef void _serve_port(self, uint32_t port, bint polled) noexcept nogil:
+        """Serve the slot routed to `port` (lock held): answered ones are notified, ones
+        that need Python are queued for the GIL pass (a loop of the daemon's thread)."""
+        cdef PyObject *server
+        cdef int done
+        if port >= self._route_len:
+            return
+        server = self._route_srv[port]
+        if server == NULL:
+            return
+        done = (<IoreqServer>server).c_service_hot(self._route_vcpu[port], True)
+        if done == SERVED:
+            if polled:
+                self.polled += 1
+            self.evtchn.c_notify(port)
+        elif done == SERVE_SLOW and self._slow_len < self._route_len:
+            self._slow_ports[self._slow_len] = port
+            self._slow_len += 1
+            self._slow_polled = polled
+
+    cdef void _on_evtchn(self) noexcept nogil:
         cdef uint32_t ports[64]
         cdef int n, i
         cdef uint32_t port
-        cdef IoreqServer server
         while True:
             n = self.evtchn.c_read_pending(ports, 64)
             if n < 0:
                 self.evtchn_errors += 1
+                self._evtchn_errno = -n
                 if -n in (EBADF, EFAULT, EINVAL, ECONNRESET, ENOTCONN):
                     self.evtchn_lost = True  # it will not get better: the daemon stops
-                log.error("reading the event channel failed: errno %d", -n)
                 return
             if n == 0:
                 return
@@ -626,25 +943,22 @@ cdef class ServiceLoop:
                         self._masked_len += 1
                     else:
                         self.evtchn.c_unmask(port)
-                if port >= self._route_len:
-                    continue
-                obj = self._route_server[port]
-                if obj is None:
-                    continue
-                server = <IoreqServer>obj
-                if server.c_service(self._route_vcpu[port]):
-                    self.evtchn.c_notify(port)
+                self._serve_port(port, False)
             if n < 64:
                 return
 
     cdef int _spin(self) noexcept nogil:
-        """Watch the routed slots for a READY request for up to poll_ns; its port, or -1."""
+        """Watch the routed slots for a READY request for up to poll_ns; its port, or -1.
+        The lock is taken per pass, so the daemon can change routes meanwhile."""
         cdef timespec ts
         cdef uint64_t now, deadline
         cdef uint32_t i, k, port
+        cdef int hit
         clock_gettime(CLOCK_MONOTONIC, &ts)
         deadline = <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec + self.poll_ns
         while True:
+            hit = -1
+            pthread_mutex_lock(&self.lock)
             # From the slot after the last one served: a vCPU that keeps its slot busy
             # cannot keep the others' requests waiting.
             for k in range(self._poll_len):
@@ -653,88 +967,173 @@ cdef class ServiceLoop:
                 if (xvf_load_flags(&self._route_slot[port].flags)
                         & XVF_IOREQ_STATE_MASK) == XVF_STATE_IOREQ_READY:
                     self._poll_next = i + 1
-                    return <int>port
+                    hit = <int>port
+                    break
+            pthread_mutex_unlock(&self.lock)
+            if hit >= 0:
+                return hit
             clock_gettime(CLOCK_MONOTONIC, &ts)
             now = <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
             if now >= deadline:
                 return -1
             xvf_cpu_relax()
 
-    cdef void _serve_port(self, uint32_t port) noexcept:
-        cdef IoreqServer server
-        obj = self._route_server[port]
-        if obj is None:
-            return
-        server = <IoreqServer>obj
-        if server.c_service(self._route_vcpu[port]):
-            self.polled += 1
-            self.evtchn.c_notify(port)
-
-    cdef void _on_call(self, int fd, MmioState device) noexcept:
+    cdef void _on_call(self, int fd, PyObject *device) noexcept nogil:
         cdef uint64_t count
         if read(fd, &count, 8) == 8:
-            device.c_raise(XVF_VIRTIO_MMIO_INT_VRING)
+            (<MmioState>device).c_raise(XVF_VIRTIO_MMIO_INT_VRING)
 
-    def run_once(self, int timeout_ms) -> int:
-        """Wait up to timeout_ms for events and handle them; returns the number handled."""
+    cdef int _wait_and_dispatch(self, int timeout_ms, int *python_fds,
+                                int *n_python) noexcept nogil:
+        """One wait and everything it found that needs no GIL; fds with Python
+        callbacks go to `python_fds` (MAX_EVENTS). Returns events handled, or -errno."""
         cdef epoll_event events[MAX_EVENTS]
-        cdef int n, i, fd
+        cdef int n = 0, i, fd
         cdef int hit = -1
         cdef bint spun = False
-        with nogil:
-            if self.poll_ns and self._poll_len and timeout_ms != 0:
-                # Polling: what is already there first, then the spin, then the sleep.
-                n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
-                if n != 0:
-                    # Busy with other fds, so no spin this time: the ports kept masked
-                    # for the spin are unmasked, or a guest whose request is only
-                    # pending would wait for as long as the others keep the loop busy.
-                    self._unmask_deferred()
-                else:
-                    hit = self._spin()
-                    spun = hit < 0
-                    if spun:
-                        # Unmasked now, a port with a request that raced the end of the
-                        # spin fires at once: the sleep below returns for it.
-                        self._unmask_deferred()
-                        n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        cdef uint8_t kind
+        n_python[0] = 0
+        if self.poll_ns and self._poll_len and timeout_ms != 0:
+            # Polling: what is already there first, then the spin, then the sleep.
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+            if n != 0:
+                # Busy with other fds, so no spin this time: the ports kept masked
+                # for the spin are unmasked, or a guest whose request is only
+                # pending would wait for as long as the others keep the loop busy.
+                pthread_mutex_lock(&self.lock)
+                self._unmask_deferred()
+                pthread_mutex_unlock(&self.lock)
             else:
-                self._unmask_deferred()  # never sleep with a port masked
-                n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+                hit = self._spin()
+                spun = hit < 0
+                if spun:
+                    # Unmasked now, a port with a request that raced the end of the
+                    # spin fires at once: the sleep below returns for it.
+                    self.idle_spins += 1
+                    pthread_mutex_lock(&self.lock)
+                    self._unmask_deferred()
+                    pthread_mutex_unlock(&self.lock)
+                    n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        else:
+            pthread_mutex_lock(&self.lock)
+            self._unmask_deferred()  # never sleep with a port masked
+            pthread_mutex_unlock(&self.lock)
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        pthread_mutex_lock(&self.lock)
         if hit >= 0:
-            self._serve_port(<uint32_t>hit)
+            self._serve_port(<uint32_t>hit, True)
+            pthread_mutex_unlock(&self.lock)
             return 1
-        if spun:
-            self.idle_spins += 1
         if n < 0:
-            if errno == EINTR:
-                return 0
-            raise OSError(errno, "epoll_wait failed")
+            pthread_mutex_unlock(&self.lock)
+            return -errno
         self.wakeups += 1
         for i in range(n):
             fd = <int>events[i].data.u64
-            if fd == self.evtchn.fd:  # the hot one: no dict lookup
+            # An fd removed since the wait returned reads as KIND_NONE: never touched.
+            kind = self._fd_kind[fd] if fd < self._fd_cap else KIND_NONE
+            if kind == KIND_EVTCHN:
                 if events[i].events & (EPOLLHUP | EPOLLERR):
                     self.evtchn_lost = True
                 else:
                     self._on_evtchn()
-                continue
-            entry = self._fds.get(fd)
-            if entry is None:
-                continue
-            kind = entry[0]
-            if kind == KIND_EVTCHN:
-                if events[i].events & (EPOLLHUP | EPOLLERR):
-                    self.evtchn_lost = True
-                    continue
-                self._on_evtchn()
             elif kind == KIND_CALL:
-                self._on_call(fd, <MmioState>entry[1])
-            else:
-                # One failing handler must not take the daemon (and every
-                # other guest's device) down with it.
-                try:
-                    entry[1]()
-                except Exception:
-                    log.exception("handler for fd %d failed", fd)
+                self._on_call(fd, self._fd_obj[fd])
+            elif kind == KIND_WAKE:
+                self._stopping = True
+            elif kind == KIND_PYTHON:
+                python_fds[n_python[0]] = fd
+                n_python[0] += 1
+        pthread_mutex_unlock(&self.lock)
         return n
+
+    cdef void _log_errors(self) noexcept:
+        if self._evtchn_errno:
+            log.error("reading the event channel failed: errno %d", self._evtchn_errno)
+            self._evtchn_errno = 0
+
+    def run_once(self, int timeout_ms) -> int:
+        """Wait up to timeout_ms for events and handle them; returns the number handled."""
+        cdef int python_fds[MAX_EVENTS]
+        cdef int n_python = 0
+        cdef int n, i
+        cdef uint32_t k, port
+        cdef IoreqServer server
+        if self.own_thread:
+            raise XvfError("this loop runs on its own thread (serve_forever)")
+        with nogil:
+            n = self._wait_and_dispatch(timeout_ms, python_fds, &n_python)
+        self._log_errors()
+        # Accesses the GIL-free pass claimed for Python, served in the order they came.
+        for k in range(self._slow_len):
+            port = self._slow_ports[k]
+            obj = self._route_server[port] if port < self._route_len else None
+            if obj is not None:
+                server = <IoreqServer>obj
+                if server.c_serve_slow(self._route_vcpu[port]):
+                    if self._slow_polled:  # the one access a spin found
+                        self.polled += 1
+                    self.evtchn.c_notify(port)
+        self._slow_len = 0
+        self._slow_polled = False
+        if n < 0:
+            if -n == EINTR:
+                return 0
+            raise OSError(-n, "epoll_wait failed")
+        for i in range(n_python):
+            entry = self._fds.get(python_fds[i])
+            if entry is None:  # removed by a callback before it
+                continue
+            # One failing handler must not take the daemon (and every
+            # other guest's device) down with it.
+            try:
+                entry[1]()
+            except Exception:
+                log.exception("handler for fd %d failed", python_fds[i])
+        return n
+
+    def prepare_thread(self) -> None:
+        """Make this loop one that `serve_forever` runs: no Python callbacks, and only
+        servers that post what needs Python. Call before adding routes."""
+        if self._route_server and any(s is not None for s in self._route_server):
+            raise XvfError("prepare the loop for its thread before routing to it")
+        for kind, _ in self._fds.values():
+            if kind == KIND_PYTHON:
+                raise XvfError("a loop with Python callbacks cannot run on its own thread")
+        if self._wake_fd < 0:
+            self._wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if self._wake_fd < 0:
+                raise OSError(errno, "eventfd failed")
+            self._add(self._wake_fd, KIND_WAKE, None)
+        self.own_thread = True
+
+    def serve_forever(self) -> None:
+        """Serve until `stop_serving()` (or the event channel is lost), without the GIL
+        (except to log an error). Run it on the loop's own thread."""
+        cdef int python_fds[MAX_EVENTS]
+        cdef int n_python = 0
+        cdef int n = 0
+        if not self.own_thread:
+            raise XvfError("prepare_thread() first")
+        with nogil:
+            while not self._stopping and not self.evtchn_lost:
+                n = self._wait_and_dispatch(-1, python_fds, &n_python)
+                if self._evtchn_errno:
+                    with gil:
+                        self._log_errors()
+                if n < 0 and -n != EINTR:
+                    self.thread_errno = -n
+                    break
+        if self.thread_errno:
+            log.error("a service thread's epoll_wait failed: errno %d", self.thread_errno)
+
+    def stop_serving(self) -> None:
+        """Make serve_forever return (from any thread); it stays stopped."""
+        cdef uint64_t one = 1
+        self._stopping = True
+        if self._wake_fd >= 0:
+            write(self._wake_fd, &one, 8)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping

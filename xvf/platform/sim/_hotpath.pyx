@@ -16,7 +16,7 @@ from libc.string cimport memcpy
 
 from xvf.hotpath._evtchn cimport EventChannel
 from xvf.hotpath._ioreq cimport IrqLine
-from xvf.hotpath.includes.system cimport recv, send, write
+from xvf.hotpath.includes.system cimport close, recv, send, write
 from xvf.hotpath.includes.xen_dmop cimport xvf_dm_op_t
 
 from xvf.errors import EventChannelError
@@ -69,11 +69,22 @@ cdef class SimIrqLine(IrqLine):
     socket (`fd`, a connection of its own) rather than IOCTL_PRIVCMD_DM_OP."""
 
     cdef dm_op_request request  # the prefix is fixed per line; the dm_op is filled per call
+    # Set by take_fd: the line closes fd when it goes. Lines of guests served on
+    # different threads must never share a connection (their replies would interleave).
+    cdef bint owns_fd
 
     def __cinit__(self, int fd, unsigned int domid, unsigned int irq):
         prefix = (C.HEADER.pack(C.OP_DM_OP, C.DM_OP_PREFIX.size + C.DM_OP_SIZE)
                   + C.DM_OP_PREFIX.pack(domid, 0, 0))
         memcpy(self.request.prefix, <const char *>prefix, PREFIX_LEN)
+
+    def take_fd(self) -> None:
+        """The line owns its connection from now on and closes it when it goes."""
+        self.owns_fd = True
+
+    def __dealloc__(self):
+        if self.owns_fd and self.fd >= 0:
+            close(self.fd)
 
     cdef int c_issue(self, xvf_dm_op_t *op) noexcept nogil:
         cdef dm_op_reply reply

@@ -255,7 +255,6 @@ class SimPlatform:
                 f"no software Xen at {run_dir} (missing {path}); start one with `xvf sim`"
             )
         self.ctl = C.ControlClient(path)
-        self._irq_sock: socket.socket | None = None
         self.supports_irqfd = self.supports_ioeventfd = self._probe_eventfds()
 
     def dm_op(self, domid: int, op: bytes) -> bytes:
@@ -319,11 +318,12 @@ class SimPlatform:
         return SimIoreqServer(self, domid, existing=server_id)
 
     def irq_line(self, domid: int, irq: int) -> SimIrqLine:
-        # The hot path sends dm_ops itself; it gets a connection of its own so
-        # its replies never interleave with Python-level calls.
-        if self._irq_sock is None:
-            self._irq_sock = _control_connection(self.control_path)
-        return SimIrqLine(self._irq_sock.fileno(), domid, irq)
+        # The hot path sends dm_ops itself, maybe from a guest's own service thread:
+        # each line gets a connection of its own so that no replies interleave, neither
+        # with Python-level calls nor with another line's.
+        line = SimIrqLine(_control_connection(self.control_path).detach(), domid, irq)
+        line.take_fd()
+        return line
 
     def guest_memory_bytes(self, domid: int) -> int:
         reply, fds = self.ctl.call(C.OP_FOREIGN_MAP, struct.pack("<H", domid))
@@ -339,8 +339,6 @@ class SimPlatform:
         return SimGrantMapper(self.ctl, domid, self.control_path)
 
     def close(self) -> None:
-        if self._irq_sock is not None:
-            self._irq_sock.close()
         self.ctl.close()
 
 
