@@ -40,6 +40,7 @@ backend."""
 MAPPINGS = ("grant", "foreign", "per-device")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SERVICE_THREADS = ("per-guest", "one")
 DEFAULT_STATUS_SOCKET = "/run/xvf/status.sock"
 
 
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help="TOML file with any of socket_path, mapping, foreign_mapping, socket_timeout, "
-        "log_level, status_socket, fs_tag, poll_us; options given on the command line win; "
-        "SIGHUP re-reads its log_level",
+        "log_level, status_socket, fs_tag, poll_us, service_threads; options given on the "
+        "command line win; SIGHUP re-reads its log_level",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser(
@@ -194,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each event, spin this long on the guests' ioreq slots before sleeping "
         "on the event channel: lower access latency for a CPU kept busy (default: "
         "%(default)s, never spin)",
+    )
+    daemon.add_argument(
+        "--service-threads",
+        choices=SERVICE_THREADS,
+        default="per-guest",
+        help="per-guest (the default): each guest's ioreqs are served on a thread of its "
+        "own without the GIL, so guests run on separate cores and none waits for "
+        "another or for the daemon's Python; one: every guest on the daemon's thread",
     )
     daemon.add_argument(
         "--status-socket",

@@ -103,6 +103,7 @@ def run_daemon(args) -> int:
             offload=not args.ioreq_only,
             fs_tag=args.fs_tag,
             poll_us=args.poll_us,
+            guest_threads=args.service_threads == "per-guest",
         )
         install_signal_handlers(frontend, args.config)
         status = open_status(args.status_socket, frontend)

@@ -1,9 +1,9 @@
 """The optional TOML configuration file (`--config FILE`).
 
 Keys mirror the long options: socket_path, mapping, foreign_mapping,
-socket_timeout, log_level, status_socket, fs_tag, poll_us. Command-line options win over the
-file. On SIGHUP the daemon re-reads the file and applies log_level; other keys
-need a restart.
+socket_timeout, log_level, status_socket, fs_tag, poll_us, service_threads.
+Command-line options win over the file. On SIGHUP the daemon re-reads the file
+and applies log_level; other keys need a restart.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from typing import Any
 
-from xvf.app.argparser import LOG_LEVELS, MAPPINGS, MAX_POLL_US
+from xvf.app.argparser import LOG_LEVELS, MAPPINGS, MAX_POLL_US, SERVICE_THREADS
 from xvf.errors import ConfigError
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -23,6 +23,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "log_level": str,
     "fs_tag": str,
     "poll_us": (int, float),
+    "service_threads": str,
 }
 
 
@@ -51,4 +52,6 @@ def load_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: socket_timeout must be positive")
     if "poll_us" in data and not 0 <= data["poll_us"] <= MAX_POLL_US:
         raise ConfigError(f"{path}: poll_us must be within 0..{MAX_POLL_US:.0f}")
+    if "service_threads" in data and data["service_threads"] not in SERVICE_THREADS:
+        raise ConfigError(f"{path}: service_threads must be one of {', '.join(SERVICE_THREADS)}")
     return data

@@ -84,6 +84,7 @@ class Frontend:
         mapping: str | None = None,
         fs_tag: str = DEFAULT_FS_TAG,
         poll_us: float = 0.0,
+        guest_threads: bool = True,
     ) -> None:
         """`mapping`: grant, foreign or per-device (each device's grant_usage decides);
         without it, `foreign_mapping` picks foreign or grant."""
@@ -99,6 +100,7 @@ class Frontend:
         self.loop = ServiceLoop(self.evtchn.channel)
         self.loop.set_polling(poll_us)
         self.poll_us = poll_us
+        self.guest_threads = guest_threads  # each guest on a service thread of its own
         self.mailbox = Mailbox(self.loop)
         self.xs = XenStore(platform.xenstore_path())
         # IOREQ servers created by this daemon, and those a killed one left (xvf.daemon.takeover)
@@ -350,7 +352,14 @@ class Frontend:
         """The guest's IOREQ server, created (and enabled) with its first device."""
         guest = self.guests.get(domid)
         if guest is None:
-            guest = Guest(domid, self.platform, self.loop, self.evtchn)
+            guest = Guest(
+                domid,
+                self.platform,
+                self.loop,
+                self.evtchn,
+                own_thread=self.guest_threads,
+                poll_us=self.poll_us,
+            )
             guest.start()
             self.guests[domid] = guest
             if guest.server is not None:
@@ -469,6 +478,11 @@ class Frontend:
                     "exited): no guest can be served"
                 )
                 break
+            lost = next((g for g in self.guests.values() if g.failure), None)
+            if lost is not None:
+                # Like the daemon's own handle: it breaks for every guest alike.
+                self._fail(f"{lost.label}'s service thread stopped: {lost.failure}")
+                break
             if self.pending:
                 self._start_pending()
             now = time.monotonic()
@@ -529,6 +543,7 @@ class Frontend:
             guests[key[0]]["devices"].append(entry)
         for g in guests.values():
             g["devices"].sort(key=lambda d: d["devid"])
+        loops = [self.loop, *(g.loop for g in self.guests.values() if g.thread is not None)]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -537,8 +552,9 @@ class Frontend:
             "socket_dir": self.socket_dir,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "poll_us": self.poll_us,
-            "polled_requests": self.loop.polled,
-            "idle_spins": self.loop.idle_spins,
+            "service_threads": "per-guest" if self.guest_threads else "one",
+            "polled_requests": sum(loop.polled for loop in loops),
+            "idle_spins": sum(loop.idle_spins for loop in loops),
             "guests": list(guests.values()),
         }
 

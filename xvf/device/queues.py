@@ -5,7 +5,8 @@ A queue is live from the moment xvf has set it up for the backend (QueueReady or
 DRIVER_OK) until its ring is stopped (reset) or the backend is gone. Stopping is
 two steps: `quiesce` at once (nothing of it reaches the backend through xvf, nor
 the guest), `close` when the backend has let go of it (fds closed, offload undone).
-Service-loop thread only.
+The daemon's thread only (a guest's own service thread reads the call fds and
+writes the kick fds, which the loop and MmioState hand over under their locks).
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ class Queues:
         state: MmioState,
         offload: KernelOffload,
         on_broken: Callable[[str], None],
+        hot_loop: ServiceLoop | None = None,
     ) -> None:
-        self.loop = loop
+        self.loop = loop  # the daemon's: relays' Python callbacks
+        # The guest's (its own thread's, or the daemon's): backends' call fds.
+        self.hot_loop = hot_loop if hot_loop is not None else loop
         self.state = state
         self.offload = offload
         self.on_broken = on_broken  # a relayed ring the guest corrupted
@@ -87,7 +91,7 @@ class Queues:
             index, kick, call, avail_gpa=q.driver, used_gpa=q.device
         )
         if not self.offload.interrupts:
-            self.loop.add_call_fd(call, self.state)
+            self.hot_loop.add_call_fd(call, self.state)
         self.state.set_kick_fd(index, kick)
         live.ioeventfd = self.offload.assign_kick(index, kick)
         return start_ring(index, q.num, addrs, kick, call)
@@ -127,7 +131,7 @@ class Queues:
     def quiesce(self, index: int, live: LiveQueue) -> None:
         """No kick reaches the backend through xvf, no completion reaches the guest."""
         self.state.set_kick_fd(index, -1)
-        self.loop.remove_fd(live.call_fd)
+        (self.loop if live.relay is not None else self.hot_loop).remove_fd(live.call_fd)
         if live.relay is not None:
             self.loop.remove_fd(live.relay.guest_kick_fd)
             live.relay.quiesce()

@@ -16,8 +16,9 @@ the guest's status transitions drive the vhost-user connection. Its pieces:
 What stays here is the life cycle: the handshake, the exchanges a guest's access
 waits for, resets, and giving a backend up.
 
-Threads: everything here runs on the service-loop thread except the vhost-user
-exchanges, which run on the device's `BackendWorker` so that no backend can hold
+Threads: everything here runs on the daemon's loop thread (a guest's own service
+thread, if it has one, touches only the hot registers, xvf.hotpath._ioreq) except
+the vhost-user exchanges, which run on the device's `BackendWorker` so that no backend can hold
 up another guest's ioreqs. An access whose answer depends on the backend
 (DRIVER_OK, a queue enabled or reset, a device reset) is deferred: that one vCPU
 waits in its ioreq slot until the worker is done, at most BACKEND_ANSWER_LIMIT_S;
@@ -130,7 +131,9 @@ class VhostDevice:
         self.offload = KernelOffload(
             self.label, platform, guest, params.base, params.irq, self.state, wanted=offload
         )
-        self.queues = Queues(loop, self.state, self.offload, self._guest_broke_ring)
+        self.queues = Queues(
+            loop, self.state, self.offload, self._guest_broke_ring, hot_loop=guest.loop
+        )
         self.config = ConfigCache(self.label, params.dev_type, params.fs_tag)
         self.reconnect = Reconnect(params.socket_path)
         self.memory: BackendMemory | None = None  # the connected backend's strategy

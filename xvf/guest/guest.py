@@ -15,6 +15,10 @@ Bring-up order, as Xen requires (xen/common/ioreq.c):
   4. map device windows onto the server: only mapped ranges reach it, so no
      ioreq can arrive before its event channel is bound (a notification sent on
      an unbound channel is dropped and that vCPU would wait forever).
+
+With `own_thread` the guest's vCPUs are served by a ServiceThread
+(xvf.guest.service_thread) on an event-channel handle of its own; the registers
+that need Python are posted back to the daemon's loop (`control_loop`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 
 from xvf.errors import XvfError
 from xvf.guest.ram import GuestRam
+from xvf.guest.service_thread import ServiceThread
 from xvf.hotpath._ioreq import IoreqServer, MmioState, ServiceLoop
 from xvf.platform.interface import EventChannelHandle, IoreqServerHandle, Platform
 
@@ -33,12 +38,24 @@ class Guest:
     """The IOREQ server of one domain and the devices (MMIO windows) it serves."""
 
     def __init__(
-        self, domid: int, platform: Platform, loop: ServiceLoop, evtchn: EventChannelHandle
+        self,
+        domid: int,
+        platform: Platform,
+        loop: ServiceLoop,
+        evtchn: EventChannelHandle,
+        own_thread: bool = False,
+        poll_us: float = 0.0,
     ) -> None:
         self.domid = domid
         self.platform = platform
-        self.loop = loop
+        self.control_loop = loop  # the daemon's: Python callbacks, posted accesses
+        self.thread: ServiceThread | None = None
+        if own_thread:
+            self.thread = ServiceThread(platform, self.label, poll_us)
+            loop, evtchn = self.thread.loop, self.thread.evtchn
+        self.loop = loop  # where this guest's ioreqs and backends' calls are served
         self.evtchn = evtchn
+        self._posted_fd = -1
         self.server: IoreqServerHandle | None = None
         self.ioreq: IoreqServer | None = None
         self.ports: list[int] = []  # local port of each vCPU, index = vCPU id
@@ -58,6 +75,10 @@ class Guest:
         try:
             self.server = server = self.platform.create_ioreq_server(self.domid)
             self.ioreq = IoreqServer(server.page, server.nr_vcpus)
+            if self.thread is not None:
+                fd = self.ioreq.enable_posting()
+                self.control_loop.add_reader(fd, self._serve_posted)
+                self._posted_fd = fd
             server.set_enabled(True)
             self.enabled = True
             for vcpu in range(server.nr_vcpus):
@@ -73,15 +94,27 @@ class Guest:
             # A deferred access (one waiting for a backend) is answered outside the
             # service loop's dispatch: it then notifies the vCPU's port itself.
             self.ioreq.notify_vcpu = self._notify_vcpu
+            if self.thread is not None:
+                self.thread.start()
         except BaseException:
             self.stop()
             raise
         log.info(
-            "%s: IOREQ server %d enabled, %d vCPU event channel(s) bound",
+            "%s: IOREQ server %d enabled, %d vCPU event channel(s) bound%s",
             self.label,
             server.id,
             len(self.ports),
+            ", served on a thread of its own" if self.thread is not None else "",
         )
+
+    def _serve_posted(self) -> None:
+        if self.ioreq is not None:
+            self.ioreq.serve_posted()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this guest's service thread stopped serving on its own, or None."""
+        return self.thread.failure if self.thread is not None else None
 
     def _notify_vcpu(self, vcpu: int) -> None:
         if vcpu < len(self.ports):
@@ -178,7 +211,17 @@ class Guest:
             except Exception as exc:  # the guest may already be gone
                 log.debug("%s: disabling IOREQ server: %s", self.label, exc)
             self.enabled = False
-            self.answer_pending()
+        if self.thread is not None:
+            try:
+                self.thread.stop()  # nothing serves the page from now on but this thread
+            except XvfError as exc:
+                log.error("%s", exc)
+        if self.ioreq is not None:
+            self.ioreq.serve_posted()
+        self.answer_pending()
+        if self._posted_fd >= 0:
+            self.control_loop.remove_fd(self._posted_fd)
+            self._posted_fd = -1
         for port in self.ports:
             self.loop.remove_route(port)
             try:
@@ -190,6 +233,8 @@ class Guest:
             self.ioreq.notify_vcpu = None
             self.ioreq.release()
             self.ioreq = None
+        if self.thread is not None:
+            self.thread.close()  # a thread that would not stop keeps its handle
         if server is not None:
             try:
                 server.destroy()
