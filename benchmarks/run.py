@@ -19,7 +19,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `xvf` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import e2e_blk, mmio_roundtrip, notify, scale
+from benchmarks import e2e_blk, guests, mmio_roundtrip, notify, scale
 from benchmarks.common import HERE, REPO
 
 BENCHMARKS = {
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "notify": notify.run,
     "e2e_blk": e2e_blk.run,
     "scale": scale.run,
+    "guests": guests.run,
 }
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -114,7 +115,9 @@ def plot(results: dict, path: str) -> str | None:
         return "matplotlib not installed (pip install '.[bench]'): no plot"
     b = results["benchmarks"]
     panels = [
-        n for n in ("mmio_roundtrip", "notify", "e2e_blk", "scale") if b.get(n, {}).get("rows")
+        n
+        for n in ("mmio_roundtrip", "notify", "e2e_blk", "scale", "guests")
+        if b.get(n, {}).get("rows")
     ]
     if not panels:
         return "nothing to plot"
@@ -133,13 +136,22 @@ def plot(results: dict, path: str) -> str | None:
             labels = [f"{r['path']} QD{r['qd']}" for r in rows]
             ax.bar(labels, [r["iops"] / 1e3 for r in rows])
             ax.set_ylabel("k IOPS (4 KiB random r/w)")
+        elif name == "guests":
+            for mode in guests.MODES:
+                mine = [r for r in rows if r["threads"] == mode]
+                xs, ys = [r["guests"] for r in mine], [r["exits_kps"] for r in mine]
+                ax.plot(xs, ys, "o-", label=f"{mode} thread(s)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("guests issuing at once")
+            ax.set_ylabel("k exits per second, all guests")
+            ax.legend()
         else:
             ax.plot([r["devices"] for r in rows], [r["median_us"] for r in rows], "o-")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("devices issuing at once")
             ax.set_ylabel("median µs per access")
         ax.set_title(name)
-        if name != "scale":
+        if name not in ("scale", "guests"):
             ax.tick_params(axis="x", labelsize=6, labelrotation=70)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -2,6 +2,9 @@
 `--impl python`: xvf.hotpath.ioreq_reference), on pages and fds inherited from the benchmark.
 
 Ports follow benchmarks/c/requester.c: port t+1 is vCPU t % vpd of device t // vpd.
+With `--threads per-guest` each (--page-fd, --evtchn-fd) pair is a guest of its own,
+served on its own GIL-free thread as the daemon's default does (xvf.guest.service_thread);
+otherwise one loop on the main thread serves the first pair, as `--service-threads one`.
 Prints "ready" once serving; runs until killed.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import select
 import sys
+import threading
 
 from xvf.hotpath import _ioreq
 from xvf.hotpath import ioreq_reference as _ioreq_py
@@ -36,8 +41,9 @@ class NoRegisters:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["cython", "python"], required=True)
-    p.add_argument("--page-fd", type=int, required=True)
-    p.add_argument("--evtchn-fd", type=int, required=True)
+    p.add_argument("--page-fd", type=int, action="append", required=True)
+    p.add_argument("--evtchn-fd", type=int, action="append", required=True)
+    p.add_argument("--threads", choices=["one", "per-guest"], default="one")
     p.add_argument("--ndev", type=int, default=1)
     p.add_argument("--vpd", type=int, default=1)
     p.add_argument("--kick-fd", type=int, default=-1)
@@ -47,32 +53,55 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     mod = _ioreq if a.impl == "cython" else _ioreq_py
     irq_line = SimIrqLine if a.impl == "cython" else _sim_py.SimIrqLine
-    os.set_blocking(a.evtchn_fd, False)
-    chan = SimEventChannel(a.evtchn_fd)
-    loop = mod.ServiceLoop(chan)
-    loop.set_polling(a.poll_us)
-    maps = []
-    for dev in range(a.ndev):
-        page = mmap.mmap(a.page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)
-        maps.append(page)
-        state = mod.MmioState()
-        state.handler = NoRegisters()
-        state.status = DRIVER_OK
-        state.int_status = 1  # what the requester expects an InterruptStatus read to return
-        if a.kick_fd >= 0:
-            state.set_kick_fd(0, a.kick_fd)
-        if a.irq_fd >= 0:
-            state.int_status = 0
-            state.irq = irq_line(a.irq_fd, 1, 40)
-        if a.call_fd >= 0:
-            loop.add_call_fd(a.call_fd, state)
-        server = mod.IoreqServer(page, a.vpd, BASE, WINDOW, state)
-        for v in range(a.vpd):
-            loop.add_route(dev * a.vpd + v + 1, server, v)
+    threaded = a.threads == "per-guest"
+    if threaded and a.impl != "cython":
+        p.error("--threads per-guest needs --impl cython")
+    if len(a.page_fd) != len(a.evtchn_fd):
+        p.error("one --page-fd per --evtchn-fd")
+    loops, servers, maps = [], [], []
+    for page_fd, evtchn_fd in zip(a.page_fd, a.evtchn_fd, strict=True):
+        os.set_blocking(evtchn_fd, False)
+        loop = mod.ServiceLoop(SimEventChannel(evtchn_fd))
+        if threaded:
+            loop.prepare_thread()
+        loop.set_polling(a.poll_us)
+        for dev in range(a.ndev):
+            page = mmap.mmap(page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)
+            maps.append(page)
+            state = mod.MmioState()
+            state.handler = NoRegisters()
+            state.status = DRIVER_OK
+            state.int_status = 1  # what the requester expects an InterruptStatus read to return
+            if a.kick_fd >= 0:
+                state.set_kick_fd(0, a.kick_fd)
+            if a.irq_fd >= 0:
+                state.int_status = 0
+                state.irq = irq_line(a.irq_fd, 1, 40)
+            if a.call_fd >= 0:
+                loop.add_call_fd(a.call_fd, state)
+            server = mod.IoreqServer(page, a.vpd, BASE, WINDOW, state)
+            if threaded:
+                server.enable_posting()
+            servers.append(server)
+            for v in range(a.vpd):
+                loop.add_route(dev * a.vpd + v + 1, server, v)
+        loops.append(loop)
+        if not threaded:
+            break  # one loop, one event channel: the first guest's
+    if threaded:
+        for loop in loops:
+            threading.Thread(target=loop.serve_forever, daemon=True).start()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    if not threaded:
+        while True:
+            loops[0].run_once(-1)
+    # The daemon's thread: what the service threads post (nothing here: every register
+    # the requester touches is a hot one, but it is served as the daemon would).
+    posted = {s.enable_posting(): s for s in servers}
     while True:
-        loop.run_once(-1)
+        for fd in select.select(list(posted), [], [])[0]:
+            posted[fd].serve_posted()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_quick_run_writes_every_result(tmp_path):
     for key in ("date", "machine", "nproc", "cpu_model"):
         assert results["machine"][key]
     bench = results["benchmarks"]
-    assert set(bench) == {"mmio_roundtrip", "notify", "e2e_blk", "scale"}
+    assert set(bench) == {"mmio_roundtrip", "notify", "e2e_blk", "scale", "guests"}
     for name, res in bench.items():
         assert "error" not in res, (name, res.get("error"))
         if "skipped" in res:  # only e2e without qemu-storage-daemon
@@ -56,8 +56,16 @@ def test_quick_run_writes_every_result(tmp_path):
         assert {"cython/c latency median", "python/cython latency median"} <= set(
             mmio["ratios"][op]
         )
-        assert all(r["cpu_us_per_access"] > 0 for r in mmio["rows"])
+        assert all(r["cpu_us_per_access"] > 0 for r in mmio["rows"]), [
+            (r["impl"], r["op"], r["cpu_us_per_access"]) for r in mmio["rows"]
+        ]
     assert {r["via"] for r in bench["notify"]["rows"]} == {"xvf", "direct eventfd"}
+    guests = bench["guests"]
+    assert {(r["threads"], r["guests"]) for r in guests["rows"]} == {
+        (mode, n) for mode in ("per-guest", "one") for n in (1, 2)
+    }
+    assert all(r["exits_kps"] > 0 and r["cpu_us_per_access"] > 0 for r in guests["rows"])
+    assert "per-guest: 2 guests / 1 guest exits per s" in guests["ratios"]
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
         modes = ("direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant")
