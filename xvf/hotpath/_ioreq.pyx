@@ -26,6 +26,7 @@ from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from xvf.hotpath._evtchn cimport EventChannel
+from xvf.hotpath.includes.barrier cimport xvf_acquire, xvf_full, xvf_release
 from xvf.hotpath.includes.linux_xen cimport (
     XVF_IOCTL_PRIVCMD_DM_OP, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
 )
@@ -49,12 +50,8 @@ from xvf.hotpath.includes.xen_ioreq cimport (
 
 cdef extern from *:
     """
-    /* Ordering against the other side of the shared ioreq page (Xen or the
-     * simulator on another CPU): acquire after seeing READY, release before
-     * publishing IORESP_READY. */
-    static inline void xvf_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-    static inline void xvf_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-    static inline void xvf_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    /* The ioreq page's state byte: acquire after seeing READY, release when
+     * publishing IORESP_READY (fences: xvf/barrier.h). */
     static inline uint8_t xvf_load_flags(volatile uint8_t *p)
         { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void xvf_store_flags(volatile uint8_t *p, uint8_t v)
@@ -81,9 +78,6 @@ cdef extern from *:
     #endif
     }
     """
-    void xvf_acquire() nogil
-    void xvf_release() nogil
-    void xvf_full() nogil
     uint8_t xvf_load_flags(uint8_t *p) nogil
     void xvf_store_flags(uint8_t *p, uint8_t v) nogil
     bint xvf_claim_flags(uint8_t *p, uint8_t seen, uint8_t claimed) nogil
