@@ -54,5 +54,9 @@ class GuestError(XvfError):
     """The guest did something the device model must refuse (bad register use, bad descriptors)."""
 
 
+class RelayError(GuestError):
+    """A guest descriptor chain the grant relay refuses (completed with used len 0)."""
+
+
 class SimulatorError(XvfError):
     """The software Xen was used wrongly or detected a stuck guest."""
