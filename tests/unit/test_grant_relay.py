@@ -10,6 +10,7 @@ SET_MEM_TABLE (the e2e test runs the relay against qemu-storage-daemon).
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import pytest
@@ -489,6 +490,31 @@ def test_a_bad_grant_in_a_batch_refuses_only_its_own_request(env: Env, kind: str
     env.relay.on_backend_call()
     assert sorted(tok for tok, _ in env.vq.get_used()) == [0, 2, 3]
     assert len(env.mapped_refs()) == rings and env.relay.in_flight() == 0
+
+
+def test_a_batch_refused_whole_does_not_leave_the_queue_stalled(env: Env) -> None:
+    """Found by fuzz_grant_descriptors: a guest lists the same heads again (hostile)
+    so the batch holds every shadow descriptor when the next entry needs one; when
+    the batch's grants are all refused nothing is in flight to wake a stalled queue."""
+    heads = [env.submit(os.urandom(100), 100, k)[0] for k in range(4)]  # 8 descriptors
+    descs = env.descs()
+    for h in heads:
+        CORRUPTIONS["ungranted_ref"](descs, h, _second(descs, h))
+    descs.release()
+    avail = env.dom.ram.view(env.vq.ring_gpa + (env.vq.avail_dma - env.vq.desc_dma), 4 + 2 * QSIZE)
+    ring = avail.cast("H")
+    for k in range(3):  # three more entries naming the first heads again
+        ring[AVAIL_RING_H + 4 + k] = heads[k]
+    ring[AVAIL_IDX_H] = 7
+    ring.release()
+    avail.release()
+    env.kick()
+    assert env.relay.bad_requests == 7 and not env.relay.stalled
+    assert env.relay.last_avail == 7 and env.relay.in_flight() == 0
+    (used_idx,) = struct.unpack(
+        "<H", env.dom.ram.read(env.vq.ring_gpa + env.vq.used_dma - env.vq.desc_dma + 2, 2)
+    )
+    assert used_idx == 7
 
 
 def test_map_many_maps_each_group_on_its_own_all_or_none(env: Env) -> None:
