@@ -541,3 +541,42 @@ def test_map_many_maps_each_group_on_its_own_all_or_none(env: Env) -> None:
     assert set(env.mapped_refs()) == before
     env.dma.unmap(grant_to_dma(ra), 4096)
     env.dma.unmap(grant_to_dma(rb), 100)
+
+
+def test_shadow_allocator_against_a_model() -> None:
+    """The relay's C first-fit allocator: random allocations (various sizes and
+    alignments) and frees in random order never overlap, stay inside the region
+    (first page excluded), and coalesce back to one free extent."""
+    import itertools
+    import random
+
+    rng = random.Random(5)
+    size = 64 * PAGE_SIZE
+    shadow = ShadowMemory(size)
+    try:
+        held: dict[int, int] = {}  # offset -> rounded length
+        for _ in range(3000):
+            if held and (rng.random() < 0.45 or len(held) > 40):
+                off = rng.choice(list(held))
+                shadow.free(off)
+                del held[off]
+            else:
+                align = rng.choice((ShadowMemory.ALIGN, 256, PAGE_SIZE))
+                length = rng.choice((1, 63, 64, 100, 2100, PAGE_SIZE, 3 * PAGE_SIZE + 5))
+                off = shadow.alloc(length, align)
+                if off is None:
+                    continue
+                rounded = max(align, -(-length // align) * align)
+                assert off % align == 0 and off >= PAGE_SIZE and off + rounded <= size
+                for o, n in held.items():
+                    assert off + rounded <= o or o + n <= off, "overlap"
+                held[off] = rounded
+            extents = shadow.free_extents
+            assert extents == sorted(extents)
+            assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(extents))  # merged
+            assert sum(n for _, n in extents) + sum(held.values()) == size - PAGE_SIZE
+        for off in list(held):
+            shadow.free(off)
+        assert shadow.free_extents == [(PAGE_SIZE, size - PAGE_SIZE)]
+    finally:
+        shadow.close()
