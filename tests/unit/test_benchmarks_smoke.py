@@ -56,9 +56,12 @@ def test_quick_run_writes_every_result(tmp_path):
         assert {"cython/c latency median", "python/cython latency median"} <= set(
             mmio["ratios"][op]
         )
-        assert all(r["cpu_us_per_access"] > 0 for r in mmio["rows"]), [
-            (r["impl"], r["op"], r["cpu_us_per_access"]) for r in mmio["rows"]
-        ]
+        # A responder that never sleeps ("floor" spins) has its schedstat runtime
+        # brought up to date only at scheduler ticks: a quick run can fit between two.
+        assert all(
+            r["cpu_us_per_access"] > 0 or (r["impl"] == "floor" and r["cpu_us_per_access"] == 0)
+            for r in mmio["rows"]
+        ), [(r["impl"], r["op"], r["cpu_us_per_access"]) for r in mmio["rows"]]
     assert {r["via"] for r in bench["notify"]["rows"]} == {"xvf", "direct eventfd"}
     guests = bench["guests"]
     assert {(r["threads"], r["guests"]) for r in guests["rows"]} == {
