@@ -543,6 +543,29 @@ def test_map_many_maps_each_group_on_its_own_all_or_none(env: Env) -> None:
     env.dma.unmap(grant_to_dma(rb), 100)
 
 
+def test_a_backend_whose_used_index_runs_ahead_breaks_the_queue(env: Env) -> None:
+    """A backend may not complete more than it was given: the entries past its real
+    completions are stale, and taking one would complete a request it still holds."""
+    broken: list[str] = []
+    env.relay.on_broken = broken.append
+    env.submit(os.urandom(100), 100, "a")
+    env.submit(os.urandom(100), 100, "b")
+    env.kick()
+    first, second = env.backend.take()
+    env.backend.complete(first)  # one real completion, made visible...
+    env.relay.on_backend_call()
+    assert env.vq.get_used() == [("a", 100)] and not broken
+    env.backend.used_h[USED_IDX_H] = 5  # ...then an index 4 further on, with 1 in flight
+    env.relay.on_backend_call()
+    assert len(broken) == 1 and "backend broke its used ring" in broken[0]
+    assert env.relay.broken
+    # Nothing past the real completions is taken: which entry is real is not knowable.
+    assert env.vq.get_used() == [] and env.relay.in_flight() == 1
+    env.backend.complete(second)
+    env.relay.on_backend_call()  # a lying backend is not read again
+    assert env.vq.get_used() == [] and len(broken) == 1
+
+
 def test_shadow_allocator_against_a_model() -> None:
     """The relay's C first-fit allocator: random allocations (various sizes and
     alignments) and frees in random order never overlap, stay inside the region

@@ -132,7 +132,7 @@ class VhostDevice:
             self.label, platform, guest, params.base, params.irq, self.state, wanted=offload
         )
         self.queues = Queues(
-            loop, self.state, self.offload, self._guest_broke_ring, hot_loop=guest.loop
+            loop, self.state, self.offload, self._relayed_ring_broken, hot_loop=guest.loop
         )
         self.config = ConfigCache(self.label, params.dev_type, params.fs_tag)
         self.reconnect = Reconnect(params.socket_path)
@@ -140,7 +140,7 @@ class VhostDevice:
         self.memory_name = "none"  # kept while reconnecting, for `xvf status`
         self.holds_ram = False  # foreign mapping: a user of the guest's RAM mapping
         self.backend_features = 0
-        self._guest_breaks = RateLimitedLog(log)
+        self._ring_breaks = RateLimitedLog(log)
         self._waiting: dict[int, tuple[float, str]] = {}  # deferred access -> since, what
         # counters for `xvf status` (the hot-path ones live in self.state)
         self.device_resets = 0
@@ -554,10 +554,11 @@ class VhostDevice:
                 watch.release()
 
     # -- failures and teardown ---------------------------------------------------
-    def _guest_broke_ring(self, why: str) -> None:
-        """The guest corrupted a ring the relay reads: stop and say so, once."""
-        self._guest_breaks(logging.ERROR, "%s: guest broke its ring (%s): device marked "
-                           "DEVICE_NEEDS_RESET", self.label, why)  # fmt: skip
+    def _relayed_ring_broken(self, why: str) -> None:
+        """The guest, or the backend, corrupted a ring the relay reads (`why` says which):
+        the queue stopped; say so, once, and ask the driver for a reset."""
+        self._ring_breaks(logging.ERROR, "%s: %s: device marked DEVICE_NEEDS_RESET",
+                          self.label, why)  # fmt: skip
         if self.regs is not None:
             self.regs.needs_reset()
 

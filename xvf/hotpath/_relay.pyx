@@ -292,9 +292,10 @@ cdef class GrantRelayQueue:
     cdef readonly uint64_t copied_bytes
     cdef readonly bint stalled
     cdef readonly bint stopped
-    cdef readonly bint broken     # the guest broke the ring: nothing more is relayed
+    cdef readonly bint broken     # the guest or the backend broke a ring: nothing more is relayed
     cdef readonly bint quiesced   # a reset is stopping the ring: nothing more is posted
     cdef public object on_broken
+    cdef bint _backend_lied       # its used ring can no longer be trusted
     cdef readonly uint16_t last_avail  # next guest avail slot to take
     cdef readonly uint64_t shadow_desc
     cdef readonly uint64_t shadow_avail
@@ -350,8 +351,9 @@ cdef class GrantRelayQueue:
                  int kick_fd_to_backend, int call_fd_from_backend=-1, str label="",
                  on_broken=None):
         """`on_broken(why)`: the guest broke the ring itself (an avail index further
-        ahead than the queue is long, a head outside it): the queue stops and the
-        device is to be marked DEVICE_NEEDS_RESET, as QEMU's virtio_error does."""
+        ahead than the queue is long, a head outside it), or the backend its used ring
+        (a used index further ahead than the requests in flight): the queue stops and
+        the device is to be marked DEVICE_NEEDS_RESET, as QEMU's virtio_error does."""
         cdef uint32_t i
         if not 0 < num <= XVF_VRING_MAX_SIZE or num & (num - 1):
             raise GuestError(
@@ -505,7 +507,13 @@ cdef class GrantRelayQueue:
     cdef void _break(self, str why):
         self.broken = True
         if self.on_broken is not None:
-            self.on_broken(f"queue {self.index}: {why}")
+            self.on_broken(f"guest broke its ring (queue {self.index}: {why})")
+
+    cdef void _backend_broke(self, str why):
+        self.broken = True
+        self._backend_lied = True
+        if self.on_broken is not None:
+            self.on_broken(f"the backend broke its used ring (queue {self.index}: {why})")
 
     cdef int _process_avail(self) except -1:
         cdef uint16_t avail_idx, head, ahead
@@ -887,10 +895,19 @@ cdef class GrantRelayQueue:
         cdef int completed = 0
         if self.backend_call_fd >= 0:
             read(self.backend_call_fd, &count, 8)  # nonblocking: nothing pending is fine
-        if self.stopped:
+        if self.stopped or self._backend_lied:
             return
         used_idx = xvf_load_u16(&self.sused.idx)
         while self._shadow_last_used != used_idx:
+            if <uint16_t>(used_idx - self._shadow_last_used) > self.inflight:
+                # More completions than requests it holds: the entries past them are
+                # stale, and taking one would complete a request the backend still has.
+                self._backend_broke(
+                    f"used index {used_idx} is "
+                    f"{<uint16_t>(used_idx - self._shadow_last_used)} ahead of "
+                    f"{self._shadow_last_used}, with {self.inflight} requests in flight"
+                )
+                break
             xvf_acquire()  # entries after the index that covers them
             slot = self._shadow_last_used % self.num
             shead = self.sused.ring[slot].id
