@@ -11,6 +11,7 @@ leave no fd behind.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import shutil
 import socket
@@ -337,6 +338,39 @@ def test_set_mem_table_xen_regions_and_fds(pair):
         assert (got.gpa, got.size, got.uva, got.xen_mmap_flags, got.domid) == (
             0x4000_0000, 1 << 20, 0x7000_0000, W.XEN_MMAP_FOREIGN, 3)  # fmt: skip
     finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_memory_table_reply_may_take_longer_than_other_replies(listener):
+    """A backend maps the guest's memory for SET_MEM_TABLE (seconds for a big guest):
+    its ack may take up to mem_timeout; any other reply still times out at timeout."""
+    path, srv = listener
+    fe = VhostUserFrontend(path, timeout=0.3, mem_timeout=2.0)
+    conn, _ = srv.accept()
+    peer = Peer(conn)
+    r, w = os.pipe()
+    try:
+        handshake(fe, peer, int(PF.REPLY_ACK))
+        region = VhostUserRegion(0x4000_0000, 1 << 20, 0x7000_0000, r, 0)
+        late = threading.Timer(0.8, peer.u64, (R.SET_MEM_TABLE, 0))
+        late.start()
+        fe.set_mem_table([region])  # acked after 0.8 s: within mem_timeout
+        late.join()
+        assert peer.read()[0] == R.SET_MEM_TABLE
+
+        def too_late() -> None:
+            with contextlib.suppress(OSError):  # the front-end has given up and hung up
+                peer.u64(R.GET_FEATURES, FEATURES)
+
+        late = threading.Timer(0.8, too_late)
+        late.start()
+        with pytest.raises(VhostUserError, match=r"did not answer GET_FEATURES within 0\.3 s"):
+            fe.get_features()
+        late.join()
+    finally:
+        fe.close()
+        conn.close()
         os.close(r)
         os.close(w)
 

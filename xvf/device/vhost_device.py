@@ -59,7 +59,8 @@ MMIO_WINDOW = VIRTIO_MMIO_DEV_SIZE  # libxl gives every virtio-mmio device 0x200
 # up. Linux's virtio-mmio driver cannot be told "later", so the bound is what protects
 # its guest; it is above the 5 s after which a single vhost-user message times out
 # (xvf.protocols.vhost_user), because a backend mapping a big guest's memory
-# (SET_MEM_TABLE) legitimately takes seconds: 2-3 s for 256 MiB under TCG on the rig.
+# (SET_MEM_TABLE) legitimately takes seconds: 2-3 s for 256 MiB under TCG on the rig,
+# 5.4 s on a loaded host. So the memory-table replies may take all of it.
 BACKEND_ANSWER_LIMIT_S = 8.0
 # After a ring is stopped, how long its requests still in the backend may take to
 # complete before the reset goes ahead without them (their late completions would
@@ -208,7 +209,10 @@ class VhostDevice:
         """On the worker: connect, learn what the backend offers, choose how it will
         reach guest memory."""
         p = self.params
-        vhost = VhostUserFrontend(p.socket_path, label=self.label)
+        # A vCPU may wait for the memory table as long as for anything it needs.
+        vhost = VhostUserFrontend(
+            p.socket_path, mem_timeout=BACKEND_ANSWER_LIMIT_S, label=self.label
+        )
         took_ram = False
         try:
             vhost.set_owner()

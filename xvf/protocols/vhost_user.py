@@ -66,11 +66,22 @@ def _region_key(r: VhostUserRegion) -> tuple[int, ...]:
 class VhostUserFrontend:
     """Front-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst)."""
 
-    def __init__(self, socket_path: str, *, timeout: float = 5.0, label: str = "") -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        timeout: float = 5.0,
+        mem_timeout: float | None = None,
+        label: str = "",
+    ) -> None:
+        """`timeout` bounds each message; `mem_timeout` (never less) the replies to the
+        memory-table messages, for which a backend maps the guest's memory: seconds
+        for a big guest, or for a small one on a loaded emulated host."""
         self.socket_path = socket_path
         # What log lines say first: the guest and device (domN/typeM) when known.
         self.who = f"{label} ({socket_path})" if label else socket_path
         self.timeout = timeout
+        self.mem_timeout = max(timeout, mem_timeout if mem_timeout is not None else timeout)
         self.backend_features = 0  # from the last GET_FEATURES
         self.offered_protocol_features = 0  # from GET_PROTOCOL_FEATURES
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
@@ -196,7 +207,7 @@ class VhostUserFrontend:
             if r.fd < 0:
                 raise VhostUserError(f"memory region at {r.gpa:#x} has no fd")
         payload = encode_mem_table(regions, xen)
-        self._set(Request.SET_MEM_TABLE, payload, [r.fd for r in regions])
+        self._set(Request.SET_MEM_TABLE, payload, [r.fd for r in regions], self.mem_timeout)
         self.mem_regions = list(regions)
 
     def set_memory(self, regions: list[VhostUserRegion]) -> None:
@@ -225,7 +236,9 @@ class VhostUserFrontend:
             if key not in wanted:  # QEMU sends the region's fd along, and backends expect it
                 fd = self._region_fds.pop(key)
                 try:
-                    self._set(Request.REM_MEM_REG, encode_single_region(r, xen), [fd])
+                    self._set(
+                        Request.REM_MEM_REG, encode_single_region(r, xen), [fd], self.mem_timeout
+                    )
                 finally:
                     os.close(fd)
                 self.mem_regions.remove(r)
@@ -235,7 +248,9 @@ class VhostUserFrontend:
                     raise VhostUserError(f"memory region at {r.gpa:#x} has no fd")
                 self._region_fds[key] = os.dup(r.fd)
                 self.mem_regions.append(r)
-                self._set(Request.ADD_MEM_REG, encode_single_region(r, xen), [r.fd])
+                self._set(
+                    Request.ADD_MEM_REG, encode_single_region(r, xen), [r.fd], self.mem_timeout
+                )
 
     def set_vring_num(self, q: int, num: int) -> None:
         if not 0 < num <= 32768:
@@ -319,13 +334,20 @@ class VhostUserFrontend:
         self._send(req, 0, b"")
         return decode_u64(self._recv_reply(req, (8,)))
 
-    def _set(self, req: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        """A message without a reply body; acked (and the ack checked) under REPLY_ACK."""
+    def _set(
+        self,
+        req: Request,
+        payload: bytes = b"",
+        fds: list[int] | None = None,
+        reply_timeout: float | None = None,
+    ) -> None:
+        """A message without a reply body; acked (and the ack checked) under REPLY_ACK,
+        the ack awaited for `reply_timeout` (default: the connection's timeout)."""
         if not self.protocol_features & ProtocolFeature.REPLY_ACK:
             self._send(req, 0, payload, fds)
             return
         self._send(req, FLAG_NEED_REPLY, payload, fds)
-        status = decode_u64(self._recv_reply(req, (8,)))
+        status = decode_u64(self._recv_reply(req, (8,), reply_timeout))
         if status != 0:
             raise VhostUserError(
                 f"{self.socket_path}: backend failed {req.name} (reply-ack status {status:#x})"
@@ -369,12 +391,16 @@ class VhostUserFrontend:
                 f"{self.socket_path}: sending {req.name} failed: {exc.strerror or exc}"
             ) from exc
 
-    def _recv_reply(self, req: Request, sizes: tuple[int, ...]) -> bytes:
-        """Read one reply to `req` whose payload size must be one of `sizes`."""
-        deadline = time.monotonic() + self.timeout
+    def _recv_reply(
+        self, req: Request, sizes: tuple[int, ...], timeout: float | None = None
+    ) -> bytes:
+        """Read one reply to `req` whose payload size must be one of `sizes`, within
+        `timeout` (default: the connection's)."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         fds: list[int] = []
         try:
-            header = self._read_exact(HEADER_SIZE, deadline, fds, req)
+            header = self._read_exact(HEADER_SIZE, deadline, fds, req, limit)
             code, flags, size = decode_header(header)
             if code != req:
                 self._violation(f"answered {req.name} with {request_name(code)}")
@@ -385,7 +411,7 @@ class VhostUserFrontend:
             if size not in sizes:
                 want = " or ".join(str(s) for s in sizes)
                 self._violation(f"answered {req.name} with {size} payload bytes, expected {want}")
-            payload = self._read_exact(size, deadline, fds, req)
+            payload = self._read_exact(size, deadline, fds, req, limit)
             if fds:
                 self._violation(
                     f"passed {len(fds)} file descriptor(s) with its reply to "
@@ -398,18 +424,20 @@ class VhostUserFrontend:
             log.debug("%s -> %s size=%d", self.who, req.name, size)
         return payload
 
-    def _read_exact(self, n: int, deadline: float, fds: list[int], req: Request) -> bytes:
+    def _read_exact(
+        self, n: int, deadline: float, fds: list[int], req: Request, limit: float
+    ) -> bytes:
         sock = self._live_socket()
         buf = bytearray()
         while len(buf) < n:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._fail(f"did not answer {req.name} within {self.timeout} s")
+                self._fail(f"did not answer {req.name} within {limit} s")
             try:
                 sock.settimeout(remaining)
                 data, anc, _, _ = sock.recvmsg(n - len(buf), _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
             except TimeoutError:
-                self._fail(f"did not answer {req.name} within {self.timeout} s")
+                self._fail(f"did not answer {req.name} within {limit} s")
             except ConnectionResetError:
                 self._closed(req)
             except OSError as exc:
