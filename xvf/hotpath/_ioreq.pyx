@@ -21,11 +21,12 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.ref cimport PyObject
 from libc.errno cimport EBADF, ECONNRESET, EFAULT, EINTR, EINVAL, ENOTCONN, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from xvf.hotpath._evtchn cimport EventChannel
+from xvf.hotpath._grow cimport regrow
 from xvf.hotpath.includes.barrier cimport xvf_acquire, xvf_full, xvf_release
 from xvf.hotpath.includes.linux_xen cimport (
     XVF_IOCTL_PRIVCMD_DM_OP, xvf_privcmd_dm_op_buf_t, xvf_privcmd_dm_op_t,
@@ -720,8 +721,6 @@ cdef class ServiceLoop:
 
     cdef _add(self, int fd, int kind, object obj):
         cdef epoll_event ev
-        cdef uint8_t *kinds
-        cdef PyObject **objs
         cdef int n, i
         if fd < 0:
             raise XvfError(f"cannot watch fd {fd}")
@@ -733,13 +732,8 @@ cdef class ServiceLoop:
             n = fd + 64
             with nogil:
                 pthread_mutex_lock(&self.lock)
-                kinds = <uint8_t *>realloc(self._fd_kind, n * sizeof(uint8_t))
-                if kinds != NULL:
-                    self._fd_kind = kinds
-                objs = <PyObject **>realloc(self._fd_obj, n * sizeof(PyObject *))
-                if objs != NULL:
-                    self._fd_obj = objs
-                if kinds != NULL and objs != NULL:
+                if (regrow(<void **>&self._fd_kind, n * sizeof(uint8_t))
+                        and regrow(<void **>&self._fd_obj, n * sizeof(PyObject *))):
                     for i in range(self._fd_cap, n):
                         self._fd_kind[i] = KIND_NONE
                         self._fd_obj[i] = NULL
@@ -814,31 +808,13 @@ cdef class ServiceLoop:
     cdef uint32_t _grow_routes(self, uint32_t n) noexcept nogil:
         """Grow every per-port table to n entries (lock held); 0 if out of memory."""
         cdef uint32_t i
-        cdef void *p
-        p = realloc(self._route_srv, n * sizeof(PyObject *))
-        if p == NULL:
+        if not (regrow(<void **>&self._route_srv, n * sizeof(PyObject *))
+                and regrow(<void **>&self._route_vcpu, n * sizeof(uint32_t))
+                and regrow(<void **>&self._route_slot, n * sizeof(xvf_ioreq_t *))
+                and regrow(<void **>&self._poll_ports, n * sizeof(uint32_t))
+                and regrow(<void **>&self._masked, n * sizeof(uint32_t))
+                and regrow(<void **>&self._slow_ports, n * sizeof(uint32_t))):
             return 0
-        self._route_srv = <PyObject **>p
-        p = realloc(self._route_vcpu, n * sizeof(uint32_t))
-        if p == NULL:
-            return 0
-        self._route_vcpu = <uint32_t *>p
-        p = realloc(self._route_slot, n * sizeof(xvf_ioreq_t *))
-        if p == NULL:
-            return 0
-        self._route_slot = <xvf_ioreq_t **>p
-        p = realloc(self._poll_ports, n * sizeof(uint32_t))
-        if p == NULL:
-            return 0
-        self._poll_ports = <uint32_t *>p
-        p = realloc(self._masked, n * sizeof(uint32_t))
-        if p == NULL:
-            return 0
-        self._masked = <uint32_t *>p
-        p = realloc(self._slow_ports, n * sizeof(uint32_t))
-        if p == NULL:
-            return 0
-        self._slow_ports = <uint32_t *>p
         for i in range(self._route_len, n):
             self._route_srv[i] = NULL
             self._route_slot[i] = NULL

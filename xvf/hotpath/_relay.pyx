@@ -15,10 +15,11 @@ are the rings as they lie in memory.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
 
 from xvf.hotpath._gnttab cimport GrantMapping
+from xvf.hotpath._grow cimport regrow
 from xvf.hotpath._ioreq cimport MmioState
 from xvf.hotpath.includes.barrier cimport (
     xvf_acquire, xvf_full, xvf_load_u16, xvf_release, xvf_store_u16,
@@ -155,19 +156,12 @@ cdef class ShadowMemory:
     cdef int _room(self) except -1:
         """Room for two more extents (an alloc splits one into two)."""
         cdef uint32_t n
-        cdef void *a
-        cdef void *b
         if self.nfree + 2 <= self.free_cap:
             return 0
         n = self.free_cap * 2
-        a = realloc(self.free_off, n * sizeof(uint64_t))
-        if a == NULL:
+        if not (regrow(<void **>&self.free_off, n * sizeof(uint64_t))
+                and regrow(<void **>&self.free_len, n * sizeof(uint64_t))):
             raise MemoryError()
-        self.free_off = <uint64_t *>a
-        b = realloc(self.free_len, n * sizeof(uint64_t))
-        if b == NULL:
-            raise MemoryError()
-        self.free_len = <uint64_t *>b
         self.free_cap = n
         return 0
 
@@ -331,7 +325,6 @@ cdef class GrantRelayQueue:
     # per request, at its shadow head
     cdef uint16_t *req_guest
     cdef uint16_t *req_nseg
-    cdef uint32_t *req_refs
     cdef uint64_t *req_bounce
     cdef uint64_t *req_bounce_len
     cdef uint8_t *req_live      # published to the backend, not yet completed
@@ -407,7 +400,6 @@ cdef class GrantRelayQueue:
         self.seg_next = <uint16_t *>calloc(n, sizeof(uint16_t))
         self.req_guest = <uint16_t *>calloc(n, sizeof(uint16_t))
         self.req_nseg = <uint16_t *>calloc(n, sizeof(uint16_t))
-        self.req_refs = <uint32_t *>calloc(n, sizeof(uint32_t))
         self.req_bounce = <uint64_t *>calloc(n, sizeof(uint64_t))
         self.req_bounce_len = <uint64_t *>calloc(n, sizeof(uint64_t))
         self.req_live = <uint8_t *>calloc(n, sizeof(uint8_t))
@@ -417,7 +409,7 @@ cdef class GrantRelayQueue:
         if (self.free_stack == NULL or self.seg_addr == NULL or self.seg_len == NULL
                 or self.seg_write == NULL or self.seg_bounce == NULL or self.seg_start == NULL
                 or self.seg_guest == NULL or self.seg_next == NULL or self.req_guest == NULL
-                or self.req_nseg == NULL or self.req_refs == NULL or self.req_bounce == NULL
+                or self.req_nseg == NULL or self.req_bounce == NULL
                 or self.req_bounce_len == NULL or self.req_live == NULL
                 or self.tmp_addr == NULL or self.tmp_len == NULL or self.tmp_write == NULL):
             raise MemoryError()
@@ -434,7 +426,6 @@ cdef class GrantRelayQueue:
         free(self.seg_next)
         free(self.req_guest)
         free(self.req_nseg)
-        free(self.req_refs)
         free(self.req_bounce)
         free(self.req_bounce_len)
         free(self.req_live)
@@ -560,7 +551,7 @@ cdef class GrantRelayQueue:
                 posted += p
                 completed += c
                 nb = batch_refs = 0
-            shead = self._reserve(head, n, refs)
+            shead = self._reserve(head, n)
             if shead < 0 and nb:
                 # Post what the batch holds first: if all of it is refused, nothing
                 # in flight would ever wake a stalled queue.
@@ -568,7 +559,7 @@ cdef class GrantRelayQueue:
                 posted += p
                 completed += c
                 nb = batch_refs = 0
-                shead = self._reserve(head, n, refs)
+                shead = self._reserve(head, n)
             if shead < 0:
                 self.stalled = True
                 self.shadow.waiters.append(self.resume)
@@ -629,9 +620,7 @@ cdef class GrantRelayQueue:
         while True:
             if d.flags & XVF_VRING_DESC_F_INDIRECT:
                 raise RelayError("indirect descriptor inside a chain")
-            self.tmp_addr[n] = d.addr
-            self.tmp_len[n] = d.len
-            self.tmp_write[n] = (d.flags & XVF_VRING_DESC_F_WRITE) != 0
+            self._take(n, &d)
             n += 1
             if not d.flags & XVF_VRING_DESC_F_NEXT:
                 return self._checked(n)
@@ -641,6 +630,12 @@ cdef class GrantRelayQueue:
             if idx >= self.num:
                 raise RelayError(f"next index {idx} out of range")
             d = self.gdesc[idx]
+
+    cdef inline void _take(self, uint32_t n, const xvf_vring_desc_t *d) noexcept:
+        """Segment n of the walked chain is descriptor d (a copy: read once)."""
+        self.tmp_addr[n] = d.addr
+        self.tmp_len[n] = d.len
+        self.tmp_write[n] = (d.flags & XVF_VRING_DESC_F_WRITE) != 0
 
     cdef uint32_t _walk_indirect(self, uint64_t addr, uint32_t length) except 0:
         cdef GrantMapping m
@@ -666,9 +661,7 @@ cdef class GrantRelayQueue:
                 d = table[i]
                 if d.flags & XVF_VRING_DESC_F_INDIRECT:
                     raise RelayError("nested indirect descriptor")
-                self.tmp_addr[n] = d.addr
-                self.tmp_len[n] = d.len
-                self.tmp_write[n] = (d.flags & XVF_VRING_DESC_F_WRITE) != 0
+                self._take(n, &d)
                 n += 1
                 if not d.flags & XVF_VRING_DESC_F_NEXT:
                     return self._checked(n)
@@ -693,7 +686,7 @@ cdef class GrantRelayQueue:
             raise RelayError(f"request of {total} bytes exceeds the relay's bounce space")
         return n
 
-    cdef int _reserve(self, uint16_t guest_head, uint32_t n, uint32_t refs) except -2:
+    cdef int _reserve(self, uint16_t guest_head, uint32_t n) except -2:
         """Shadow descriptors and a bounce block for the walked chain (tmp_*): its shadow
         head, or -1 (nothing held) if either is short."""
         cdef uint32_t i
@@ -721,7 +714,6 @@ cdef class GrantRelayQueue:
             off += _round(self.tmp_len[i], SHADOW_ALIGN)
         self.req_guest[head] = guest_head
         self.req_nseg[head] = <uint16_t>n
-        self.req_refs[head] = refs
         self.req_bounce[head] = <uint64_t>bounce
         self.req_bounce_len[head] = max(<uint64_t>SHADOW_ALIGN, total)
         return head
