@@ -54,8 +54,12 @@ class Daemon:
         )
         self.guests: list[Guest] = []
 
-    def guest(self, dom, own_thread: bool = True) -> tuple[Guest, MmioState, Scratch]:
-        guest = Guest(dom.domid, self.plat, self.loop, self.evtchn, own_thread=own_thread)
+    def guest(
+        self, dom, own_thread: bool = True, poll_us: float = 0.0
+    ) -> tuple[Guest, MmioState, Scratch]:
+        guest = Guest(
+            dom.domid, self.plat, self.loop, self.evtchn, own_thread=own_thread, poll_us=poll_us
+        )
         guest.start()
         self.guests.append(guest)
         state = MmioState()
@@ -105,6 +109,19 @@ def test_hot_registers_on_the_guests_thread_the_rest_on_the_daemons(hypervisor, 
     assert guest.ioreq is not None and guest.ioreq.requests == 62
     assert guest.loop is not daemon.loop and guest.loop.own_thread
     assert guest.failure is None
+
+
+def test_a_spin_of_a_guests_thread_counts_the_accesses_it_hands_to_the_daemon(hypervisor, daemon):
+    """`polled` counts what the spins found, also the registers that the daemon's thread
+    then answers (as the single loop counts its slow ones): a 200 ms spin after each
+    access finds the next of 20 back-to-back accesses to a Python register."""
+    dom = hypervisor.create_domain("spin", memory_mib=4, vcpus=1)
+    guest, _, scratch = daemon.guest(dom, poll_us=200_000)
+    daemon.thread.start()
+    for i in range(20):
+        dom.mmio(0, BASE + 0x100, 4, True, i)
+    assert scratch.threads == {"daemon"}
+    assert guest.loop.polled > 0
 
 
 def test_a_guest_is_served_while_the_daemons_thread_is_stuck_in_another_guests_register(

@@ -884,6 +884,8 @@ cdef class ServiceLoop:
             self._slow_ports[self._slow_len] = port
             self._slow_len += 1
             self._slow_polled = polled
+        elif done == SERVE_POSTED and polled:
+            self.polled += 1  # found by the spin; the daemon's thread answers it
 
     cdef void _on_evtchn(self) noexcept nogil:
         cdef uint32_t ports[64]
