@@ -121,8 +121,32 @@ typedef struct xvf_gntdev_set_max_grants {
     uint32_t count;
 } xvf_gntdev_set_max_grants_t;
 
+/* One copy between a grant and this process's memory (GNTTABOP_copy through gntdev).
+ * The grant side may not cross its page; the local side may. status: GNTST_*. */
+typedef union xvf_gntdev_copy_side {
+    void *virt;                         /* this process's memory */
+    struct xvf_gntdev_copy_foreign {
+        uint32_t ref;
+        uint16_t offset;                /* in the granted page */
+        xvf_domid_t domid;
+    } foreign;
+} xvf_gntdev_copy_side_t;
+
+typedef struct xvf_gntdev_grant_copy_segment {
+    xvf_gntdev_copy_side_t source, dest;
+    uint16_t len;
+    uint16_t flags;                     /* XVF_GNTCOPY_source_gref | XVF_GNTCOPY_dest_gref */
+    int16_t status;                     /* OUT */
+} xvf_gntdev_grant_copy_segment_t;
+
+typedef struct xvf_gntdev_grant_copy {
+    unsigned int count;
+    xvf_gntdev_grant_copy_segment_t *segments;
+} xvf_gntdev_grant_copy_t;
+
 #define XVF_IOCTL_GNTDEV_MAP_GRANT_REF   XVF_IOC(XVF_IOC_NONE, 'G', 0, sizeof(xvf_gntdev_map_grant_ref_t))
 #define XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF XVF_IOC(XVF_IOC_NONE, 'G', 1, sizeof(xvf_gntdev_unmap_grant_ref_t))
 #define XVF_IOCTL_GNTDEV_SET_MAX_GRANTS  XVF_IOC(XVF_IOC_NONE, 'G', 3, sizeof(xvf_gntdev_set_max_grants_t))
+#define XVF_IOCTL_GNTDEV_GRANT_COPY      XVF_IOC(XVF_IOC_NONE, 'G', 8, sizeof(xvf_gntdev_grant_copy_t))
 
 #endif

@@ -201,6 +201,14 @@ SAME_VAL(GTF_type_mask, XVF_GTF_type_mask);
 SAME_VAL(GTF_readonly, XVF_GTF_readonly);
 SAME_VAL(GTF_reading, XVF_GTF_reading);
 SAME_VAL(GTF_writing, XVF_GTF_writing);
+SAME_VAL(GNTCOPY_source_gref, XVF_GNTCOPY_source_gref);
+SAME_VAL(GNTCOPY_dest_gref, XVF_GNTCOPY_dest_gref);
+SAME_VAL(GNTST_okay, XVF_GNTST_okay);
+SAME_VAL(GNTST_general_error, XVF_GNTST_general_error);
+SAME_VAL(GNTST_bad_domain, XVF_GNTST_bad_domain);
+SAME_VAL(GNTST_bad_gntref, XVF_GNTST_bad_gntref);
+SAME_VAL(GNTST_permission_denied, XVF_GNTST_permission_denied);
+SAME_VAL(GNTST_bad_copy_arg, XVF_GNTST_bad_copy_arg);
 /* XVF_GRANT_DMA_ADDR_OFF is kernel-internal (drivers/xen/grant-dma-ops.c,
  * XEN_GRANT_DMA_ADDR_OFF = 1ULL << 63), not in any installed header. */
 SAME_VAL(XVF_GRANT_DMA_ADDR_OFF, 1ULL << 63);
@@ -375,6 +383,38 @@ SAME_FIELD(struct ioctl_gntdev_set_max_grants, count, xvf_gntdev_set_max_grants_
 SAME_VAL(IOCTL_GNTDEV_MAP_GRANT_REF, XVF_IOCTL_GNTDEV_MAP_GRANT_REF);
 SAME_VAL(IOCTL_GNTDEV_UNMAP_GRANT_REF, XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF);
 SAME_VAL(IOCTL_GNTDEV_SET_MAX_GRANTS, XVF_IOCTL_GNTDEV_SET_MAX_GRANTS);
+SAME_SIZE(struct gntdev_grant_copy_segment, xvf_gntdev_grant_copy_segment_t);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           source.virt,
+           xvf_gntdev_grant_copy_segment_t, source.virt);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           source.foreign.ref,
+           xvf_gntdev_grant_copy_segment_t, source.foreign.ref);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           source.foreign.offset,
+           xvf_gntdev_grant_copy_segment_t, source.foreign.offset);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           source.foreign.domid,
+           xvf_gntdev_grant_copy_segment_t, source.foreign.domid);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           dest.virt,
+           xvf_gntdev_grant_copy_segment_t, dest.virt);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           dest.foreign.ref,
+           xvf_gntdev_grant_copy_segment_t, dest.foreign.ref);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           len,
+           xvf_gntdev_grant_copy_segment_t, len);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           flags,
+           xvf_gntdev_grant_copy_segment_t, flags);
+SAME_FIELD(struct gntdev_grant_copy_segment,
+           status,
+           xvf_gntdev_grant_copy_segment_t, status);
+SAME_SIZE(struct ioctl_gntdev_grant_copy, xvf_gntdev_grant_copy_t);
+SAME_FIELD(struct ioctl_gntdev_grant_copy, count, xvf_gntdev_grant_copy_t, count);
+SAME_FIELD(struct ioctl_gntdev_grant_copy, segments, xvf_gntdev_grant_copy_t, segments);
+SAME_VAL(IOCTL_GNTDEV_GRANT_COPY, XVF_IOCTL_GNTDEV_GRANT_COPY);
 int main(void) { printf("ok\n"); return 0; }
 """
 

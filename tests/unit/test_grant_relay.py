@@ -1,14 +1,15 @@
 """The shadow-virtqueue relay between a grant-mode guest and a backend without grant mapping.
 
 The guest side is the simulator's real driver stack (GuestRam, GrantTable,
-GrantDma, SplitVirtqueue) and the relay maps grants through the software Xen's
-real gntdev equivalent. The backend side is a small consumer reading the shadow
-ring straight out of ShadowMemory, as a vhost-user backend would after
-SET_MEM_TABLE (the e2e test runs the relay against qemu-storage-daemon).
+GrantDma, SplitVirtqueue) and the relay maps the rings and copies the data through
+the software Xen's real gntdev equivalent (grant copy). The backend side is a small
+consumer reading the shadow ring straight out of ShadowMemory, as a vhost-user
+backend would after SET_MEM_TABLE (the e2e test runs the relay against qemu-storage-daemon).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from xvf.errors import GrantError
+from xvf.hotpath import _layout as L
 from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import GrantDma, dma_to_grant, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
@@ -392,11 +394,13 @@ def test_full_shadow_memory_stalls_then_resumes(hypervisor) -> None:
 
 
 def test_stop_releases_every_grant_mapping(env: Env) -> None:
+    rings = set(env.mapped_refs())
     env.submit(os.urandom(100), 9000, "x")
     env.submit(os.urandom(5000), 100, "y")
     env.kick()
     assert len(env.backend.take()) == 2
-    assert len(env.mapped_refs()) > 2  # rings + the writable buffers in flight
+    # The data is copied, never mapped: with requests in flight only the rings are.
+    assert set(env.mapped_refs()) == rings
     assert env.relay.stop() == 2
     assert env.mapped_refs() == []
     # The guest can now revoke everything (Env.close checks GrantDma is not broken).
@@ -423,54 +427,69 @@ def test_event_idx_guest_keeps_kicking(hypervisor) -> None:
 
 
 class CountingMapper:
-    """The platform's grant mapper, counting the gntdev maps the relay asks for."""
+    """The platform's grant mapper, counting the grant copy calls the relay makes."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.calls: list[list[tuple[int, bool]]] = []  # per call: (refs, writable) per map
-        self.unmaps: list[int] = []  # refs given back per call
+        self.domid = inner.domid
+        self.copies: list[int] = []  # segments per call
 
     def map(self, refs: list[int], writable: bool):
-        self.calls.append([(len(refs), writable)])
         return self.inner.map(refs, writable)
 
-    def map_many(self, groups):
-        self.calls.append([(len(refs), writable) for refs, writable in groups])
-        return self.inner.map_many(groups)
-
     def unmap(self, refs: list[int]) -> None:
-        self.unmaps.append(len(refs))
         self.inner.unmap(refs)
 
+    def copy(self, segments: int, count: int) -> None:
+        self.copies.append(count)
+        self.inner.copy(segments, count)
 
-def test_one_kick_maps_its_requests_readable_grants_together(env: Env) -> None:
+    def copy_memory(self, fd: int, address: int, size: int) -> None:
+        self.inner.copy_memory(fd, address, size)
+
+
+def test_one_kick_copies_its_requests_in_one_call(env: Env) -> None:
     counting = CountingMapper(env.mapper)
     env.relay.mapper = counting
-    rings = len(env.mapped_refs())  # the relay holds the guest's rings all along
+    rings = set(env.mapped_refs())  # the relay maps the guest's rings, nothing else
     payloads = [os.urandom(300 + 100 * k) for k in range(4)]  # the 8-entry queue's room
     for k, p in enumerate(payloads):
         env.submit(p, 64, k)
     env.kick()
     taken = env.backend.take()
     assert [t.readable for t in taken] == payloads
-    # One call: a read-only map for the four requests' device-readable buffers and a
-    # writable map per request (released when that request completes, not later).
-    assert counting.calls == [[(4, False)] + [(1, True)] * 4]
-    assert counting.unmaps == [4]  # the read-only map's grants, given back at once
-    held = set(env.mapped_refs())
-    assert len(held) == 4 + rings  # the writable buffers, and the rings
+    # One call: per request its readable page, its writable page and that page's
+    # write probe (each buffer fits one page).
+    assert counting.copies == [4 * 3]
+    assert set(env.mapped_refs()) == rings
     for t in taken[:2]:
         env.backend.complete(t)
     env.relay.on_backend_call()
+    # Both completions' writable bytes went back in one call, before the guest saw them.
+    assert counting.copies == [12, 2]
     assert len(env.vq.get_used()) == 2
-    # the completed requests' grants are no longer mapped (given back in one call
-    # before the guest saw them used); the others' still are
-    assert len(set(env.mapped_refs())) == len(held) - 2
-    assert counting.unmaps == [4, 2]
     for t in taken[2:]:
         env.backend.complete(t)
     env.relay.on_backend_call()
-    assert len(env.vq.get_used()) == 2 and len(env.mapped_refs()) == rings
+    assert counting.copies == [12, 2, 2] and len(env.vq.get_used()) == 2
+    assert set(env.mapped_refs()) == rings
+
+
+def test_a_grant_ended_before_completion_loses_only_that_request(env: Env) -> None:
+    """A guest that ends its grant while the device still has the request (a broken
+    or hostile driver): the bytes cannot go back, the request completes with len 0
+    and the others in the same completion batch are untouched."""
+    heads = [env.submit(os.urandom(100), 100, k) for k in range(2)]
+    env.kick()
+    taken = env.backend.take()
+    _, _, in_gpa = heads[0]
+    ref = _grant_of(env, in_gpa)
+    assert env.dom.grants.end_access(ref)  # nothing maps it: copies pin only while they run
+    for t in taken:
+        env.backend.complete(t)
+    env.relay.on_backend_call()
+    assert sorted(env.vq.get_used()) == [(0, 0), (1, 100)]
+    assert env.relay.bad_requests == 1
 
 
 @pytest.mark.parametrize("kind", ["ungranted_ref", "write_to_readonly_grant"])
@@ -517,27 +536,73 @@ def test_a_batch_refused_whole_does_not_leave_the_queue_stalled(env: Env) -> Non
     assert used_idx == 7
 
 
-def test_map_many_maps_each_group_on_its_own_all_or_none(env: Env) -> None:
+def _grant_of(env: Env, gpa: int) -> int:
+    """The grant ref the guest's DMA layer gave for the page at `gpa`."""
+    g = env.dom.grants
+    frame = gpa >> PAGE_SHIFT
+    refs = [r for r in range(g.nr_entries) if g.flags(r) and g.entry(r)[2] == frame]
+    assert len(refs) == 1
+    return refs[0]
+
+
+def _copy(env: Env, segments: list[tuple]) -> list[int]:
+    """Run grant copies through the platform mapper; their statuses."""
+    seg = struct.Struct("<8s8sHHh2x")
+    buf = bytearray(seg.size * len(segments))
+    for k, (src, dst, length, flags) in enumerate(segments):
+        seg.pack_into(buf, k * seg.size, src, dst, length, flags, 0)
+    c = (ctypes.c_char * len(buf)).from_buffer(buf)
+    env.mapper.copy(ctypes.addressof(c), len(segments))
+    out = [seg.unpack_from(buf, k * seg.size)[4] for k in range(len(segments))]
+    del c
+    return out
+
+
+def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
+    """Copies in and out of granted pages, each refused with Xen's status when the
+    grant does not allow it, and a call refused whole for what gntdev refuses whole."""
     a, b = env.buf(b"A" * 4096), env.buf(b"B" * 100)
-    ra = dma_to_grant(env.dma.map(a, 4096, False))
+    ra = dma_to_grant(env.dma.map(a, 4096, False))  # device-readable: read-only grant
     rb = dma_to_grant(env.dma.map(b, 100, True))
+    env.mapper.copy_memory(env.shadow.fd, env.shadow.uva, env.shadow.size)
+    local = env.shadow.alloc(8192)
+    virt = struct.pack("<Q", env.shadow.uva + local)
+    virt2 = struct.pack("<Q", env.shadow.uva + local + 4096)
+
+    def gref(ref: int, offset: int = 0, domid: int = env.dom.domid) -> bytes:
+        return struct.pack("<IHH", ref, offset, domid)
+
     before = set(env.mapped_refs())
-    m1, m2 = env.mapper.map_many([([ra], False), ([rb], True)])
-    assert bytes(memoryview(m1)[:4]) == b"AAAA" and bytes(memoryview(m2)[:4]) == b"BBBB"
-    memoryview(m2)[:1] = b"b"  # the writable one writes through to the guest
-    assert env.dom.ram.read(b, 1) == b"b"
-    assert set(env.mapped_refs()) == before | {ra, rb}
-    m1.close()
-    env.mapper.unmap([ra])  # one closed, its grant given back; the other still mapped
-    assert set(env.mapped_refs()) == before | {rb}
-    m2.close()
-    env.mapper.unmap([rb])
-    # A group the guest did not grant (or granted read-only, asked writable): nothing
-    # of the call stays mapped.
+    assert _copy(
+        env,
+        [
+            (gref(ra), virt, 4096, L.GNTCOPY_SOURCE_GREF),
+            (gref(rb), virt2, 100, L.GNTCOPY_SOURCE_GREF),
+        ],
+    ) == [0, 0]
+    assert bytes(env.shadow.mem[local : local + 4]) == b"AAAA"
+    assert bytes(env.shadow.mem[local + 4096 : local + 4100]) == b"BBBB"
+    env.shadow.mem[local + 4096 : local + 4097] = b"b"
+    assert _copy(env, [(virt2, gref(rb), 1, L.GNTCOPY_DEST_GREF)]) == [0]
+    assert env.dom.ram.read(b, 2) == b"bB"  # the writable grant took it
+    assert set(env.mapped_refs()) == before  # a copy pins only while it runs
+    # Read-only grant as a destination, an ungranted ref, another domain's grant: a
+    # status each, the others of the call done.
+    statuses = _copy(env, [
+        (virt, gref(ra), 1, L.GNTCOPY_DEST_GREF),
+        (gref(4000), virt, 1, L.GNTCOPY_SOURCE_GREF),
+        (gref(rb, domid=77), virt, 1, L.GNTCOPY_SOURCE_GREF),
+        (gref(rb), virt, 1, L.GNTCOPY_SOURCE_GREF),
+    ])  # fmt: skip
+    assert statuses == [L.GNTST_GENERAL_ERROR, L.GNTST_GENERAL_ERROR, L.GNTST_BAD_DOMAIN, 0]
+    assert env.dom.ram.read(a, 1) == b"A"
+    # Across the grant's page, or to memory that was not shared: the call fails.
     with pytest.raises(GrantError):
-        env.mapper.map_many([([ra], False), ([ra], True)])
+        _copy(env, [(gref(rb, offset=100), virt, 4000, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
-        env.mapper.map_many([([rb], True), ([4000], False)])
+        _copy(env, [(gref(rb), struct.pack("<Q", 4096), 1, L.GNTCOPY_SOURCE_GREF)])
+    with pytest.raises(GrantError):
+        _copy(env, [(virt, virt2, 1, 0)])
     assert set(env.mapped_refs()) == before
     env.dma.unmap(grant_to_dma(ra), 4096)
     env.dma.unmap(grant_to_dma(rb), 100)

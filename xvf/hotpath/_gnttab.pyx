@@ -11,9 +11,10 @@ from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 from xvf.hotpath.includes.linux_xen cimport (
-    XVF_IOCTL_GNTDEV_MAP_GRANT_REF, XVF_IOCTL_GNTDEV_SET_MAX_GRANTS,
-    XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF, xvf_gntdev_grant_ref_t, xvf_gntdev_map_grant_ref_t,
-    xvf_gntdev_set_max_grants_t, xvf_gntdev_unmap_grant_ref_t,
+    XVF_IOCTL_GNTDEV_GRANT_COPY, XVF_IOCTL_GNTDEV_MAP_GRANT_REF,
+    XVF_IOCTL_GNTDEV_SET_MAX_GRANTS, XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF,
+    xvf_gntdev_grant_copy_segment_t, xvf_gntdev_grant_copy_t, xvf_gntdev_grant_ref_t,
+    xvf_gntdev_map_grant_ref_t, xvf_gntdev_set_max_grants_t, xvf_gntdev_unmap_grant_ref_t,
 )
 from xvf.hotpath.includes.system cimport (
     MAP_ANONYMOUS, MAP_FAILED, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE, PROT_READ,
@@ -110,6 +111,19 @@ cdef class GntDev:
             self._unmap_index(index, count)
             raise GrantError(f"gntdev: mmap of {count} grants failed", err)
         return _wrap(addr, length, writable, lambda: self._unmap_index(index, count))
+
+    def copy(self, uintptr_t segments, unsigned int count) -> None:
+        """Run `count` xvf_gntdev_grant_copy_segment_t at address `segments` in one
+        ioctl (Xen's GNTTABOP_copy, no mapping). Each segment's status is set (GNTST_*);
+        GrantError only if the call as a whole failed (a malformed segment, EFAULT)."""
+        cdef xvf_gntdev_grant_copy_t arg
+        cdef int rc
+        arg.count = count
+        arg.segments = <xvf_gntdev_grant_copy_segment_t *>segments
+        with nogil:
+            rc = ioctl(self.fd, XVF_IOCTL_GNTDEV_GRANT_COPY, &arg)
+        if rc < 0:
+            raise GrantError(f"gntdev: grant copy of {count} segments failed", errno)
 
     def _unmap_index(self, uint64_t index, uint32_t count) -> None:
         cdef xvf_gntdev_unmap_grant_ref_t arg

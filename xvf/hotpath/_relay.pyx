@@ -3,20 +3,23 @@
 says what the relay is and does; this module is how).
 
 Per request nothing here builds a Python object: the chain is walked and checked
-into C arrays, the shadow descriptors and bounce space are taken from C tables,
-the data is copied with memcpy, and the guest's and the shadow's ring words are
-read and written through pointers with the fences the split ring needs (aarch64
-included). Python remains only where the mapper is: one `map_many` per batch of
-requests (and one `unmap` of what the batch gave back), and the rate-limited logs.
+into C arrays, the shadow descriptors and bounce space are taken from C tables, and
+the guest's and the shadow's ring words are read and written through pointers with
+the fences the split ring needs (aarch64 included). The data moves by grant copy
+(Xen's GNTTABOP_copy through gntdev, as QEMU's xen-block does): the segments of a
+batch of requests into bounce buffers in one call, the device-written segments of a
+batch of completions back in one call; nothing but the rings is ever mapped.
+Python remains only where the mapper is (one `copy` call per batch) and in the
+rate-limited logs.
 
 Layout: every ring field is little-endian (virtio 1.x); the hosts xvf runs on
 (aarch64, x86-64) are little-endian, so the C structs of include/xvf/virtio_ring.h
 are the rings as they lie in memory.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memmove, memset
 
 from xvf.hotpath._gnttab cimport GrantMapping
 from xvf.hotpath._grow cimport regrow
@@ -24,6 +27,7 @@ from xvf.hotpath._ioreq cimport MmioState
 from xvf.hotpath.includes.barrier cimport (
     xvf_acquire, xvf_full, xvf_load_u16, xvf_release, xvf_store_u16,
 )
+from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
 from xvf.hotpath.includes.system cimport read, write
 from xvf.hotpath.includes.virtio_ring cimport (
     XVF_VRING_AVAIL_ALIGN, XVF_VRING_AVAIL_BYTES, XVF_VRING_DESC_ALIGN, XVF_VRING_DESC_BYTES,
@@ -31,7 +35,11 @@ from xvf.hotpath.includes.virtio_ring cimport (
     XVF_VRING_USED_ALIGN, XVF_VRING_USED_BYTES, xvf_vring_avail_t, xvf_vring_desc_t,
     xvf_vring_used_t,
 )
-from xvf.hotpath.includes.xen_grant cimport XVF_GRANT_DMA_ADDR_OFF, XVF_XEN_PAGE_SHIFT
+from xvf.hotpath.includes.xen_grant cimport (
+    XVF_GNTCOPY_dest_gref, XVF_GNTCOPY_source_gref, XVF_GNTST_bad_copy_arg,
+    XVF_GNTST_bad_domain, XVF_GNTST_bad_gntref, XVF_GNTST_general_error, XVF_GNTST_okay,
+    XVF_GNTST_permission_denied, XVF_GRANT_DMA_ADDR_OFF, XVF_XEN_PAGE_SHIFT,
+)
 
 import ctypes
 import logging
@@ -46,9 +54,8 @@ log = logging.getLogger("xvf.protocols.grant_relay")
 cdef enum:
     SHADOW_ALIGN = 64   # bounce buffers and small shadow allocations
     MAX_REFS = 4096     # gntdev / the simulator refuse more in one map
-    # Requests whose device-readable grants one kick maps together (with QD32 and
-    # EVENT_IDX a kick usually finds many): one map for all of them, copied and
-    # unmapped at once, plus one per request for its device-writable segments.
+    # Requests one kick copies in together (with QD32 and EVENT_IDX a kick usually
+    # finds many): one grant copy call for all of their segments.
     BATCH = 64
 
 cdef size_t DESC_SIZE_C = sizeof(xvf_vring_desc_t)
@@ -92,6 +99,21 @@ def grant_span(uint64_t addr, int64_t length) -> tuple:
         raise RelayError(f"grant range of length {length}")
     _span(addr, <uint64_t>length, &first, &count, &offset)
     return list(range(first, first + count)), offset
+
+
+_GNTST_NAMES = {
+    XVF_GNTST_okay: "okay",
+    XVF_GNTST_general_error: "general error",
+    XVF_GNTST_bad_domain: "bad domain",
+    XVF_GNTST_bad_gntref: "bad grant ref",
+    XVF_GNTST_permission_denied: "permission denied",
+    XVF_GNTST_bad_copy_arg: "bad copy argument",
+}
+
+
+def _gntst_name(int status) -> str:
+    """A GNTTABOP_copy status as Xen's messages name it (public/grant_table.h)."""
+    return f"GNTST {status}: {_GNTST_NAMES.get(status, 'error')}"
 
 
 # -- shadow memory ----------------------------------------------------------------
@@ -297,8 +319,7 @@ cdef class GrantRelayQueue:
     cdef object _refusals
     cdef object _lies
     cdef list _ring_maps   # (GrantMapping, refs) of the guest's three ring parts
-    cdef list _unmaps      # refs of closed mappings, given back by _give_back
-    cdef list _req_maps    # per shadow head: [(GrantMapping, refs)] of its writable segments
+    cdef readonly uint16_t domid  # whose grants (the copies name it per segment)
     cdef int64_t _ring_base
     cdef uint16_t _guest_used_idx
     cdef uint16_t _shadow_avail_idx
@@ -319,8 +340,6 @@ cdef class GrantRelayQueue:
     cdef uint32_t *seg_len
     cdef uint8_t *seg_write
     cdef uint64_t *seg_bounce
-    cdef uint64_t *seg_start    # where the segment starts in the mapping it is copied through
-    cdef char **seg_guest       # a writable segment's guest bytes, mapped until completion
     cdef uint16_t *seg_next
     # per request, at its shadow head
     cdef uint16_t *req_guest
@@ -334,6 +353,16 @@ cdef class GrantRelayQueue:
     cdef uint32_t *tmp_len
     cdef uint8_t *tmp_write
     cdef uint16_t batch[BATCH]
+    cdef uint8_t refused[BATCH]     # of the batch: its copy in failed
+    # grant copies of one call: each at most a page of the grant side, and whose
+    # (batch index or completion index) it is
+    cdef xvf_gntdev_grant_copy_segment_t *copies
+    cdef uint32_t *copy_owner
+    cdef uint32_t copies_cap
+    # completions taken from the shadow used ring, copied back together
+    cdef uint16_t *done_head
+    cdef uint32_t *done_len
+    cdef uint64_t scratch           # shadow offset an indirect table is copied to
 
     def __cinit__(self):
         self.guest_kick_fd = -1
@@ -362,6 +391,7 @@ cdef class GrantRelayQueue:
         self.where = f"{label} queue {index}".strip()
         self.num = num
         self.mapper = mapper
+        self.domid = mapper.domid
         self.shadow = shadow
         self.state = state
         self.backend_kick_fd = kick_fd_to_backend
@@ -370,9 +400,9 @@ cdef class GrantRelayQueue:
         self._refusals = RateLimitedLog(log)
         self._lies = RateLimitedLog(log)
         self._ring_maps = []
-        self._unmaps = []
-        self._req_maps = [None] * num
         self._alloc_tables()
+        # Grant copies go to and from the shadow memory: the software Xen must see it.
+        mapper.copy_memory(shadow.fd, shadow.uva, shadow.size)
         try:
             self.gdesc = <xvf_vring_desc_t *>self._map_ring(desc, XVF_VRING_DESC_BYTES(num), False)
             self.gavail = <xvf_vring_avail_t *>self._map_ring(
@@ -395,8 +425,6 @@ cdef class GrantRelayQueue:
         self.seg_len = <uint32_t *>calloc(n, sizeof(uint32_t))
         self.seg_write = <uint8_t *>calloc(n, sizeof(uint8_t))
         self.seg_bounce = <uint64_t *>calloc(n, sizeof(uint64_t))
-        self.seg_start = <uint64_t *>calloc(n, sizeof(uint64_t))
-        self.seg_guest = <char **>calloc(n, sizeof(char *))
         self.seg_next = <uint16_t *>calloc(n, sizeof(uint16_t))
         self.req_guest = <uint16_t *>calloc(n, sizeof(uint16_t))
         self.req_nseg = <uint16_t *>calloc(n, sizeof(uint16_t))
@@ -406,12 +434,20 @@ cdef class GrantRelayQueue:
         self.tmp_addr = <uint64_t *>calloc(n, sizeof(uint64_t))
         self.tmp_len = <uint32_t *>calloc(n, sizeof(uint32_t))
         self.tmp_write = <uint8_t *>calloc(n, sizeof(uint8_t))
+        self.done_head = <uint16_t *>calloc(n, sizeof(uint16_t))
+        self.done_len = <uint32_t *>calloc(n, sizeof(uint32_t))
+        self.copies_cap = 4 * BATCH
+        self.copies = <xvf_gntdev_grant_copy_segment_t *>calloc(
+            self.copies_cap, sizeof(xvf_gntdev_grant_copy_segment_t))
+        self.copy_owner = <uint32_t *>calloc(self.copies_cap, sizeof(uint32_t))
         if (self.free_stack == NULL or self.seg_addr == NULL or self.seg_len == NULL
-                or self.seg_write == NULL or self.seg_bounce == NULL or self.seg_start == NULL
-                or self.seg_guest == NULL or self.seg_next == NULL or self.req_guest == NULL
+                or self.seg_write == NULL or self.seg_bounce == NULL
+                or self.seg_next == NULL or self.req_guest == NULL
                 or self.req_nseg == NULL or self.req_bounce == NULL
                 or self.req_bounce_len == NULL or self.req_live == NULL
-                or self.tmp_addr == NULL or self.tmp_len == NULL or self.tmp_write == NULL):
+                or self.tmp_addr == NULL or self.tmp_len == NULL or self.tmp_write == NULL
+                or self.done_head == NULL or self.done_len == NULL
+                or self.copies == NULL or self.copy_owner == NULL):
             raise MemoryError()
         return 0
 
@@ -421,8 +457,6 @@ cdef class GrantRelayQueue:
         free(self.seg_len)
         free(self.seg_write)
         free(self.seg_bounce)
-        free(self.seg_start)
-        free(self.seg_guest)
         free(self.seg_next)
         free(self.req_guest)
         free(self.req_nseg)
@@ -432,6 +466,10 @@ cdef class GrantRelayQueue:
         free(self.tmp_addr)
         free(self.tmp_len)
         free(self.tmp_write)
+        free(self.done_head)
+        free(self.done_len)
+        free(self.copies)
+        free(self.copy_owner)
 
     @property
     def counters(self) -> tuple:
@@ -464,7 +502,8 @@ cdef class GrantRelayQueue:
         cdef uint32_t n = self.num
         cdef uint64_t avail_off = _round(XVF_VRING_DESC_BYTES(n), XVF_VRING_AVAIL_ALIGN)
         cdef uint64_t used_off = _round(avail_off + XVF_VRING_AVAIL_BYTES(n), XVF_VRING_USED_ALIGN)
-        cdef uint64_t total = used_off + XVF_VRING_USED_BYTES(n)
+        cdef uint64_t scratch_off = _round(used_off + XVF_VRING_USED_BYTES(n), SHADOW_ALIGN)
+        cdef uint64_t total = scratch_off + XVF_VRING_DESC_BYTES(n)  # + an indirect table
         base = self.shadow.alloc(total, PAGE_SIZE_C)
         if base is None:
             raise XvfError(f"queue {self.index}: no room for a shadow ring of {total} bytes")
@@ -473,6 +512,7 @@ cdef class GrantRelayQueue:
         self.shadow_desc = base
         self.shadow_avail = base + avail_off
         self.shadow_used = base + used_off
+        self.scratch = base + scratch_off
         self.sdesc = <xvf_vring_desc_t *>(self.shadow.base + self.shadow_desc)
         self.savail = <xvf_vring_avail_t *>(self.shadow.base + self.shadow_avail)
         self.sused = <xvf_vring_used_t *>(self.shadow.base + self.shadow_used)
@@ -572,9 +612,8 @@ cdef class GrantRelayQueue:
             p, c = self._post_batch(nb)
             posted += p
             completed += c
-        if posted:  # the backend first: giving grants back is one more round trip
+        if posted:
             write(self.backend_kick_fd, &one, 8)
-        self._give_back()
         if completed:
             xvf_release()
             xvf_store_u16(&self.gused.idx, self._guest_used_idx)
@@ -591,15 +630,6 @@ cdef class GrantRelayQueue:
             _span(self.tmp_addr[i], self.tmp_len[i], &first, &count, &offset)
             total += count
         return <uint32_t>min(total, <uint64_t>0xffffffff)
-
-    cdef int _give_back(self) except -1:
-        """Give back the grants of closed mappings, in one call: before the guest can
-        see their requests completed, as it may end its grants then."""
-        if self._unmaps:
-            refs = self._unmaps
-            self._unmaps = []
-            self.mapper.unmap(refs)
-        return 0
 
     cdef int _refuse(self, uint16_t head, exc) except -1:
         self._refusals(logging.WARNING, "%s: request %d refused: %s", self.where, head, exc)
@@ -638,40 +668,30 @@ cdef class GrantRelayQueue:
         self.tmp_write[n] = (d.flags & XVF_VRING_DESC_F_WRITE) != 0
 
     cdef uint32_t _walk_indirect(self, uint64_t addr, uint32_t length) except 0:
-        cdef GrantMapping m
         cdef xvf_vring_desc_t *table
         cdef xvf_vring_desc_t d
-        cdef uint32_t count, n = 0, i = 0
+        cdef uint32_t count, n = 0, i = 0, ncopies = 0
         if length == 0 or length % DESC_SIZE_C or length // DESC_SIZE_C > self.num:
             raise RelayError(f"indirect table of {length} bytes")
         count = length // DESC_SIZE_C
-        mapping, refs, offset = self._map_span(addr, length, False)
-        m = mapping
         # A copy, read once: the guest may rewrite its table while we walk it.
-        table = <xvf_vring_desc_t *>calloc(count, DESC_SIZE_C)
-        if table == NULL:
-            m.close()
-            self._unmaps.extend(refs)
-            raise MemoryError()
-        memcpy(table, <char *>m.addr + <uint32_t>offset, length)
-        m.close()
-        self._unmaps.extend(refs)
-        try:
-            while True:
-                d = table[i]
-                if d.flags & XVF_VRING_DESC_F_INDIRECT:
-                    raise RelayError("nested indirect descriptor")
-                self._take(n, &d)
-                n += 1
-                if not d.flags & XVF_VRING_DESC_F_NEXT:
-                    return self._checked(n)
-                if n >= count:
-                    raise RelayError("indirect chain longer than its table (a loop)")
-                if d.next >= count:
-                    raise RelayError(f"indirect next index {d.next} out of range")
-                i = d.next
-        finally:
-            free(table)
+        self._add_copies(addr, length, self.scratch, False, False, 0, &ncopies)
+        self._run_copies(ncopies)
+        self._raise_failure(ncopies, "indirect table")
+        table = <xvf_vring_desc_t *>(self.shadow.base + self.scratch)
+        while True:
+            d = table[i]
+            if d.flags & XVF_VRING_DESC_F_INDIRECT:
+                raise RelayError("nested indirect descriptor")
+            self._take(n, &d)
+            n += 1
+            if not d.flags & XVF_VRING_DESC_F_NEXT:
+                return self._checked(n)
+            if n >= count:
+                raise RelayError("indirect chain longer than its table (a loop)")
+            if d.next >= count:
+                raise RelayError(f"indirect next index {d.next} out of range")
+            i = d.next
 
     cdef uint32_t _checked(self, uint32_t n) except 0:
         cdef uint32_t i
@@ -709,7 +729,6 @@ cdef class GrantRelayQueue:
             self.seg_len[d] = self.tmp_len[i]
             self.seg_write[d] = self.tmp_write[i]
             self.seg_bounce[d] = off
-            self.seg_guest[d] = NULL
             self.seg_next[d] = self.free_stack[self.nfree - 1] if i + 1 < n else 0
             off += _round(self.tmp_len[i], SHADOW_ALIGN)
         self.req_guest[head] = guest_head
@@ -719,24 +738,41 @@ cdef class GrantRelayQueue:
         return head
 
     cdef tuple _post_batch(self, uint32_t nb):
-        """Map the batch's grants (one map_many for all), copy, post; returns (posted,
-        refused). If the batch map is refused, each request is mapped alone, so that
-        only the one with a bad grant is refused, as without batching."""
-        cdef uint32_t i, kept = 0
+        """Copy the batch's segments in (one grant copy for all of them), post; returns
+        (posted, refused). A request with a grant Xen refused is refused alone; if the
+        call fails as a whole, each request is copied on its own, as without batching.
+
+        Device-writable segments are copied in too: the whole area goes back at
+        completion (backends under-report `len`), so it starts as the guest's bytes,
+        never stale bounce bytes. Each of their pages also gets its first byte written
+        back in the same call: a grant the guest gave read-only (or not at all) is
+        refused here, before the backend sees the request, as a writable map was."""
+        cdef uint32_t i, kept = 0, n = 0, alone
         cdef uint16_t head
-        if not self._fill_batch(nb):
+        for i in range(nb):
+            self._copy_request(self.batch[i], False, i, &n)
+        try:
+            self._run_copies(n)
+            failed = self._failures(n, "request")
+        except RelayError:
+            failed = {}
             for i in range(nb):
-                head = self.batch[i]
+                alone = 0
                 try:
-                    self._fill_alone(head)
+                    self._copy_request(self.batch[i], False, 0, &alone)
+                    self._run_copies(alone)
+                    self._raise_failure(alone, "request")
                 except RelayError as exc:
-                    self._release_request(head)
-                    self._refuse(self.req_guest[head], exc)
-                    continue
-                self.batch[kept] = head
-                kept += 1
-        else:
-            kept = nb
+                    failed[i] = exc
+        for i in range(nb):
+            head = self.batch[i]
+            if failed is not None and i in failed:
+                self._release_request(head)
+                self._refuse(self.req_guest[head], failed[i])
+                continue
+            self.copied_bytes += self._request_bytes(head, False)
+            self.batch[kept] = head
+            kept += 1
         for i in range(kept):
             self._publish(self.batch[i])
         if kept:
@@ -744,99 +780,125 @@ cdef class GrantRelayQueue:
             xvf_store_u16(&self.savail.idx, self._shadow_avail_idx)  # published last
         return kept, nb - kept
 
-    cdef bint _fill_batch(self, uint32_t nb) except -1:
-        """The batch's device-readable segments through one mapping, copied and unmapped
-        at once; each request's device-writable segments through one mapping of its own,
-        kept until it completes (the guest may end its grants as soon as it sees the
-        request used, so no mapping may outlive the request it belongs to)."""
-        cdef uint32_t i, _j, k, count, offset
-        cdef uint64_t first
-        cdef uint16_t head, d
-        cdef GrantMapping m
-        cdef char *src
-        ro_refs = []
-        writable = []  # (head, refs)
-        for i in range(nb):
-            head = self.batch[i]
-            rw_refs = None
-            d = head
-            for _j in range(self.req_nseg[head]):
-                _span(self.seg_addr[d], self.seg_len[d], &first, &count, &offset)
-                if self.seg_write[d]:
-                    if rw_refs is None:
-                        rw_refs = []
-                    self.seg_start[d] = len(rw_refs) * PAGE_SIZE_C + offset
-                    rw_refs.extend(range(first, first + count))
-                else:
-                    self.seg_start[d] = len(ro_refs) * PAGE_SIZE_C + offset
-                    ro_refs.extend(range(first, first + count))
-                d = self.seg_next[d]
-            if rw_refs is not None:
-                writable.append((head, rw_refs))
-        groups = [(ro_refs, False)] if ro_refs else []
-        groups += [(refs, True) for _, refs in writable]
-        try:
-            maps = self.mapper.map_many(groups)  # one request to the hypervisor's side
-        except GrantError:
-            return False
-        k = 0
-        if ro_refs:
-            m = maps[0]
-            k = 1
-            try:
-                for i in range(nb):
-                    head = self.batch[i]
-                    d = head
-                    for _j in range(self.req_nseg[head]):
-                        if not self.seg_write[d]:
-                            memcpy(self.shadow.base + self.seg_bounce[d],
-                                   <char *>m.addr + self.seg_start[d], self.seg_len[d])
-                            self.copied_bytes += self.seg_len[d]
-                        d = self.seg_next[d]
-            finally:
-                m.close()  # copied now, so the grants are released now
-                self._unmaps.extend(ro_refs)
-        for head_obj, refs in writable:
-            head = head_obj
-            m = maps[k]
-            k += 1
-            self._req_maps[head] = [(m, refs)]
-            src = <char *>m.addr
-            d = head
-            for _j in range(self.req_nseg[head]):
-                if self.seg_write[d]:
-                    # The whole area goes back at completion (backends under-report
-                    # `len`): start it as the guest's bytes, never stale bounce bytes.
-                    self.seg_guest[d] = src + self.seg_start[d]
-                    memcpy(self.shadow.base + self.seg_bounce[d], self.seg_guest[d],
-                           self.seg_len[d])
-                d = self.seg_next[d]
-        return True
-
-    cdef int _fill_alone(self, uint16_t head) except -1:
-        """The request's segments, each through its own mapping (a batch map was refused)."""
+    # -- grant copies ---------------------------------------------------------------
+    cdef int _copy_request(self, uint16_t head, bint back, uint32_t owner,
+                           uint32_t *n) except -1:
+        """Queue the copies of a request's segments: all of them into the shadow, with
+        the write probes of its device-writable ones (back False), or its
+        device-writable ones back to the guest (back True)."""
         cdef uint16_t d = head
         cdef uint32_t _j
-        cdef GrantMapping m
-        cdef char *guest
-        kept = []
-        self._req_maps[head] = kept
         for _j in range(self.req_nseg[head]):
-            mapping, refs, offset = self._map_span(self.seg_addr[d], self.seg_len[d],
-                                                   self.seg_write[d])
-            m = mapping
-            guest = <char *>m.addr + <uint32_t>offset
-            if self.seg_write[d]:
-                kept.append((m, refs))
-                self.seg_guest[d] = guest
-                memcpy(self.shadow.base + self.seg_bounce[d], guest, self.seg_len[d])
-            else:
-                memcpy(self.shadow.base + self.seg_bounce[d], guest, self.seg_len[d])
-                m.close()
-                self._unmaps.extend(refs)
-                self.copied_bytes += self.seg_len[d]
+            if self.seg_write[d] or not back:
+                self._add_copies(self.seg_addr[d], self.seg_len[d], self.seg_bounce[d],
+                                 back, self.seg_write[d] and not back, owner, n)
             d = self.seg_next[d]
         return 0
+
+    cdef uint64_t _request_bytes(self, uint16_t head, bint writable_only) noexcept:
+        cdef uint16_t d = head
+        cdef uint32_t _j
+        cdef uint64_t total = 0
+        for _j in range(self.req_nseg[head]):
+            if self.seg_write[d] or not writable_only:
+                total += self.seg_len[d]
+            d = self.seg_next[d]
+        return total
+
+    cdef int _add_copies(self, uint64_t addr, uint64_t length, uint64_t local, bint back,
+                         bint probe, uint32_t owner, uint32_t *n) except -1:
+        """Queue the copies between grant range addr+length and shadow offset `local`
+        (into the shadow, or back out to the guest): one per granted page, as
+        GNTTABOP_copy takes no grant-side piece across a page. `probe`: after each
+        page copied in, its first byte written back (Xen does a call's copies in
+        order, so the guest's own byte), which fails if the page is not writable."""
+        cdef uint64_t first
+        cdef uint32_t count, offset, k, piece
+        cdef char *virt = self.shadow.base + local
+        _span(addr, length, &first, &count, &offset)
+        self._grow_copies(n[0] + count * (2 if probe else 1))
+        for k in range(count):
+            piece = <uint32_t>min(length, PAGE_SIZE_C - offset)
+            self._queue_copy(<uint32_t>(first + k), offset, virt, piece, back, owner, n)
+            if probe:
+                self._queue_copy(<uint32_t>(first + k), offset, virt, 1, True, owner, n)
+            virt += piece
+            length -= piece
+            offset = 0
+        return 0
+
+    cdef inline void _queue_copy(self, uint32_t ref, uint32_t offset, char *virt,
+                                 uint32_t length, bint to_guest, uint32_t owner,
+                                 uint32_t *n) noexcept:
+        cdef xvf_gntdev_grant_copy_segment_t *c = &self.copies[n[0]]
+        if to_guest:
+            c.source.virt = virt
+            c.dest.foreign.ref = ref
+            c.dest.foreign.offset = <uint16_t>offset
+            c.dest.foreign.domid = self.domid
+            c.flags = XVF_GNTCOPY_dest_gref
+        else:
+            c.source.foreign.ref = ref
+            c.source.foreign.offset = <uint16_t>offset
+            c.source.foreign.domid = self.domid
+            c.dest.virt = virt
+            c.flags = XVF_GNTCOPY_source_gref
+        c.len = <uint16_t>length
+        c.status = XVF_GNTST_okay
+        self.copy_owner[n[0]] = owner
+        n[0] += 1
+
+    cdef int _grow_copies(self, uint64_t need) except -1:
+        cdef uint64_t cap = self.copies_cap
+        if need <= cap:
+            return 0
+        while cap < need:
+            cap *= 2
+        if cap > 0xffffffff:
+            raise MemoryError()
+        if (not regrow(<void **>&self.copies, cap * sizeof(xvf_gntdev_grant_copy_segment_t))
+                or not regrow(<void **>&self.copy_owner, cap * sizeof(uint32_t))):
+            raise MemoryError()
+        self.copies_cap = <uint32_t>cap
+        return 0
+
+    cdef int _run_copies(self, uint32_t n) except -1:
+        """The queued copies, in one call; RelayError if the call failed as a whole
+        (each copy's own status says whether it was done)."""
+        if n == 0:
+            return 0
+        try:
+            self.mapper.copy(<uintptr_t>self.copies, n)
+        except GrantError as exc:
+            raise RelayError(f"grant copy refused: {exc}") from None
+        return 0
+
+    cdef object _failures(self, uint32_t n, str what):
+        """{owner: RelayError} for the owners of the copies Xen refused, or None."""
+        cdef uint32_t k
+        failed = None
+        for k in range(n):
+            if self.copies[k].status != XVF_GNTST_okay:
+                if failed is None:
+                    failed = {}
+                if self.copy_owner[k] not in failed:
+                    failed[self.copy_owner[k]] = self._refusal(k, what)
+        return failed
+
+    cdef int _raise_failure(self, uint32_t n, str what) except -1:
+        cdef uint32_t k
+        for k in range(n):
+            if self.copies[k].status != XVF_GNTST_okay:
+                raise self._refusal(k, what)
+        return 0
+
+    cdef object _refusal(self, uint32_t k, str what):
+        cdef xvf_gntdev_grant_copy_segment_t *c = &self.copies[k]
+        ref = c.dest.foreign.ref if c.flags & XVF_GNTCOPY_dest_gref else c.source.foreign.ref
+        way = "to" if c.flags & XVF_GNTCOPY_dest_gref else "from"
+        return RelayError(
+            f"{what}: copy {way} grant ref {ref} refused ({_gntst_name(c.status)})"
+        )
 
     cdef void _publish(self, uint16_t head) noexcept:
         cdef uint16_t d = head
@@ -857,20 +919,11 @@ cdef class GrantRelayQueue:
         self.relayed_requests += 1
 
     cdef int _release_request(self, uint16_t head) except -1:
-        """Close its writable mappings, free its bounce block and shadow descriptors."""
+        """Free its bounce block and shadow descriptors."""
         cdef uint16_t d = head
         cdef uint32_t _j
-        cdef GrantMapping m
-        maps = self._req_maps[head]
-        if maps is not None:
-            self._req_maps[head] = None
-            for mapping, refs in maps:
-                m = mapping
-                m.close()
-                self._unmaps.extend(refs)
         self.shadow.c_free(self.req_bounce[head], self.req_bounce_len[head])
         for _j in range(self.req_nseg[head]):
-            self.seg_guest[d] = NULL
             self.free_stack[self.nfree] = d
             self.nfree += 1
             d = self.seg_next[d]
@@ -883,8 +936,7 @@ cdef class GrantRelayQueue:
     def on_backend_call(self) -> None:
         cdef uint64_t count
         cdef uint16_t used_idx
-        cdef uint32_t slot, shead, written
-        cdef int completed = 0
+        cdef uint32_t slot, shead, written, ndone = 0
         if self.backend_call_fd >= 0:
             read(self.backend_call_fd, &count, 8)  # nonblocking: nothing pending is fine
         if self.stopped or self._backend_lied:
@@ -910,40 +962,67 @@ cdef class GrantRelayQueue:
                     logging.ERROR, "%s: backend used id %d is not in flight", self.where, shead
                 )
             else:
-                self._complete_guest(self.req_guest[shead], self._copy_back(shead, written))
-                self._release_request(<uint16_t>shead)
-                completed += 1
+                # Taken now (a second entry with this id is a lie), completed below.
+                self.req_live[shead] = 0
+                self.inflight -= 1
+                self.done_head[ndone] = <uint16_t>shead
+                self.done_len[ndone] = written
+                ndone += 1
             if self._shadow_last_used == used_idx:
                 # EVENT_IDX on the shadow ring: call me at the next completion.
                 xvf_store_u16(self.s_used_event, self._shadow_last_used)
                 xvf_full()
                 used_idx = xvf_load_u16(&self.sused.idx)
-        self._give_back()
-        if completed:
-            xvf_release()  # used entries and copied-back data before the index
+        if ndone:
+            self._complete_batch(ndone)
+            xvf_release()  # used entries before the index (the copies are done)
             xvf_store_u16(&self.gused.idx, self._guest_used_idx)  # published last
             with nogil:
                 self.state.c_raise(1)
             self.shadow.wake_waiters()
 
-    cdef uint32_t _copy_back(self, uint16_t head, uint32_t written) noexcept:
-        """Copy the request's whole device-writable area back to the guest; returns the
-        used length to report: the backend's, capped at that area.
+    cdef int _complete_batch(self, uint32_t ndone) except -1:
+        """Copy the completed requests' device-writable areas back (one grant copy for
+        all of them), then complete them on the guest's used ring.
 
-        The whole area, not `written` bytes: backends under-report (rust-vmm's
-        vhost-device-i2c says 1 for a failed transfer whose status byte trails the
-        read buffer), and a guest driver may read the status and ignore the length.
-        Bytes the backend did not write go back as the guest's own (_fill_batch)."""
-        cdef uint16_t d = head
-        cdef uint32_t _j
-        cdef uint64_t total = 0
-        for _j in range(self.req_nseg[head]):
-            if self.seg_write[d] and self.seg_guest[d] != NULL:
-                memcpy(self.seg_guest[d], self.shadow.base + self.seg_bounce[d], self.seg_len[d])
-                total += self.seg_len[d]
-            d = self.seg_next[d]
-        self.copied_bytes += total
-        return <uint32_t>min(<uint64_t>written, total)
+        The whole area, not the `len` the backend reported: backends under-report
+        (rust-vmm's vhost-device-i2c says 1 for a failed transfer whose status byte
+        trails the read buffer), and a guest driver may read the status and ignore the
+        length. Bytes the backend did not write go back as the guest's own (copied in
+        with the request). A request whose bytes could not be copied back (the guest
+        ended its grant early) completes with len 0."""
+        cdef uint32_t k, n = 0, alone
+        cdef uint16_t head
+        cdef uint64_t total
+        for k in range(ndone):
+            self._copy_request(self.done_head[k], True, k, &n)
+        try:
+            self._run_copies(n)
+            failed = self._failures(n, "completion")
+        except RelayError:
+            failed = {}
+            for k in range(ndone):
+                alone = 0
+                try:
+                    self._copy_request(self.done_head[k], True, 0, &alone)
+                    self._run_copies(alone)
+                    self._raise_failure(alone, "completion")
+                except RelayError as exc:
+                    failed[k] = exc
+        for k in range(ndone):
+            head = self.done_head[k]
+            if failed is not None and k in failed:
+                self._refusals(logging.WARNING, "%s: request %d lost its data: %s",
+                               self.where, self.req_guest[head], failed[k])
+                self.bad_requests += 1
+                self._complete_guest(self.req_guest[head], 0)
+            else:
+                total = self._request_bytes(head, True)
+                self.copied_bytes += total
+                self._complete_guest(self.req_guest[head],
+                                     <uint32_t>min(<uint64_t>self.done_len[k], total))
+            self._release_request(head)
+        return 0
 
     cdef void _complete_guest(self, uint16_t head, uint32_t length) noexcept:
         cdef uint32_t slot = self._guest_used_idx % self.num
@@ -985,7 +1064,6 @@ cdef class GrantRelayQueue:
         for head in range(self.num):
             if self.req_live[head]:
                 self._release_request(<uint16_t>head)
-        self._give_back()
         self._release_rings()
         if self._ring_base >= 0:
             self.shadow.free(<uint64_t>self._ring_base)

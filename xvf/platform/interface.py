@@ -73,9 +73,19 @@ class GuestMemory(Protocol):
 class GrantMapper(Protocol):
     """gntdev: maps pages a guest granted to us."""
 
+    domid: int
+
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
-    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
-        """One mapping per (refs, writable) group, all or none (each closed on its own)."""
+    def copy(self, segments: int, count: int) -> None:
+        """Grant copies (gntdev GRANT_COPY): `count` xvf_gntdev_grant_copy_segment_t at
+        address `segments`, each given its GNTST_* status; GrantError if the call fails
+        as a whole."""
+        ...
+
+    def copy_memory(self, fd: int, address: int, size: int) -> None:
+        """The memory (memfd `fd`, mapped at `address`) that copies go to and from:
+        nothing on Xen, which reaches this process's pages itself; shared with the
+        software Xen."""
         ...
 
     def unmap(self, refs: list[int]) -> None:

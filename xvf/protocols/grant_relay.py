@@ -5,17 +5,18 @@ In grant mode every address the guest puts in a ring is a grant DMA address
 standard vhost-user backend only understands addresses inside the memory
 regions it was given. So xvf gives it one region it owns (`ShadowMemory`),
 builds a shadow split ring there per guest queue, and relays requests
-(`GrantRelayQueue`): guest kick -> map the request's grants, copy the
-device-readable bytes into bounce buffers, post a shadow chain, kick the
-backend; backend call -> copy the written bytes back, complete the guest's
-used ring, unmap, interrupt. This is the technique of QEMU's vDPA shadow
-virtqueues.
+(`GrantRelayQueue`): guest kick -> copy the request's buffers from its grants
+into bounce buffers, post a shadow chain, kick the backend; backend call -> copy
+the device-written bytes back to the guest's grants, complete the guest's used
+ring, interrupt. This is the technique of QEMU's vDPA shadow virtqueues; the
+copies are Xen's grant copy (gntdev GRANT_COPY), as QEMU's xen-block does, so
+only the rings are ever mapped.
 
 Batching: the requests one kick finds (up to MAX_BATCH, MAX_REFS_PER_MAP grant
-refs) are mapped by one `map_many`: their device-readable grants as one mapping,
-copied and closed at once, and each request's device-writable grants as one
-mapping kept until it completes. If the batch map is refused, each request is
-mapped alone, so that only the one with a bad grant is refused.
+refs) are copied in by one `copy` call, and the completions one backend call
+finds are copied back by one. A request whose grant Xen refuses is refused alone
+(at completion: completed with len 0); if a call fails as a whole, each request
+is copied on its own.
 
 Malformed guest chains are never forwarded: they are completed with used len 0
 and counted in `GrantRelayQueue.bad_requests` (for virtio-blk the guest then
@@ -78,13 +79,16 @@ def relay_guest_features(features: int) -> int:
 
 
 class GrantPages(Protocol):
-    """What the relay needs of a grant mapper: only mapping and unmapping. The
-    platform's GrantMapper (xvf.platform.interface) is one; declared here so that
-    this protocol layer needs nothing from the platform layer above it."""
+    """What the relay needs of a grant mapper: mapping the rings, copying the data.
+    The platform's GrantMapper (xvf.platform.interface) is one; declared here so
+    that this protocol layer needs nothing from the platform layer above it."""
+
+    domid: int
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
-    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]: ...
     def unmap(self, refs: list[int]) -> None: ...
+    def copy(self, segments: int, count: int) -> None: ...
+    def copy_memory(self, fd: int, address: int, size: int) -> None: ...
 
 
 class ShadowMemory(_relay.ShadowMemory):

@@ -1,5 +1,5 @@
 # include/xvf/linux_xen.h: Linux's privcmd, evtchn and gntdev ioctls.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "xvf/linux_xen.h" nogil:
     unsigned int XVF_IOC_NONE, XVF_IOC_WRITE, XVF_IOC_READ
@@ -74,5 +74,21 @@ cdef extern from "xvf/linux_xen.h" nogil:
         uint32_t pad
     ctypedef struct xvf_gntdev_set_max_grants_t:
         uint32_t count
+    cdef struct xvf_gntdev_copy_foreign:
+        uint32_t ref
+        uint16_t offset
+        uint16_t domid
+    ctypedef union xvf_gntdev_copy_side_t:
+        void *virt
+        xvf_gntdev_copy_foreign foreign
+    ctypedef struct xvf_gntdev_grant_copy_segment_t:
+        xvf_gntdev_copy_side_t source
+        xvf_gntdev_copy_side_t dest
+        uint16_t len
+        uint16_t flags
+        int16_t status
+    ctypedef struct xvf_gntdev_grant_copy_t:
+        unsigned int count
+        xvf_gntdev_grant_copy_segment_t *segments
     unsigned long XVF_IOCTL_GNTDEV_MAP_GRANT_REF, XVF_IOCTL_GNTDEV_UNMAP_GRANT_REF
-    unsigned long XVF_IOCTL_GNTDEV_SET_MAX_GRANTS
+    unsigned long XVF_IOCTL_GNTDEV_SET_MAX_GRANTS, XVF_IOCTL_GNTDEV_GRANT_COPY

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 
 from xvf.errors import SimulatorError
+from xvf.hotpath import _layout as L
 
 OP_DM_OP = 1  # payload: u16 domid, u16 pad, u32 pad, xen_dm_op[32]  -> xen_dm_op[32]
 OP_MMAP_RESOURCE = 2  # u16 domid, u16 pad, u32 type, u32 id, u32 idx, u64 num -> fd
@@ -37,10 +38,20 @@ OP_IOEVENTFD = 9
 # OP_IRQFD: u16 domid, u16 pad, u32 flags, u32 irq, + eventfd
 OP_IRQFD = 10
 FLAG_DEASSIGN = 1
-# OP_GNT_MAP_MANY: several maps in one request, each its own mapping (unmapped on its
-# own), as a batch of gntdev MAP_GRANT_REF ioctls: u16 domid, u16 pad, u32 groups, then
-# per group u8 writable, u8 pad[3], u32 count, count * u32 ref -> all offsets, fd
-OP_GNT_MAP_MANY = 11
+# Grant copy (gntdev's GRANT_COPY ioctl, Xen's GNTTABOP_copy): no mapping, the
+# software Xen copies between the guest's granted pages and this process's memory.
+# OP_GNT_COPY_MEMORY: u64 address, u64 size, + the memfd mapped at `address` here: the
+#   memory copies go to and from (Xen reaches a process's pages itself; the software
+#   Xen needs them shared)
+OP_GNT_COPY_MEMORY = 12
+# OP_GNT_COPY: u32 count, u32 pad, count * segment (xvf_gntdev_grant_copy_segment_t)
+#   -> the segments, each with its status set
+OP_GNT_COPY = 13
+GRANT_COPY_MAX = 2048  # segments per message (MAX_MESSAGE)
+COPY_HEAD = struct.Struct("<II")
+COPY_SEGMENT = struct.Struct("<8s8sHHh2x")  # source, dest, len, flags, status
+COPY_FOREIGN = struct.Struct("<IHH")  # a grant side: ref, offset in page, domid
+COPY_VIRT = struct.Struct("<Q")  # a local side: an address in the caller
 
 HEADER = struct.Struct("<II")
 RC = struct.Struct("<i")
@@ -48,6 +59,19 @@ DM_OP_PREFIX = struct.Struct("<HHI")
 DM_OP_SIZE = 32
 MAX_MESSAGE = 65536
 MAX_FDS = 4
+
+# The segment layout is include/xvf/linux_xen.h's; these formats only read it.
+if (
+    COPY_SEGMENT.size != L.GRANT_COPY_SIZE
+    or (L.GRANT_COPY_SOURCE, L.GRANT_COPY_DEST) != (0, L.GRANT_COPY_SIDE_SIZE)
+    or (L.GRANT_COPY_LEN, L.GRANT_COPY_FLAGS, L.GRANT_COPY_STATUS)
+    != (2 * L.GRANT_COPY_SIDE_SIZE, 2 * L.GRANT_COPY_SIDE_SIZE + 2, 2 * L.GRANT_COPY_SIDE_SIZE + 4)
+    or L.GRANT_COPY_FOREIGN != ((0, 4), (4, 2), (6, 2))
+    or COPY_FOREIGN.size != L.GRANT_COPY_SIDE_SIZE
+    or COPY_VIRT.size != L.GRANT_COPY_VIRT_SIZE
+    or GRANT_COPY_MAX * COPY_SEGMENT.size + HEADER.size + COPY_HEAD.size > MAX_MESSAGE
+):
+    raise ImportError("the grant copy segment is not what include/xvf/linux_xen.h declares")
 
 
 def send_message(sock: socket.socket, head: bytes, payload: bytes, fds: Sequence[int] = ()) -> None:

@@ -68,6 +68,15 @@ class GrantTable:
         if not 0 <= ref < self.nr_entries:
             raise GrantError(f"bad grant ref {ref} (table has {self.nr_entries})", errno.EINVAL)
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while Xen's side works on entries (a grant copy holds it throughout)."""
+        return self._lock
+
+    def entries(self) -> memoryview:
+        """The shared frames' bytes: grant_entry_v1 per ref (for the grant copy loop)."""
+        return memoryview(self._mmap)
+
     def free_count(self) -> int:
         with self._lock:
             return self._free.count(1)

@@ -100,6 +100,12 @@ class GuestRam:
             return False
         return True
 
+    def banks(self) -> list[tuple[int, memoryview]]:
+        """(gpa, writable view) of each RAM bank."""
+        if self._closed:
+            raise SimulatorError("guest RAM is closed")
+        return [(r.gpa, self._mem[r.fd_offset : r.fd_offset + r.size]) for r in self.regions]
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest RAM; the range must lie within one bank."""
         if self._closed:

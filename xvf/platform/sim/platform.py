@@ -186,34 +186,28 @@ class SimGrantMapper:
         finally:
             os.close(fds[0])
 
-    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
-        payload = struct.pack("<HHI", self.domid, 0, len(groups))
-        for refs, writable in groups:
-            payload += struct.pack(f"<BBBBI{len(refs)}I", int(writable), 0, 0, 0, len(refs), *refs)
-        total = sum(len(refs) for refs, _ in groups)
-        try:
-            reply, fds = self._ctl.call(C.OP_GNT_MAP_MANY, payload)
-        except OSError as exc:
-            raise GrantError(
-                f"mapping {total} grants in {len(groups)} maps of domain {self.domid}", exc.errno
-            ) from None
-        mappings: list[GrantMapping] = []
-        try:
-            offsets = struct.unpack(f"<{total}Q", reply)
-            pos = 0
-            for refs, writable in groups:
-                mappings.append(
-                    map_file_pages(fds[0], list(offsets[pos : pos + len(refs)]), writable)
+    def copy_memory(self, fd: int, address: int, size: int) -> None:
+        """Share the memory at `address` (memfd `fd`) that grant copies go to and from.
+        Sent each time: a new memfd may be mapped where a closed one was."""
+        self._ctl.call(C.OP_GNT_COPY_MEMORY, struct.pack("<QQ", address, size), [fd])
+
+    def copy(self, segments: int, count: int) -> None:
+        """gntdev's GRANT_COPY: `count` segments at address `segments`, statuses set."""
+        size = C.COPY_SEGMENT.size
+        for first in range(0, count, C.GRANT_COPY_MAX):
+            n = min(C.GRANT_COPY_MAX, count - first)
+            at = segments + first * size
+            try:
+                reply, _ = self._ctl.call(
+                    C.OP_GNT_COPY, C.COPY_HEAD.pack(n, 0) + ctypes.string_at(at, n * size)
                 )
-                pos += len(refs)
-        except BaseException:
-            for m in mappings:
-                m.close()
-            self.unmap([ref for refs, _ in groups for ref in refs])  # the software Xen's pins
-            raise
-        finally:
-            os.close(fds[0])
-        return mappings
+            except OSError as exc:
+                raise GrantError(
+                    f"grant copy of {n} segments for domain {self.domid}", exc.errno
+                ) from None
+            if len(reply) != n * size:
+                raise GrantError(f"grant copy: a reply of {len(reply)} bytes for {n} segments")
+            ctypes.memmove(at, reply, len(reply))
 
     def fileno(self) -> int:
         """What a Xen-aware backend maps this guest's grants through (gntdev on a

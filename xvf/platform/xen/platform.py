@@ -218,18 +218,13 @@ class XenGrantMapper:
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         return self.gntdev.map(self.domid, refs, writable)
 
-    def map_many(self, groups: list[tuple[list[int], bool]]) -> list[GrantMapping]:
-        """gntdev has no batch ioctl: one map each, all or none. Each is an ioctl and
-        an mmap in this process (the grant map hypercall is the mmap's), no IPC."""
-        mappings: list[GrantMapping] = []
-        try:
-            for refs, writable in groups:
-                mappings.append(self.gntdev.map(self.domid, refs, writable))
-        except BaseException:
-            for m in mappings:
-                m.close()
-            raise
-        return mappings
+    def copy_memory(self, fd: int, address: int, size: int) -> None:
+        """Nothing to do: gntdev pins this process's pages for each copy itself."""
+
+    def copy(self, segments: int, count: int) -> None:
+        """`count` xvf_gntdev_grant_copy_segment_t at `segments`, in one GRANT_COPY
+        ioctl (Xen's GNTTABOP_copy); each segment's status is set."""
+        self.gntdev.copy(segments, count)
 
     def fileno(self) -> int:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""

@@ -1,0 +1,13 @@
+# Python-visible API of _grant_copy.pyx, for mypy.
+
+from collections.abc import Callable
+
+from typing_extensions import Buffer
+
+def grant_copy(
+    segments: bytearray,
+    count: int,
+    resolve: Callable[[int], tuple[Buffer, list[tuple[int, Buffer]], object] | None],
+    local: list[tuple[int, Buffer]],
+    dm_domid: int,
+) -> None: ...
