@@ -426,31 +426,8 @@ def test_event_idx_guest_keeps_kicking(hypervisor) -> None:
         e.close()
 
 
-class CountingMapper:
-    """The platform's grant mapper, counting the grant copy calls the relay makes."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.domid = inner.domid
-        self.copies: list[int] = []  # segments per call
-
-    def map(self, refs: list[int], writable: bool):
-        return self.inner.map(refs, writable)
-
-    def unmap(self, refs: list[int]) -> None:
-        self.inner.unmap(refs)
-
-    def copy(self, segments: int, count: int) -> None:
-        self.copies.append(count)
-        self.inner.copy(segments, count)
-
-    def copy_memory(self, fd: int, address: int, size: int) -> None:
-        self.inner.copy_memory(fd, address, size)
-
-
 def test_one_kick_copies_its_requests_in_one_call(env: Env) -> None:
-    counting = CountingMapper(env.mapper)
-    env.relay.mapper = counting
+    copier = env.relay.copier  # counts its calls and their segments
     rings = set(env.mapped_refs())  # the relay maps the guest's rings, nothing else
     payloads = [os.urandom(300 + 100 * k) for k in range(4)]  # the 8-entry queue's room
     for k, p in enumerate(payloads):
@@ -460,18 +437,18 @@ def test_one_kick_copies_its_requests_in_one_call(env: Env) -> None:
     assert [t.readable for t in taken] == payloads
     # One call: per request its readable page, its writable page and that page's
     # write probe (each buffer fits one page).
-    assert counting.copies == [4 * 3]
+    assert (copier.calls, copier.segments) == (1, 4 * 3)
     assert set(env.mapped_refs()) == rings
     for t in taken[:2]:
         env.backend.complete(t)
     env.relay.on_backend_call()
     # Both completions' writable bytes went back in one call, before the guest saw them.
-    assert counting.copies == [12, 2]
+    assert (copier.calls, copier.segments) == (2, 14)
     assert len(env.vq.get_used()) == 2
     for t in taken[2:]:
         env.backend.complete(t)
     env.relay.on_backend_call()
-    assert counting.copies == [12, 2, 2] and len(env.vq.get_used()) == 2
+    assert (copier.calls, copier.segments) == (3, 16) and len(env.vq.get_used()) == 2
     assert set(env.mapped_refs()) == rings
 
 
@@ -545,14 +522,14 @@ def _grant_of(env: Env, gpa: int) -> int:
     return refs[0]
 
 
-def _copy(env: Env, segments: list[tuple]) -> list[int]:
-    """Run grant copies through the platform mapper; their statuses."""
+def _copy(copier, segments: list[tuple]) -> list[int]:
+    """Run grant copies through a copier of the platform's mapper; their statuses."""
     seg = struct.Struct("<8s8sHHh2x")
     buf = bytearray(seg.size * len(segments))
     for k, (src, dst, length, flags) in enumerate(segments):
         seg.pack_into(buf, k * seg.size, src, dst, length, flags, 0)
     c = (ctypes.c_char * len(buf)).from_buffer(buf)
-    env.mapper.copy(ctypes.addressof(c), len(segments))
+    copier.copy(ctypes.addressof(c), len(segments))
     out = [seg.unpack_from(buf, k * seg.size)[4] for k in range(len(segments))]
     del c
     return out
@@ -564,7 +541,7 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     a, b = env.buf(b"A" * 4096), env.buf(b"B" * 100)
     ra = dma_to_grant(env.dma.map(a, 4096, False))  # device-readable: read-only grant
     rb = dma_to_grant(env.dma.map(b, 100, True))
-    env.mapper.copy_memory(env.shadow.fd, env.shadow.uva, env.shadow.size)
+    copier = env.mapper.copier(env.shadow.fd, env.shadow.uva, env.shadow.size)
     local = env.shadow.alloc(8192)
     virt = struct.pack("<Q", env.shadow.uva + local)
     virt2 = struct.pack("<Q", env.shadow.uva + local + 4096)
@@ -574,7 +551,7 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
 
     before = set(env.mapped_refs())
     assert _copy(
-        env,
+        copier,
         [
             (gref(ra), virt, 4096, L.GNTCOPY_SOURCE_GREF),
             (gref(rb), virt2, 100, L.GNTCOPY_SOURCE_GREF),
@@ -583,12 +560,12 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     assert bytes(env.shadow.mem[local : local + 4]) == b"AAAA"
     assert bytes(env.shadow.mem[local + 4096 : local + 4100]) == b"BBBB"
     env.shadow.mem[local + 4096 : local + 4097] = b"b"
-    assert _copy(env, [(virt2, gref(rb), 1, L.GNTCOPY_DEST_GREF)]) == [0]
+    assert _copy(copier, [(virt2, gref(rb), 1, L.GNTCOPY_DEST_GREF)]) == [0]
     assert env.dom.ram.read(b, 2) == b"bB"  # the writable grant took it
     assert set(env.mapped_refs()) == before  # a copy pins only while it runs
     # Read-only grant as a destination, an ungranted ref, another domain's grant: a
     # status each, the others of the call done.
-    statuses = _copy(env, [
+    statuses = _copy(copier, [
         (virt, gref(ra), 1, L.GNTCOPY_DEST_GREF),
         (gref(4000), virt, 1, L.GNTCOPY_SOURCE_GREF),
         (gref(rb, domid=77), virt, 1, L.GNTCOPY_SOURCE_GREF),
@@ -598,12 +575,13 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     assert env.dom.ram.read(a, 1) == b"A"
     # Across the grant's page, or to memory that was not shared: the call fails.
     with pytest.raises(GrantError):
-        _copy(env, [(gref(rb, offset=100), virt, 4000, L.GNTCOPY_SOURCE_GREF)])
+        _copy(copier, [(gref(rb, offset=100), virt, 4000, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
-        _copy(env, [(gref(rb), struct.pack("<Q", 4096), 1, L.GNTCOPY_SOURCE_GREF)])
+        _copy(copier, [(gref(rb), struct.pack("<Q", 4096), 1, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
-        _copy(env, [(virt, virt2, 1, 0)])
+        _copy(copier, [(virt, virt2, 1, 0)])
     assert set(env.mapped_refs()) == before
+    copier.close()
     env.dma.unmap(grant_to_dma(ra), 4096)
     env.dma.unmap(grant_to_dma(rb), 100)
 

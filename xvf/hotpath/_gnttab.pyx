@@ -6,7 +6,7 @@ process, returned as a `GrantMapping` exposing the buffer protocol.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
-from libc.errno cimport errno
+from libc.errno cimport ENOSYS, errno
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
@@ -71,7 +71,35 @@ cdef GrantMapping _wrap(void *addr, size_t length, bint writable, object unmap):
     return m
 
 
-cdef class GntDev:
+cdef class GrantCopier:
+    """Grant copies (Xen's GNTTABOP_copy as gntdev's GRANT_COPY runs it), callable
+    from C without the GIL: /dev/xen/gntdev (GntDev) or the software Xen's stand-in."""
+
+    cdef int run(self, xvf_gntdev_grant_copy_segment_t *segs, unsigned int count) noexcept nogil:
+        """`count` segments in one call, each given its GNTST_* status; 0, or -errno if
+        the call failed as a whole."""
+        self.calls += 1
+        self.segments += count
+        return self.c_copy(segs, count)
+
+    cdef int c_copy(self, xvf_gntdev_grant_copy_segment_t *segs,
+                    unsigned int count) noexcept nogil:
+        return -ENOSYS
+
+    def copy(self, uintptr_t segments, unsigned int count) -> None:
+        """`run` from Python: the segments at address `segments`; GrantError if the
+        call failed as a whole."""
+        cdef int rc
+        with nogil:
+            rc = self.run(<xvf_gntdev_grant_copy_segment_t *>segments, count)
+        if rc < 0:
+            raise GrantError(f"grant copy of {count} segments failed", -rc)
+
+    def close(self) -> None:
+        """Nothing of its own to close here (gntdev's fd is its mapper's)."""
+
+
+cdef class GntDev(GrantCopier):
     """An open /dev/xen/gntdev."""
 
     def __cinit__(self, int fd):
@@ -112,18 +140,14 @@ cdef class GntDev:
             raise GrantError(f"gntdev: mmap of {count} grants failed", err)
         return _wrap(addr, length, writable, lambda: self._unmap_index(index, count))
 
-    def copy(self, uintptr_t segments, unsigned int count) -> None:
-        """Run `count` xvf_gntdev_grant_copy_segment_t at address `segments` in one
-        ioctl (Xen's GNTTABOP_copy, no mapping). Each segment's status is set (GNTST_*);
-        GrantError only if the call as a whole failed (a malformed segment, EFAULT)."""
+    cdef int c_copy(self, xvf_gntdev_grant_copy_segment_t *segs,
+                    unsigned int count) noexcept nogil:
         cdef xvf_gntdev_grant_copy_t arg
-        cdef int rc
         arg.count = count
-        arg.segments = <xvf_gntdev_grant_copy_segment_t *>segments
-        with nogil:
-            rc = ioctl(self.fd, XVF_IOCTL_GNTDEV_GRANT_COPY, &arg)
-        if rc < 0:
-            raise GrantError(f"gntdev: grant copy of {count} segments failed", errno)
+        arg.segments = segs
+        if ioctl(self.fd, XVF_IOCTL_GNTDEV_GRANT_COPY, &arg) < 0:
+            return -errno
+        return 0
 
     def _unmap_index(self, uint64_t index, uint32_t count) -> None:
         cdef xvf_gntdev_unmap_grant_ref_t arg

@@ -9,19 +9,20 @@ the fences the split ring needs (aarch64 included). The data moves by grant copy
 (Xen's GNTTABOP_copy through gntdev, as QEMU's xen-block does): the segments of a
 batch of requests into bounce buffers in one call, the device-written segments of a
 batch of completions back in one call; nothing but the rings is ever mapped.
-Python remains only where the mapper is (one `copy` call per batch) and in the
-rate-limited logs.
+The copy call is C too (a GrantCopier: gntdev's ioctl on Xen, a message to the
+software Xen here), made with the GIL released. Python remains in the ring mapping at
+start and in the rate-limited logs.
 
 Layout: every ring field is little-endian (virtio 1.x); the hosts xvf runs on
 (aarch64, x86-64) are little-endian, so the C structs of include/xvf/virtio_ring.h
 are the rings as they lie in memory.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memmove, memset
 
-from xvf.hotpath._gnttab cimport GrantMapping
+from xvf.hotpath._gnttab cimport GrantCopier, GrantMapping
 from xvf.hotpath._grow cimport regrow
 from xvf.hotpath._ioreq cimport MmioState
 from xvf.hotpath.includes.barrier cimport (
@@ -320,6 +321,7 @@ cdef class GrantRelayQueue:
     cdef object _lies
     cdef list _ring_maps   # (GrantMapping, refs) of the guest's three ring parts
     cdef readonly uint16_t domid  # whose grants (the copies name it per segment)
+    cdef readonly GrantCopier copier
     cdef int64_t _ring_base
     cdef uint16_t _guest_used_idx
     cdef uint16_t _shadow_avail_idx
@@ -401,8 +403,8 @@ cdef class GrantRelayQueue:
         self._lies = RateLimitedLog(log)
         self._ring_maps = []
         self._alloc_tables()
-        # Grant copies go to and from the shadow memory: the software Xen must see it.
-        mapper.copy_memory(shadow.fd, shadow.uva, shadow.size)
+        # Grant copies go to and from the shadow memory (the software Xen must see it).
+        self.copier = mapper.copier(shadow.fd, shadow.uva, shadow.size)
         try:
             self.gdesc = <xvf_vring_desc_t *>self._map_ring(desc, XVF_VRING_DESC_BYTES(num), False)
             self.gavail = <xvf_vring_avail_t *>self._map_ring(
@@ -412,6 +414,7 @@ cdef class GrantRelayQueue:
             self._build_shadow_ring()
         except BaseException:
             self._release_rings()
+            self.copier.close()
             raise
         for i in range(num):
             self.free_stack[i] = <uint16_t>(num - 1 - i)
@@ -865,12 +868,13 @@ cdef class GrantRelayQueue:
     cdef int _run_copies(self, uint32_t n) except -1:
         """The queued copies, in one call; RelayError if the call failed as a whole
         (each copy's own status says whether it was done)."""
+        cdef int rc
         if n == 0:
             return 0
-        try:
-            self.mapper.copy(<uintptr_t>self.copies, n)
-        except GrantError as exc:
-            raise RelayError(f"grant copy refused: {exc}") from None
+        with nogil:
+            rc = self.copier.run(self.copies, n)
+        if rc < 0:
+            raise RelayError(f"grant copy of {n} segments refused: {os.strerror(-rc)}")
         return 0
 
     cdef object _failures(self, uint32_t n, str what):
@@ -1065,6 +1069,7 @@ cdef class GrantRelayQueue:
             if self.req_live[head]:
                 self._release_request(<uint16_t>head)
         self._release_rings()
+        self.copier.close()
         if self._ring_base >= 0:
             self.shadow.free(<uint64_t>self._ring_base)
             self._ring_base = -1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from xvf.hotpath._evtchn import EventChannel
-from xvf.hotpath._gnttab import GrantMapping
+from xvf.hotpath._gnttab import GrantCopier, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
 from xvf.protocols.vhost_user_wire import VhostUserRegion
 
@@ -76,16 +76,11 @@ class GrantMapper(Protocol):
     domid: int
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
-    def copy(self, segments: int, count: int) -> None:
-        """Grant copies (gntdev GRANT_COPY): `count` xvf_gntdev_grant_copy_segment_t at
-        address `segments`, each given its GNTST_* status; GrantError if the call fails
-        as a whole."""
-        ...
-
-    def copy_memory(self, fd: int, address: int, size: int) -> None:
-        """The memory (memfd `fd`, mapped at `address`) that copies go to and from:
-        nothing on Xen, which reaches this process's pages itself; shared with the
-        software Xen."""
+    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
+        """What runs grant copies (gntdev GRANT_COPY, Xen's GNTTABOP_copy) between this
+        guest's grants and the memory at `address` (memfd `fd`), callable from C
+        without the GIL: gntdev itself on Xen; on the software Xen a connection of its
+        own, with that memory shared. Closed by the caller."""
         ...
 
     def unmap(self, refs: list[int]) -> None:

@@ -30,7 +30,8 @@ and `on_broken` marks the device DEVICE_NEEDS_RESET. A used id the backend
 never got is logged (rate-limited) and skipped.
 
 The rings and copies are C (xvf/hotpath/_relay.pyx: no Python object per
-request); the mapper stays Python, called once per batch.
+request), and so is the copy call (a GrantCopier: gntdev's ioctl, or a message to
+the software Xen), made with the GIL released.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Protocol
 
 from xvf.errors import RelayError
 from xvf.hotpath import _relay
-from xvf.hotpath._gnttab import GrantMapping
+from xvf.hotpath._gnttab import GrantCopier, GrantMapping
 from xvf.hotpath._relay import (
     DEFAULT_SHADOW_SIZE,
     MAX_BATCH,
@@ -87,8 +88,7 @@ class GrantPages(Protocol):
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
     def unmap(self, refs: list[int]) -> None: ...
-    def copy(self, segments: int, count: int) -> None: ...
-    def copy_memory(self, fd: int, address: int, size: int) -> None: ...
+    def copier(self, fd: int, address: int, size: int) -> GrantCopier: ...
 
 
 class ShadowMemory(_relay.ShadowMemory):

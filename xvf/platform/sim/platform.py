@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
-from xvf.hotpath._gnttab import GrantMapping, map_file_pages
+from xvf.hotpath._gnttab import GrantCopier, GrantMapping, map_file_pages
 from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.dm_op import DmOpIoreqServer
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
-from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
+from xvf.platform.sim._hotpath import SimEventChannel, SimGrantCopier, SimIrqLine
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
 
 
@@ -186,28 +186,17 @@ class SimGrantMapper:
         finally:
             os.close(fds[0])
 
-    def copy_memory(self, fd: int, address: int, size: int) -> None:
-        """Share the memory at `address` (memfd `fd`) that grant copies go to and from.
-        Sent each time: a new memfd may be mapped where a closed one was."""
-        self._ctl.call(C.OP_GNT_COPY_MEMORY, struct.pack("<QQ", address, size), [fd])
-
-    def copy(self, segments: int, count: int) -> None:
-        """gntdev's GRANT_COPY: `count` segments at address `segments`, statuses set."""
-        size = C.COPY_SEGMENT.size
-        for first in range(0, count, C.GRANT_COPY_MAX):
-            n = min(C.GRANT_COPY_MAX, count - first)
-            at = segments + first * size
-            try:
-                reply, _ = self._ctl.call(
-                    C.OP_GNT_COPY, C.COPY_HEAD.pack(n, 0) + ctypes.string_at(at, n * size)
-                )
-            except OSError as exc:
-                raise GrantError(
-                    f"grant copy of {n} segments for domain {self.domid}", exc.errno
-                ) from None
-            if len(reply) != n * size:
-                raise GrantError(f"grant copy: a reply of {len(reply)} bytes for {n} segments")
-            ctypes.memmove(at, reply, len(reply))
+    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
+        """Grant copies to and from the memory at `address` (memfd `fd`), on a control
+        connection of the copier's own, where that memory is shared with the software
+        Xen (Xen reaches a process's pages itself)."""
+        client = C.ControlClient(self.control_path)
+        try:
+            client.call(C.OP_GNT_COPY_MEMORY, struct.pack("<QQ", address, size), [fd])
+            return SimGrantCopier(client)
+        except BaseException:
+            client.close()
+            raise
 
     def fileno(self) -> int:
         """What a Xen-aware backend maps this guest's grants through (gntdev on a

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from xvf.errors import EventChannelError, GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
 from xvf.hotpath._evtchn import EventChannel
-from xvf.hotpath._gnttab import GntDev, GrantMapping
+from xvf.hotpath._gnttab import GntDev, GrantCopier, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
 from xvf.platform.dm_op import DmOpIoreqServer
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
@@ -218,13 +218,10 @@ class XenGrantMapper:
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         return self.gntdev.map(self.domid, refs, writable)
 
-    def copy_memory(self, fd: int, address: int, size: int) -> None:
-        """Nothing to do: gntdev pins this process's pages for each copy itself."""
-
-    def copy(self, segments: int, count: int) -> None:
-        """`count` xvf_gntdev_grant_copy_segment_t at `segments`, in one GRANT_COPY
-        ioctl (Xen's GNTTABOP_copy); each segment's status is set."""
-        self.gntdev.copy(segments, count)
+    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
+        """gntdev itself: its GRANT_COPY ioctl pins this process's pages for each copy,
+        so the memory needs no sharing."""
+        return self.gntdev
 
     def fileno(self) -> int:
         """The gntdev fd a Xen-aware backend is handed to map this guest's grants."""
