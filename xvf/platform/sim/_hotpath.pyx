@@ -41,9 +41,23 @@ cdef struct dm_op_reply:  # only rc is read: room enough for {i32 rc, xen_dm_op}
 cdef uint32_t _notify_bit = NOTIFY_BIT
 cdef uint32_t _op_gnt_copy = C.OP_GNT_COPY
 cdef unsigned int _copy_max = C.GRANT_COPY_MAX
+cdef xvf_gntdev_grant_copy_segment_t _seg
+
+
+cdef size_t _at(const void *field):
+    return <size_t>(<const char *>field - <const char *>&_seg)
+
+
 if (C.HEADER.size != 2 * sizeof(uint32_t) or C.COPY_HEAD.size != 2 * sizeof(uint32_t)
-        or C.COPY_SEGMENT.size != sizeof(xvf_gntdev_grant_copy_segment_t)):
-    raise ImportError("xvf.platform.sim.control's grant copy message is not what _hotpath sends")
+        or C.COPY_SEGMENT.size != sizeof(xvf_gntdev_grant_copy_segment_t)
+        or (_at(&_seg.source), _at(&_seg.dest), _at(&_seg.len), _at(&_seg.flags),
+            _at(&_seg.status)) != (0, 8, 16, 18, 20)
+        or (_at(&_seg.source.foreign.ref), _at(&_seg.source.foreign.offset),
+            _at(&_seg.source.foreign.domid)) != (0, 4, 6)
+        or C.COPY_FOREIGN.size != sizeof(_seg.source) or C.COPY_VIRT.size != sizeof(_seg.source)
+        or (C.GRANT_COPY_MAX * C.COPY_SEGMENT.size + C.HEADER.size + C.COPY_HEAD.size
+            > C.MAX_MESSAGE)):
+    raise ImportError("xvf.platform.sim.control's grant copy message is not linux_xen.h's")
 if (C.HEADER.size + C.DM_OP_PREFIX.size != PREFIX_LEN or C.DM_OP_SIZE != sizeof(xvf_dm_op_t)
         or C.RC.size != sizeof(int32_t)):
     raise ImportError("xvf.platform.sim.control's dm_op message is not what _hotpath sends")
