@@ -314,7 +314,9 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
     if shutil.which("qemu-storage-daemon") is None:
         return {"name": "e2e_blk", "skipped": "qemu-storage-daemon not installed", "rows": []}
     qds = [1, 32]
-    modes = ("direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant")
+    modes = (
+        "direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant", "grant+offload"
+    )  # fmt: skip
     counts = {m: {1: 40, 32: 256} if quick else {1: 2000, 32: 20000} for m in modes}
     # Round robin over the modes, each round with a share of the requests, so that the
     # machine's noise (other sessions' load) hits every mode alike; each figure is the
@@ -335,6 +337,9 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
             )
         ratios[f"grant/foreign QD{qd} IOPS"] = ratio(
             res["grant"][qd]["iops"], res["foreign"][qd]["iops"]
+        )
+        ratios[f"grant+offload/foreign+offload QD{qd} IOPS"] = ratio(
+            res["grant+offload"][qd]["iops"], res["foreign+offload"][qd]["iops"]
         )
         for mode in modes[1:]:
             ratios[f"{mode}/direct QD{qd} latency median"] = ratio(

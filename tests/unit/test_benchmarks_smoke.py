@@ -71,11 +71,15 @@ def test_quick_run_writes_every_result(tmp_path):
     assert "per-guest: 2 guests / 1 guest exits per s" in guests["ratios"]
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
-        modes = ("direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant")
+        modes = (
+            "direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant",
+            "grant+offload",
+        )  # fmt: skip
         assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign+offload/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "grant/foreign QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        assert "grant+offload/foreign+offload QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign/c-dm QD32 IOPS" in bench["e2e_blk"]["ratios"]
         for row in bench["e2e_blk"]["rows"]:
             # every party's CPU is measured; only direct has no device model (no exits)

@@ -3,9 +3,11 @@
 With privcmd ioeventfd the Dom0 kernel completes the guest's QueueNotify write
 itself and signals the queue's kick eventfd; with privcmd irqfd it raises the
 guest's SPI when a backend signals the call eventfd. Either is used only where the
-platform offers it (probed once per Dom0) and the memory strategy lets the backend
-work on the guest's rings itself (foreign or grant regions; not the relay, which must
-see every kick); a refused assignment falls back to xvf, said once.
+platform offers it (probed once per Dom0). ioeventfd needs a backend that works on
+the guest's rings itself (foreign or grant regions; not the relay, which must see
+every kick); irqfd serves the relay too: xvf signals it after completing requests,
+one eventfd write instead of a set_irq_level dm_op (and none to lower the line). A
+refused assignment falls back to xvf, said once.
 """
 
 from __future__ import annotations
@@ -52,11 +54,16 @@ class KernelOffload:
         self._irqfd = -1  # the device's one call eventfd while irqfd is assigned
 
     def allow(self, direct_rings: bool) -> None:
-        """A connection's memory strategy is known: the kernel may take kicks and calls
-        only where the backend works on the guest's rings itself (not relayed)."""
-        on = self.wanted and direct_rings
-        self.notify = on and self.platform.supports_ioeventfd and "notify" not in self._refused
-        self.interrupts = on and self.platform.supports_irqfd and "interrupts" not in self._refused
+        """A connection's memory strategy is known: the kernel may take kicks only where
+        the backend works on the guest's rings itself (not relayed); it may inject the
+        interrupts of either (a relay signals the irqfd itself)."""
+        self.notify = (
+            self.wanted and direct_rings and self.platform.supports_ioeventfd
+            and "notify" not in self._refused
+        )  # fmt: skip
+        self.interrupts = (
+            self.wanted and self.platform.supports_irqfd and "interrupts" not in self._refused
+        )
 
     def call_fd(self) -> int:
         """A new call eventfd for a queue: the shared irqfd (dup'd) when the kernel
@@ -70,6 +77,19 @@ class KernelOffload:
                 self.interrupts = False
                 self._refused.add("interrupts")
         return new_eventfd()
+
+    def relay_interrupts(self) -> None:
+        """A relayed queue is live: xvf raises its interrupts through the irqfd (the
+        backend's calls still come to xvf, which copies the completions first)."""
+        if not self.interrupts:
+            return
+        try:
+            self.state.set_irq_fd(self._shared_irqfd())
+        except XvfError as exc:
+            log.warning("%s: privcmd irqfd refused (%s); interrupts stay with xvf",
+                        self.label, exc)  # fmt: skip
+            self.interrupts = False
+            self._refused.add("interrupts")
 
     def _shared_irqfd(self) -> int:
         if self._irqfd < 0:
@@ -117,6 +137,7 @@ class KernelOffload:
         """No queue uses the shared irqfd any more."""
         if self._irqfd < 0:
             return
+        self.state.set_irq_fd(-1)  # before the fd closes
         try:
             self.platform.assign_irqfd(self.guest.domid, self.irq, self._irqfd, deassign=True)
         except XvfError as exc:  # the guest may be gone already

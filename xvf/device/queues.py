@@ -107,6 +107,7 @@ class Queues:
             os.close(call)
             raise
         self.live[index] = LiveQueue(index, kick, call, relay=relay)
+        self.offload.relay_interrupts()
         self.loop.add_reader(call, relay.on_backend_call)
         self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
         self.state.set_kick_fd(index, relay.guest_kick_fd)

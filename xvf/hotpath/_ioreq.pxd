@@ -35,6 +35,9 @@ cdef class MmioState:
     # know when it fired: InterruptStatus then always shows the vring bit (a
     # spurious ring scan is harmless; a missed one is not).
     cdef public bint vring_sticky
+    # That irqfd, when xvf raises the interrupt itself (a relayed queue's completions):
+    # a write to it is the interrupt, the kernel injects it (-1: the dm_op line).
+    cdef int irq_fd
     cdef int kick_fds[MAX_QUEUES]
     cdef public uint32_t num_queues
     # counters, readable from Python for stats and tests

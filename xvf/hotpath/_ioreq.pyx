@@ -194,6 +194,7 @@ cdef class MmioState:
         cdef int i
         for i in range(MAX_QUEUES):
             self.kick_fds[i] = -1
+        self.irq_fd = -1
         self._deferred = {}
         self._deferring = <uint64_t>-1
         self._handler_errors = RateLimitedLog(log)
@@ -256,21 +257,35 @@ cdef class MmioState:
     def kick_fd(self, uint32_t queue) -> int:
         return self.kick_fds[queue] if queue < MAX_QUEUES else -1
 
+    def set_irq_fd(self, int fd) -> None:
+        """Raise interrupts by writing `fd`, the device's kernel irqfd (-1: by the
+        set_irq_level dm_op). Once it returns, nothing writes the fd it replaced."""
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.irq_fd = fd
+            pthread_mutex_unlock(&self.lock)
+
     cdef void c_raise(self, uint32_t bits) noexcept nogil:
         # The line follows int_status under the lock: a raise and an ack racing on two
         # threads cannot leave the line high with nothing pending, or low with something.
         # The dm_op blocks until Xen (or the software Xen) answers: never with the GIL.
         cdef int rc = 0
         cdef uint32_t old
+        cdef uint64_t one = 1
         pthread_mutex_lock(&self.lock)
         old = self.int_status
         self.int_status = old | bits
         self.interrupts += 1
-        if old == 0 and self.irq is not None:
+        if self.irq_fd >= 0:
+            # Every raise: the kernel's injection is an edge, a raise while bits are
+            # still pending may come after the guest read them.
+            if write(self.irq_fd, &one, 8) != 8:
+                rc = -errno
+        elif old == 0 and self.irq is not None:
             rc = self.irq.c_set(1)
         pthread_mutex_unlock(&self.lock)
         if rc < 0:
-            _line_failed(self.irq.irq, 1, rc)
+            _line_failed(self.irq.irq if self.irq is not None else 0, 1, rc)
 
     def raise_interrupt(self, uint32_t bits) -> None:
         """Set InterruptStatus bits and assert the line (used-buffer or config change)."""

@@ -73,8 +73,13 @@ class Domain:
     # privcmd ioeventfd: (addr, addr_len, vq) -> eventfd the Dom0 kernel signals
     ioeventfds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     ioeventfd_hits: int = 0
+    irqfd_hits: int = 0  # interrupts the Dom0 kernel injected (privcmd irqfd)
     # SPI -> eventfd signalled on each assertion, for a vCPU lent to another process
     irq_eventfds: dict[int, int] = field(default_factory=dict)
+
+    def irqfd_fired(self, irq: int) -> None:
+        self.irqfd_hits += 1
+        self.set_irq(irq, 1)
 
     # -- what a vCPU does ---------------------------------------------------
     def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> int:
@@ -747,7 +752,7 @@ class _Session:
         if not 32 <= irq < 1020:
             raise OSError(errno.EINVAL, f"irq {irq} is not an SPI")
         efd = self._take_eventfd(fds)
-        self.hv.irqfds.add(efd, lambda: dom.set_irq(irq, 1))
+        self.hv.irqfds.add(efd, lambda: dom.irqfd_fired(irq))
         self.irqfds[(domid, irq)] = efd
         return b"", []
 
