@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xvf.errors import GrantError, SimulatorError
@@ -416,10 +416,11 @@ class Hypervisor:
         session = _Session(self)
         with self.lock:
             self.sessions.append(session)
+        buf = bytearray(C.MAX_MESSAGE)
         try:
             while True:
                 try:
-                    data, fds = C.recv_message(conn)
+                    data, fds = C.recv_message(conn, buf)
                 except (OSError, SimulatorError):
                     return
                 if not data:
@@ -452,6 +453,21 @@ class _Session:
         self.copy_memory: list[tuple[int, int, mmap.mmap, memoryview]] = []
         self.irqfds: dict[tuple[int, int], int] = {}
         self.ioeventfds: list[tuple[int, tuple[int, int, int]]] = []
+        self._fds: list[int] = []  # the fds of the request being handled
+        self._handlers: dict[int, Callable[[bytes], tuple[bytes, list[int]]]] = {
+            C.OP_DM_OP: self._dm_op,
+            C.OP_MMAP_RESOURCE: self._mmap_resource,
+            C.OP_FOREIGN_MAP: self._foreign_map,
+            C.OP_EVTCHN_OPEN: self._evtchn_open,
+            C.OP_EVTCHN_BIND: self._evtchn_bind,
+            C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
+            C.OP_GNT_MAP: self._gnt_map,
+            C.OP_GNT_UNMAP: self._gnt_unmap,
+            C.OP_GNT_COPY_MEMORY: lambda p: self._gnt_copy_memory(p, self._fds),
+            C.OP_GNT_COPY: self._gnt_copy,
+            C.OP_IOEVENTFD: lambda p: self._ioeventfd(p, self._fds),
+            C.OP_IRQFD: lambda p: self._irqfd(p, self._fds),
+        }
 
     def close(self) -> None:
         # Like closing /dev/xen/gntdev: mappings go away. IOREQ servers stay, as in Xen.
@@ -483,26 +499,14 @@ class _Session:
                 os.close(fd)
 
     def _handle(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._fds = fds
         if len(data) < C.HEADER.size:
             return C.RC.pack(-errno.EINVAL), []
         op, length = C.HEADER.unpack_from(data)
         payload = data[C.HEADER.size :]
         if length != len(payload):
             return C.RC.pack(-errno.EINVAL), []
-        handler = {
-            C.OP_DM_OP: self._dm_op,
-            C.OP_MMAP_RESOURCE: self._mmap_resource,
-            C.OP_FOREIGN_MAP: self._foreign_map,
-            C.OP_EVTCHN_OPEN: self._evtchn_open,
-            C.OP_EVTCHN_BIND: self._evtchn_bind,
-            C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
-            C.OP_GNT_MAP: self._gnt_map,
-            C.OP_GNT_UNMAP: self._gnt_unmap,
-            C.OP_GNT_COPY_MEMORY: lambda p: self._gnt_copy_memory(p, fds),
-            C.OP_GNT_COPY: self._gnt_copy,
-            C.OP_IOEVENTFD: lambda p: self._ioeventfd(p, fds),
-            C.OP_IRQFD: lambda p: self._irqfd(p, fds),
-        }.get(op)
+        handler = self._handlers.get(op)
         if handler is None:
             return C.RC.pack(-errno.ENOSYS), []
         try:
