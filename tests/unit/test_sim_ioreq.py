@@ -264,3 +264,27 @@ def test_mapcache_invalidate_broadcast_reaches_the_server_and_is_answered(served
     assert scratch.accesses == []
     dom.mmio(0, BASE + 0x10, 4, True, 0x1234)  # the vCPU runs on
     assert dom.mmio(1, BASE + 0x10, 4, False) == 0x1234
+
+
+@pytest.mark.kernel_eventfds
+def test_an_irqfd_injection_is_an_edge_not_a_level_held_high(hypervisor) -> None:
+    """privcmd irqfd issues set_irq_level(irq, 1) per signal and nothing lowers the
+    line; Xen's Arm vGIC takes each as one injection and keeps no level. The software
+    Xen once held the line high after the first, so a driver waiting for the next
+    interrupt never waited again (an interrupt storm of InterruptStatus reads)."""
+    dom = hypervisor.create_domain("irqfd", memory_mib=16, vcpus=1)
+    platform = SimPlatform(hypervisor.run_dir)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        platform.assign_irqfd(dom.domid, 40, efd)
+        os.eventfd_write(efd, 1)
+        assert dom.wait_irq(40, 5.0)  # the injection
+        assert dom.irq_level(40) == 0
+        assert not dom.wait_irq(40, 0.2)  # and no second one without a second signal
+        os.eventfd_write(efd, 1)
+        assert dom.wait_irq(40, 5.0)
+        assert dom.irqfd_hits == 2
+        platform.assign_irqfd(dom.domid, 40, efd, deassign=True)
+    finally:
+        os.close(efd)
+        platform.close()

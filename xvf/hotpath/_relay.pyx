@@ -355,7 +355,6 @@ cdef class GrantRelayQueue:
     cdef uint32_t *tmp_len
     cdef uint8_t *tmp_write
     cdef uint16_t batch[BATCH]
-    cdef uint8_t refused[BATCH]     # of the batch: its copy in failed
     # grant copies of one call: each at most a page of the grant side, and whose
     # (batch index or completion index) it is
     cdef xvf_gntdev_grant_copy_segment_t *copies
@@ -752,9 +751,9 @@ cdef class GrantRelayQueue:
         refused here, before the backend sees the request, as a writable map was."""
         cdef uint32_t i, kept = 0, n = 0, alone
         cdef uint16_t head
-        for i in range(nb):
-            self._copy_request(self.batch[i], False, i, &n)
         try:
+            for i in range(nb):
+                self._copy_request(self.batch[i], False, i, &n)
             self._run_copies(n)
             failed = self._failures(n, "request")
         except RelayError:
@@ -857,11 +856,12 @@ cdef class GrantRelayQueue:
             return 0
         while cap < need:
             cap *= 2
+        # A RelayError: the requests it was for are refused, none is lost.
         if cap > 0xffffffff:
-            raise MemoryError()
+            raise RelayError(f"{need} grant copies in one call")
         if (not regrow(<void **>&self.copies, cap * sizeof(xvf_gntdev_grant_copy_segment_t))
                 or not regrow(<void **>&self.copy_owner, cap * sizeof(uint32_t))):
-            raise MemoryError()
+            raise RelayError(f"out of memory for {need} grant copies")
         self.copies_cap = <uint32_t>cap
         return 0
 
@@ -998,9 +998,9 @@ cdef class GrantRelayQueue:
         cdef uint32_t k, n = 0, alone
         cdef uint16_t head
         cdef uint64_t total
-        for k in range(ndone):
-            self._copy_request(self.done_head[k], True, k, &n)
         try:
+            for k in range(ndone):
+                self._copy_request(self.done_head[k], True, k, &n)
             self._run_copies(n)
             failed = self._failures(n, "completion")
         except RelayError:

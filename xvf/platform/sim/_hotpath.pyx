@@ -11,7 +11,7 @@ is a message too (SimGrantCopier). The wire layouts are the simulator's Python
 modules'; they are read here once, at import.
 """
 
-from libc.errno cimport EIO, errno
+from libc.errno cimport EBADF, EINTR, EIO, errno
 from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -111,11 +111,19 @@ cdef class SimIrqLine(IrqLine):
 
     cdef int c_issue(self, xvf_dm_op_t *op) noexcept nogil:
         cdef dm_op_reply reply
+        cdef ssize_t got
         self.request.op = op[0]
-        if send(self.fd, &self.request, sizeof(self.request), 0) != sizeof(self.request):
-            return -errno
-        if recv(self.fd, &reply, sizeof(reply), 0) < <ssize_t>sizeof(reply.rc):
-            return -errno if errno else -EIO
+        # EINTR retried: a signal must not leave a reply behind for the next request.
+        got = send(self.fd, &self.request, sizeof(self.request), 0)
+        while got < 0 and errno == EINTR:
+            got = send(self.fd, &self.request, sizeof(self.request), 0)
+        if got != sizeof(self.request):
+            return -errno if got < 0 else -EIO
+        got = recv(self.fd, &reply, sizeof(reply), 0)
+        while got < 0 and errno == EINTR:
+            got = recv(self.fd, &reply, sizeof(reply), 0)
+        if got < <ssize_t>sizeof(reply.rc):
+            return -errno if got < 0 else -EIO
         return reply.rc if reply.rc < 0 else 0
 
 
@@ -156,19 +164,34 @@ cdef class SimGrantCopier(GrantCopier):
             head[3] = 0
             memcpy(self.buf + 4 * sizeof(uint32_t), &segs[first], body)
             size = 4 * sizeof(uint32_t) + body
-            if send(self.fd, self.buf, size, 0) != <ssize_t>size:
-                return -errno if errno else -EIO
+            if self.fd < 0:
+                return -EBADF
+            # A signal (the daemon's SIGHUP) must not split a request from its reply:
+            # EINTR is retried, anything else ends the connection's use.
+            got = send(self.fd, self.buf, size, 0)
+            while got < 0 and errno == EINTR:
+                got = send(self.fd, self.buf, size, 0)
+            if got != <ssize_t>size:
+                return self._broken(-errno if got < 0 else -EIO)
             got = recv(self.fd, self.buf, self.cap, 0)
+            while got < 0 and errno == EINTR:
+                got = recv(self.fd, self.buf, self.cap, 0)
             if got < <ssize_t>sizeof(int32_t):
-                return -errno if got < 0 else -EIO
+                return self._broken(-errno if got < 0 else -EIO)
             memcpy(&rc, self.buf, sizeof(int32_t))
             if rc < 0:
                 return rc
             if got != <ssize_t>(sizeof(int32_t) + body):
-                return -EIO
+                return self._broken(-EIO)
             memcpy(&segs[first], self.buf + sizeof(int32_t), body)
             first += n
         return 0
 
+    cdef int _broken(self, int rc) noexcept nogil:
+        """The connection can no longer pair requests with replies: no more calls."""
+        self.fd = -1
+        return rc
+
     def close(self) -> None:
+        self.fd = -1
         self._client.close()

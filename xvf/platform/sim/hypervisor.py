@@ -78,8 +78,20 @@ class Domain:
     irq_eventfds: dict[int, int] = field(default_factory=dict)
 
     def irqfd_fired(self, irq: int) -> None:
+        """privcmd irqfd: set_irq_level(irq, 1) per signal, and nobody lowers the line.
+        Xen's (old) Arm vGIC takes that as one injection and keeps no level, so this is
+        an edge: pending once, the line not held high."""
         self.irqfd_hits += 1
-        self.set_irq(irq, 1)
+        self.pulse_irq(irq)
+
+    def pulse_irq(self, irq: int) -> None:
+        """One injection of SPI `irq` that leaves its level as it was."""
+        with self.irq_cond:
+            self.irq_pending.add(irq)
+            efd = self.irq_eventfds.get(irq)
+            if efd is not None:
+                os.eventfd_write(efd, 1)
+            self.irq_cond.notify_all()
 
     # -- what a vCPU does ---------------------------------------------------
     def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> int:
@@ -500,6 +512,12 @@ class _Session:
 
     def _handle(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._fds = fds
+        try:
+            return self._dispatch(data)
+        finally:
+            self._fds = []
+
+    def _dispatch(self, data: bytes) -> tuple[bytes, list[int]]:
         if len(data) < C.HEADER.size:
             return C.RC.pack(-errno.EINVAL), []
         op, length = C.HEADER.unpack_from(data)
@@ -518,6 +536,11 @@ class _Session:
             return C.RC.pack(-(exc.errno or errno.EPERM)), []
         except OSError as exc:
             return C.RC.pack(-(exc.errno or errno.EIO)), []
+        except (SimulatorError, ValueError) as exc:
+            # A domain torn down meanwhile (its RAM or grant table closed), a size the
+            # memfd does not have: the request fails, the session goes on.
+            log.info("control request %d failed: %s", op, exc)
+            return C.RC.pack(-errno.EINVAL), []
         return C.RC.pack(0) + out, fds
 
     # -- dm_op ---------------------------------------------------------------
