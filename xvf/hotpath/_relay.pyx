@@ -749,23 +749,9 @@ cdef class GrantRelayQueue:
         never stale bounce bytes. Each of their pages also gets its first byte written
         back in the same call: a grant the guest gave read-only (or not at all) is
         refused here, before the backend sees the request, as a writable map was."""
-        cdef uint32_t i, kept = 0, n = 0, alone
+        cdef uint32_t i, kept = 0
         cdef uint16_t head
-        try:
-            for i in range(nb):
-                self._copy_request(self.batch[i], False, i, &n)
-            self._run_copies(n)
-            failed = self._failures(n, "request")
-        except RelayError:
-            failed = {}
-            for i in range(nb):
-                alone = 0
-                try:
-                    self._copy_request(self.batch[i], False, 0, &alone)
-                    self._run_copies(alone)
-                    self._raise_failure(alone, "request")
-                except RelayError as exc:
-                    failed[i] = exc
+        failed = self._copy_requests(self.batch, nb, False, "request")
         for i in range(nb):
             head = self.batch[i]
             if failed is not None and i in failed:
@@ -783,6 +769,31 @@ cdef class GrantRelayQueue:
         return kept, nb - kept
 
     # -- grant copies ---------------------------------------------------------------
+    cdef object _copy_requests(self, const uint16_t *heads, uint32_t count, bint back,
+                               str what):
+        """Copy these requests in (back False) or their device-writable areas back
+        (back True), in one call; {index in heads: RelayError} of those Xen refused, or
+        None. If the call fails as a whole, each request is copied on its own, so that
+        only one with a bad grant fails, as without batching."""
+        cdef uint32_t i, n = 0, alone
+        try:
+            for i in range(count):
+                self._copy_request(heads[i], back, i, &n)
+            self._run_copies(n)
+            return self._failures(n, what)
+        except RelayError:
+            pass
+        failed = {}
+        for i in range(count):
+            alone = 0
+            try:
+                self._copy_request(heads[i], back, 0, &alone)
+                self._run_copies(alone)
+                self._raise_failure(alone, what)
+            except RelayError as exc:
+                failed[i] = exc
+        return failed
+
     cdef int _copy_request(self, uint16_t head, bint back, uint32_t owner,
                            uint32_t *n) except -1:
         """Queue the copies of a request's segments: all of them into the shadow, with
@@ -995,24 +1006,10 @@ cdef class GrantRelayQueue:
         length. Bytes the backend did not write go back as the guest's own (copied in
         with the request). A request whose bytes could not be copied back (the guest
         ended its grant early) completes with len 0."""
-        cdef uint32_t k, n = 0, alone
+        cdef uint32_t k
         cdef uint16_t head
         cdef uint64_t total
-        try:
-            for k in range(ndone):
-                self._copy_request(self.done_head[k], True, k, &n)
-            self._run_copies(n)
-            failed = self._failures(n, "completion")
-        except RelayError:
-            failed = {}
-            for k in range(ndone):
-                alone = 0
-                try:
-                    self._copy_request(self.done_head[k], True, 0, &alone)
-                    self._run_copies(alone)
-                    self._raise_failure(alone, "completion")
-                except RelayError as exc:
-                    failed[k] = exc
+        failed = self._copy_requests(self.done_head, ndone, True, "completion")
         for k in range(ndone):
             head = self.done_head[k]
             if failed is not None and k in failed:

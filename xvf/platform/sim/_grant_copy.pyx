@@ -58,6 +58,21 @@ cdef char *_find(const area *areas, int n, uint64_t start, uint64_t length) noex
     return NULL
 
 
+cdef int _areas(list pairs, area *out, list keep) except -1:
+    """(start, buffer) pairs as areas, at most MAX_REGIONS; their views go to `keep`,
+    which must outlive every use of the addresses."""
+    cdef const unsigned char[::1] view
+    cdef int n = 0
+    for start, buf in pairs[:MAX_REGIONS]:
+        view = buf
+        keep.append(view)
+        out[n].start = start
+        out[n].size = view.shape[0]
+        out[n].base = <char *>&view[0]
+        n += 1
+    return n
+
+
 cdef int16_t _grant_side(const guest *g, uint16_t dm_domid, uint32_t ref, uint16_t offset,
                          uint16_t length, bint writable, char **out) noexcept:
     cdef xvf_grant_entry_v1_t *e
@@ -90,7 +105,7 @@ def grant_copy(unsigned char[::1] segments, unsigned int count, resolve, list lo
     cdef xvf_gntdev_grant_copy_segment_t *s
     cdef guest g
     cdef area mine[MAX_REGIONS]
-    cdef int nmine = 0, i
+    cdef int nmine, i
     cdef unsigned int k
     cdef int16_t status
     cdef char *src
@@ -102,13 +117,7 @@ def grant_copy(unsigned char[::1] segments, unsigned int count, resolve, list lo
     if count == 0:
         return
     keep = []  # the buffers whose addresses are used below, alive until the end
-    for address, buf in local[:MAX_REGIONS]:
-        view = buf
-        keep.append(view)
-        mine[nmine].start = address
-        mine[nmine].size = view.shape[0]
-        mine[nmine].base = <char *>&view[0]
-        nmine += 1
+    nmine = _areas(local, mine, keep)
     segs = <xvf_gntdev_grant_copy_segment_t *>&segments[0]
     g.domid = -1
     g.known = False
@@ -137,14 +146,7 @@ def grant_copy(unsigned char[::1] segments, unsigned int count, resolve, list lo
                     keep.append(view)
                     g.entries = <xvf_grant_entry_v1_t *>&view[0]
                     g.nr_entries = <uint32_t>(view.shape[0] // sizeof(xvf_grant_entry_v1_t))
-                    g.nram = 0
-                    for gpa, buf in ram[:MAX_REGIONS]:
-                        view = buf
-                        keep.append(view)
-                        g.ram[g.nram].start = gpa
-                        g.ram[g.nram].size = view.shape[0]
-                        g.ram[g.nram].base = <char *>&view[0]
-                        g.nram += 1
+                    g.nram = _areas(ram, g.ram, keep)
                     g.known = True
             src = dst = NULL
             if s.flags & XVF_GNTCOPY_source_gref:

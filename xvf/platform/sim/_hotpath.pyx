@@ -63,6 +63,23 @@ if (C.HEADER.size + C.DM_OP_PREFIX.size != PREFIX_LEN or C.DM_OP_SIZE != sizeof(
     raise ImportError("xvf.platform.sim.control's dm_op message is not what _hotpath sends")
 
 
+cdef ssize_t _send(int fd, const void *buf, size_t n) noexcept nogil:
+    """send, EINTR retried: a signal (the daemon's SIGHUP) must not split a control
+    request from its reply, or the next request would read this one's."""
+    cdef ssize_t got = send(fd, buf, n, 0)
+    while got < 0 and errno == EINTR:
+        got = send(fd, buf, n, 0)
+    return got
+
+
+cdef ssize_t _recv(int fd, void *buf, size_t n) noexcept nogil:
+    """recv, EINTR retried (as _send)."""
+    cdef ssize_t got = recv(fd, buf, n, 0)
+    while got < 0 and errno == EINTR:
+        got = recv(fd, buf, n, 0)
+    return got
+
+
 cdef class SimEventChannel(EventChannel):
     """The simulator's event-channel handle: notify is a tagged write."""
 
@@ -113,15 +130,10 @@ cdef class SimIrqLine(IrqLine):
         cdef dm_op_reply reply
         cdef ssize_t got
         self.request.op = op[0]
-        # EINTR retried: a signal must not leave a reply behind for the next request.
-        got = send(self.fd, &self.request, sizeof(self.request), 0)
-        while got < 0 and errno == EINTR:
-            got = send(self.fd, &self.request, sizeof(self.request), 0)
+        got = _send(self.fd, &self.request, sizeof(self.request))
         if got != sizeof(self.request):
             return -errno if got < 0 else -EIO
-        got = recv(self.fd, &reply, sizeof(reply), 0)
-        while got < 0 and errno == EINTR:
-            got = recv(self.fd, &reply, sizeof(reply), 0)
+        got = _recv(self.fd, &reply, sizeof(reply))
         if got < <ssize_t>sizeof(reply.rc):
             return -errno if got < 0 else -EIO
         return reply.rc if reply.rc < 0 else 0
@@ -166,16 +178,11 @@ cdef class SimGrantCopier(GrantCopier):
             size = 4 * sizeof(uint32_t) + body
             if self.fd < 0:
                 return -EBADF
-            # A signal (the daemon's SIGHUP) must not split a request from its reply:
-            # EINTR is retried, anything else ends the connection's use.
-            got = send(self.fd, self.buf, size, 0)
-            while got < 0 and errno == EINTR:
-                got = send(self.fd, self.buf, size, 0)
+            # Any failure but EINTR (retried) ends the connection's use.
+            got = _send(self.fd, self.buf, size)
             if got != <ssize_t>size:
                 return self._broken(-errno if got < 0 else -EIO)
-            got = recv(self.fd, self.buf, self.cap, 0)
-            while got < 0 and errno == EINTR:
-                got = recv(self.fd, self.buf, self.cap, 0)
+            got = _recv(self.fd, self.buf, self.cap)
             if got < <ssize_t>sizeof(int32_t):
                 return self._broken(-errno if got < 0 else -EIO)
             memcpy(&rc, self.buf, sizeof(int32_t))

@@ -669,7 +669,7 @@ class _Session:
             raise OSError(errno.EINVAL, "grant count")
         refs = struct.unpack_from(f"<{count}I", payload, 8)
         dom = self.hv.domain(domid)
-        offsets = self._map_refs(dom, [(list(refs), bool(writable))])
+        offsets = self._map_refs(dom, refs, bool(writable))
         return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
 
     def _gnt_copy_memory(self, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
@@ -715,23 +715,21 @@ class _Session:
             lock.release()
             raise
 
-    def _map_refs(self, dom: Domain, groups: list[tuple[list[int], bool]]) -> list[int]:
-        """Map every group's refs (all or none); the frames' offsets in guest RAM."""
+    def _map_refs(self, dom: Domain, refs: Sequence[int], writable: bool) -> list[int]:
+        """Map the refs (all or none); the frames' offsets in guest RAM."""
         offsets = []
         done: list[int] = []
         try:
-            for refs, writable in groups:
-                for ref in refs:
-                    gfn = dom.grants.lookup(ref, DM_DOMID, writable)
-                    offsets.append(dom.ram.gpa_to_offset(gfn << PAGE_SHIFT))
-                    dom.grants.mark_mapped(ref, writable)
-                    done.append(ref)
+            for ref in refs:
+                gfn = dom.grants.lookup(ref, DM_DOMID, writable)
+                offsets.append(dom.ram.gpa_to_offset(gfn << PAGE_SHIFT))
+                dom.grants.mark_mapped(ref, writable)
+                done.append(ref)
         except Exception:
             for ref in done:
                 dom.grants.mark_unmapped(ref)
             raise
-        for refs, writable in groups:
-            self.mapped_grants.extend((dom.domid, ref, writable) for ref in refs)
+        self.mapped_grants.extend((dom.domid, ref, writable) for ref in refs)
         return offsets
 
     def _require_kernel_eventfds(self) -> None:
