@@ -19,6 +19,7 @@ import pytest
 from xvf.errors import GrantError
 from xvf.hotpath import _layout as L
 from xvf.hotpath._ioreq import MmioState
+from xvf.platform.sim import control as C
 from xvf.platform.sim.dma import GrantDma, dma_to_grant, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.platform import SimPlatform
@@ -524,7 +525,7 @@ def _grant_of(env: Env, gpa: int) -> int:
 
 def _copy(copier, segments: list[tuple]) -> list[int]:
     """Run grant copies through a copier of the platform's mapper; their statuses."""
-    seg = struct.Struct("<8s8sHHh2x")
+    seg = C.COPY_SEGMENT
     buf = bytearray(seg.size * len(segments))
     for k, (src, dst, length, flags) in enumerate(segments):
         seg.pack_into(buf, k * seg.size, src, dst, length, flags, 0)
@@ -543,11 +544,11 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     rb = dma_to_grant(env.dma.map(b, 100, True))
     copier = env.mapper.copier(env.shadow.fd, env.shadow.uva, env.shadow.size)
     local = env.shadow.alloc(8192)
-    virt = struct.pack("<Q", env.shadow.uva + local)
-    virt2 = struct.pack("<Q", env.shadow.uva + local + 4096)
+    virt = C.COPY_VIRT.pack(env.shadow.uva + local)
+    virt2 = C.COPY_VIRT.pack(env.shadow.uva + local + 4096)
 
     def gref(ref: int, offset: int = 0, domid: int = env.dom.domid) -> bytes:
-        return struct.pack("<IHH", ref, offset, domid)
+        return C.COPY_FOREIGN.pack(ref, offset, domid)
 
     before = set(env.mapped_refs())
     assert _copy(
@@ -577,7 +578,7 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     with pytest.raises(GrantError):
         _copy(copier, [(gref(rb, offset=100), virt, 4000, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
-        _copy(copier, [(gref(rb), struct.pack("<Q", 4096), 1, L.GNTCOPY_SOURCE_GREF)])
+        _copy(copier, [(gref(rb), C.COPY_VIRT.pack(4096), 1, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
         _copy(copier, [(virt, virt2, 1, 0)])
     assert set(env.mapped_refs()) == before

@@ -7,7 +7,6 @@ xvf.protocols.virtqueue as plain ints.
 
 from libc.stdint cimport uint16_t
 
-from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
 from xvf.hotpath.includes.xen_grant cimport (
     XVF_GNTCOPY_dest_gref, XVF_GNTCOPY_source_gref, XVF_GNTST_bad_copy_arg,
     XVF_GNTST_bad_domain, XVF_GNTST_bad_gntref, XVF_GNTST_general_error, XVF_GNTST_okay,
@@ -117,7 +116,6 @@ cdef xvf_vring_avail_t _avail
 cdef xvf_vring_used_elem_t _elem
 cdef xvf_vring_used_t _used
 cdef xvf_ioreq_t _ioreq
-cdef xvf_gntdev_grant_copy_segment_t _copy
 
 
 cdef inline size_t _off(const void *field, const void *base):
@@ -154,21 +152,7 @@ PAGE_SHIFT = XVF_XEN_PAGE_SHIFT
 PAGE_SIZE = XVF_PAGE_SIZE
 GRANT_DMA_ADDR_OFF = XVF_GRANT_DMA_ADDR_OFF
 
-# gntdev's grant copy segment (what the software Xen's GNTTABOP_copy reads) and its codes.
-GRANT_COPY_SIZE = sizeof(xvf_gntdev_grant_copy_segment_t)
-GRANT_COPY_SOURCE = _off(&_copy.source, &_copy)
-GRANT_COPY_DEST = _off(&_copy.dest, &_copy)
-GRANT_COPY_LEN = _off(&_copy.len, &_copy)
-GRANT_COPY_FLAGS = _off(&_copy.flags, &_copy)
-GRANT_COPY_STATUS = _off(&_copy.status, &_copy)
-GRANT_COPY_SIDE_SIZE = sizeof(_copy.source)
-GRANT_COPY_VIRT_SIZE = sizeof(_copy.source.virt)
-# in a side: (offset, size) of the foreign grant's ref, offset in page, domid
-GRANT_COPY_FOREIGN = (
-    (_off(&_copy.source.foreign.ref, &_copy.source), sizeof(_copy.source.foreign.ref)),
-    (_off(&_copy.source.foreign.offset, &_copy.source), sizeof(_copy.source.foreign.offset)),
-    (_off(&_copy.source.foreign.domid, &_copy.source), sizeof(_copy.source.foreign.domid)),
-)
+# Grant copy (gntdev GRANT_COPY, Xen's GNTTABOP_copy): which side is a grant, statuses.
 GNTCOPY_SOURCE_GREF = XVF_GNTCOPY_source_gref
 GNTCOPY_DEST_GREF = XVF_GNTCOPY_dest_gref
 GNTST_OKAY = XVF_GNTST_okay
