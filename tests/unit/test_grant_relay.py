@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +23,6 @@ import pytest
 from xvf.errors import GrantError
 from xvf.hotpath import _layout as L
 from xvf.hotpath._ioreq import MmioState
-from xvf.platform.sim import control as C
 from xvf.platform.sim.dma import GrantDma, dma_to_grant, grant_to_dma
 from xvf.platform.sim.grant_table import GTF_READING, GTF_WRITING
 from xvf.platform.sim.platform import SimPlatform
@@ -525,7 +528,7 @@ def _grant_of(env: Env, gpa: int) -> int:
 
 def _copy(copier, segments: list[tuple]) -> list[int]:
     """Run grant copies through a copier of the platform's mapper; their statuses."""
-    seg = C.COPY_SEGMENT
+    seg = L.GRANT_COPY_SEGMENT
     buf = bytearray(seg.size * len(segments))
     for k, (src, dst, length, flags) in enumerate(segments):
         seg.pack_into(buf, k * seg.size, src, dst, length, flags, 0)
@@ -542,13 +545,13 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     a, b = env.buf(b"A" * 4096), env.buf(b"B" * 100)
     ra = dma_to_grant(env.dma.map(a, 4096, False))  # device-readable: read-only grant
     rb = dma_to_grant(env.dma.map(b, 100, True))
-    copier = env.mapper.copier(env.shadow.fd, env.shadow.uva, env.shadow.size)
+    copier = env.mapper.copier(env.shadow.uva, env.shadow.size)
     local = env.shadow.alloc(8192)
-    virt = C.COPY_VIRT.pack(env.shadow.uva + local)
-    virt2 = C.COPY_VIRT.pack(env.shadow.uva + local + 4096)
+    virt = L.GRANT_COPY_VIRT.pack(env.shadow.uva + local)
+    virt2 = L.GRANT_COPY_VIRT.pack(env.shadow.uva + local + 4096)
 
     def gref(ref: int, offset: int = 0, domid: int = env.dom.domid) -> bytes:
-        return C.COPY_FOREIGN.pack(ref, offset, domid)
+        return L.GRANT_COPY_FOREIGN.pack(ref, offset, domid)
 
     before = set(env.mapped_refs())
     assert _copy(
@@ -578,13 +581,72 @@ def test_the_software_xens_grant_copy_is_gnttabop_copys(env: Env) -> None:
     with pytest.raises(GrantError):
         _copy(copier, [(gref(rb, offset=100), virt, 4000, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
-        _copy(copier, [(gref(rb), C.COPY_VIRT.pack(4096), 1, L.GNTCOPY_SOURCE_GREF)])
+        _copy(copier, [(gref(rb), L.GRANT_COPY_VIRT.pack(4096), 1, L.GNTCOPY_SOURCE_GREF)])
     with pytest.raises(GrantError):
         _copy(copier, [(virt, virt2, 1, 0)])
     assert set(env.mapped_refs()) == before
     copier.close()
     env.dma.unmap(grant_to_dma(ra), 4096)
     env.dma.unmap(grant_to_dma(rb), 100)
+
+
+def test_a_grant_copy_is_xens_work_in_the_callers_process(env: Env, hypervisor) -> None:
+    """The copy runs where the hypercall would, in the caller: it holds the guest's
+    grant lock, which a guest ending access waits for, and a copier killed while it
+    holds the lock does not wedge the guest. A destroyed guest's grants answer
+    GNTST_bad_domain."""
+    a = env.buf(b"A" * 64)
+    ra = dma_to_grant(env.dma.map(a, 64, False))
+    copier = env.mapper.copier(env.shadow.uva, env.shadow.size)
+    local = env.shadow.alloc(4096)
+    virt = L.GRANT_COPY_VIRT.pack(env.shadow.uva + local)
+    src = L.GRANT_COPY_FOREIGN.pack(ra, 0, env.dom.domid)
+    assert _copy(copier, [(src, virt, 64, L.GNTCOPY_SOURCE_GREF)]) == [0]
+    # A process holding the lock makes the guest's end-access wait; its death frees it.
+    lock_fd = env.dom.grants.lock.fd
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_DIE, str(lock_fd)], pass_fds=[lock_fd],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    ended = threading.Event()
+
+    def end_access() -> None:
+        env.dma.unmap(grant_to_dma(ra), 64)
+        ended.set()
+
+    t = threading.Thread(target=end_access)
+    t.start()
+    assert not ended.wait(0.3)  # waits for the holder
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert ended.wait(10), "a copier that died holding the grant lock wedged the guest"
+    t.join()
+    assert _copy(copier, [(src, virt, 64, L.GNTCOPY_SOURCE_GREF)]) == [L.GNTST_GENERAL_ERROR]
+    # A guest that is gone: its grants, valid in its table to the end, are no more.
+    other = hypervisor.create_domain("gone", memory_mib=16, vcpus=1)
+    gpa = other.ram.alloc(PAGE_SIZE)
+    other.ram.write(gpa, b"B" * 64)
+    rb = dma_to_grant(GrantDma(other.ram, other.grants).map(gpa, 64, False))
+    srcb = L.GRANT_COPY_FOREIGN.pack(rb, 0, other.domid)
+    assert _copy(copier, [(srcb, virt, 64, L.GNTCOPY_SOURCE_GREF)]) == [0]
+    assert bytes(env.shadow.mem[local : local + 64]) == b"B" * 64
+    hypervisor.destroy_domain(other.domid)
+    assert _copy(copier, [(srcb, virt, 64, L.GNTCOPY_SOURCE_GREF)]) == [L.GNTST_BAD_DOMAIN]
+    copier.close()
+    with pytest.raises(GrantError):
+        _copy(copier, [(srcb, virt, 64, L.GNTCOPY_SOURCE_GREF)])
+
+
+# Takes a grant lock (its fd in argv) in another process, says so, and waits to die.
+HOLD_AND_DIE = """
+import sys, time
+from xvf.platform.sim._grant_copy import GrantLock
+lock = GrantLock(int(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 def test_a_backend_whose_used_index_runs_ahead_breaks_the_queue(env: Env) -> None:

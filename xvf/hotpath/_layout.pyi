@@ -1,4 +1,6 @@
 # Stub of the compiled xvf.hotpath._layout (values from include/xvf/*.h).
+import struct
+
 GUEST_RAM0_BASE: int
 GUEST_RAM0_SIZE: int
 GUEST_RAM1_BASE: int
@@ -26,6 +28,9 @@ PAGE_SHIFT: int
 PAGE_SIZE: int
 GRANT_DMA_ADDR_OFF: int
 
+GRANT_COPY_SEGMENT: struct.Struct
+GRANT_COPY_FOREIGN: struct.Struct
+GRANT_COPY_VIRT: struct.Struct
 GNTCOPY_SOURCE_GREF: int
 GNTCOPY_DEST_GREF: int
 GNTST_OKAY: int

@@ -5,7 +5,11 @@ C compiler from the headers (sizeof, field offsets, #defines), then handed to
 xvf.protocols.virtqueue as plain ints.
 """
 
+import struct
+
 from libc.stdint cimport uint16_t
+
+from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
 
 from xvf.hotpath.includes.xen_grant cimport (
     XVF_GNTCOPY_dest_gref, XVF_GNTCOPY_source_gref, XVF_GNTST_bad_copy_arg,
@@ -116,6 +120,7 @@ cdef xvf_vring_avail_t _avail
 cdef xvf_vring_used_elem_t _elem
 cdef xvf_vring_used_t _used
 cdef xvf_ioreq_t _ioreq
+cdef xvf_gntdev_grant_copy_segment_t _copy
 
 
 cdef inline size_t _off(const void *field, const void *base):
@@ -152,7 +157,20 @@ PAGE_SHIFT = XVF_XEN_PAGE_SHIFT
 PAGE_SIZE = XVF_PAGE_SIZE
 GRANT_DMA_ADDR_OFF = XVF_GRANT_DMA_ADDR_OFF
 
-# Grant copy (gntdev GRANT_COPY, Xen's GNTTABOP_copy): which side is a grant, statuses.
+# Grant copy (gntdev GRANT_COPY, Xen's GNTTABOP_copy): a segment, a side of it (a
+# grant, or an address in the caller), which side is a grant, statuses. Formats for
+# Python callers (tests), checked against the C struct here.
+GRANT_COPY_SEGMENT = struct.Struct("<8s8sHHh2x")  # source, dest, len, flags, status
+GRANT_COPY_FOREIGN = struct.Struct("<IHH")  # ref, offset in page, domid
+GRANT_COPY_VIRT = struct.Struct("<Q")
+if (GRANT_COPY_SEGMENT.size != sizeof(_copy)
+        or (_off(&_copy.source, &_copy), _off(&_copy.dest, &_copy), _off(&_copy.len, &_copy),
+            _off(&_copy.flags, &_copy), _off(&_copy.status, &_copy)) != (0, 8, 16, 18, 20)
+        or GRANT_COPY_FOREIGN.size != sizeof(_copy.source)
+        or GRANT_COPY_VIRT.size != sizeof(_copy.source)
+        or (_off(&_copy.source.foreign.ref, &_copy), _off(&_copy.source.foreign.offset, &_copy),
+            _off(&_copy.source.foreign.domid, &_copy)) != (0, 4, 6)):
+    raise ImportError("GRANT_COPY_* formats are not linux_xen.h's grant copy segment")
 GNTCOPY_SOURCE_GREF = XVF_GNTCOPY_source_gref
 GNTCOPY_DEST_GREF = XVF_GNTCOPY_dest_gref
 GNTST_OKAY = XVF_GNTST_okay

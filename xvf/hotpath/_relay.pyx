@@ -403,7 +403,7 @@ cdef class GrantRelayQueue:
         self._ring_maps = []
         self._alloc_tables()
         # Grant copies go to and from the shadow memory (the software Xen must see it).
-        self.copier = mapper.copier(shadow.fd, shadow.uva, shadow.size)
+        self.copier = mapper.copier(shadow.uva, shadow.size)
         try:
             self.gdesc = <xvf_vring_desc_t *>self._map_ring(desc, XVF_VRING_DESC_BYTES(num), False)
             self.gavail = <xvf_vring_avail_t *>self._map_ring(

@@ -76,11 +76,12 @@ class GrantMapper(Protocol):
     domid: int
 
     def map(self, refs: list[int], writable: bool) -> GrantMapping: ...
-    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
+    def copier(self, address: int, size: int) -> GrantCopier:
         """What runs grant copies (gntdev GRANT_COPY, Xen's GNTTABOP_copy) between this
-        guest's grants and the memory at `address` (memfd `fd`), callable from C
-        without the GIL: gntdev itself on Xen; on the software Xen a connection of its
-        own, with that memory shared. Closed by the caller."""
+        guest's grants and the memory at [address, address + size) of this process,
+        callable from C without the GIL: gntdev itself on Xen; on the software Xen a
+        copier that does Xen's part in this process, as the hypercall runs on the
+        caller's CPU. Closed by the caller."""
         ...
 
     def unmap(self, refs: list[int]) -> None:

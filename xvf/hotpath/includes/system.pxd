@@ -46,3 +46,16 @@ cdef extern from "pthread.h" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    # A mutex in memory several processes map, that survives its holder's death.
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_setpshared(pthread_mutexattr_t *attr, int pshared)
+    int pthread_mutexattr_setrobust(pthread_mutexattr_t *attr, int robust)
+    int pthread_mutex_consistent(pthread_mutex_t *mutex)
+    enum:
+        PTHREAD_PROCESS_SHARED
+        PTHREAD_MUTEX_ROBUST
+
+cdef extern from "errno.h" nogil:
+    enum:
+        EOWNERDEAD

@@ -1,13 +1,31 @@
-# Python-visible API of _grant_copy.pyx, for mypy.
+"""Type stubs of xvf.platform.sim._grant_copy (the software Xen's GNTTABOP_copy)."""
 
-from collections.abc import Callable, Sequence
+from types import TracebackType
 
-from typing_extensions import Buffer
+from xvf.hotpath._gnttab import GrantCopier
+from xvf.platform.sim.control import ControlClient
 
-def grant_copy(
-    segments: bytearray,
-    count: int,
-    resolve: Callable[[int], tuple[Buffer, Sequence[tuple[int, Buffer]], object] | None],
-    local: Sequence[tuple[int, Buffer]],
-    dm_domid: int,
-) -> None: ...
+class GrantLock:
+    """The lock over one guest's grant table, shared between processes (`fd`)."""
+
+    @property
+    def fd(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    def __init__(self, fd: int = -1) -> None: ...
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> GrantLock: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+    def retire(self) -> None: ...
+
+class SimGrantCopier(GrantCopier):
+    """gntdev's GRANT_COPY, run in this process as the hypercall runs on Xen."""
+
+    def __init__(self, client: ControlClient) -> None: ...
+    def share(self, address: int, size: int) -> None: ...

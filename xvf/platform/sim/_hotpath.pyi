@@ -1,9 +1,7 @@
 """Type stubs of xvf.platform.sim._hotpath (the simulator's hot-path subclasses)."""
 
 from xvf.hotpath._evtchn import EventChannel
-from xvf.hotpath._gnttab import GrantCopier
 from xvf.hotpath._ioreq import IrqLine
-from xvf.platform.sim.control import ControlClient
 
 class SimEventChannel(EventChannel):
     def __init__(self, fd: int) -> None: ...
@@ -14,8 +12,3 @@ class SimEventChannel(EventChannel):
 class SimIrqLine(IrqLine):
     def __init__(self, fd: int, domid: int, irq: int) -> None: ...
     def take_fd(self) -> None: ...
-
-class SimGrantCopier(GrantCopier):
-    """gntdev's GRANT_COPY as a message on a control connection of its own."""
-
-    def __init__(self, client: ControlClient) -> None: ...

@@ -6,20 +6,17 @@ its event-channel handle is a SOCK_SEQPACKET socket (a notify is a written port
 number tagged with NOTIFY_BIT, see xvf.platform.sim.evtchn) and a dm_op is a
 message on its control socket (xvf.platform.sim.control). These subclasses
 override only the nogil methods that reach the kernel, so the hot path calls
-them as it calls the real ones, through the class's C method table. A grant copy
-is a message too (SimGrantCopier). The wire layouts are the simulator's Python
-modules'; they are read here once, at import.
+them as it calls the real ones, through the class's C method table (a grant copy
+has a module of its own, xvf.platform.sim._grant_copy). The wire layouts are the
+simulator's Python modules'; they are read here once, at import.
 """
 
-from libc.errno cimport EBADF, EINTR, EIO, errno
+from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport int32_t, uint8_t, uint32_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from xvf.hotpath._evtchn cimport EventChannel
-from xvf.hotpath._gnttab cimport GrantCopier
 from xvf.hotpath._ioreq cimport IrqLine
-from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
 from xvf.hotpath.includes.system cimport close, recv, send, write
 from xvf.hotpath.includes.xen_dmop cimport xvf_dm_op_t
 
@@ -39,25 +36,6 @@ cdef struct dm_op_reply:  # only rc is read: room enough for {i32 rc, xen_dm_op}
     xvf_dm_op_t op
 
 cdef uint32_t _notify_bit = NOTIFY_BIT
-cdef uint32_t _op_gnt_copy = C.OP_GNT_COPY
-cdef unsigned int _copy_max = C.GRANT_COPY_MAX
-cdef xvf_gntdev_grant_copy_segment_t _seg
-
-
-cdef size_t _at(const void *field):
-    return <size_t>(<const char *>field - <const char *>&_seg)
-
-
-if (C.HEADER.size != 2 * sizeof(uint32_t) or C.COPY_HEAD.size != 2 * sizeof(uint32_t)
-        or C.COPY_SEGMENT.size != sizeof(xvf_gntdev_grant_copy_segment_t)
-        or (_at(&_seg.source), _at(&_seg.dest), _at(&_seg.len), _at(&_seg.flags),
-            _at(&_seg.status)) != (0, 8, 16, 18, 20)
-        or (_at(&_seg.source.foreign.ref), _at(&_seg.source.foreign.offset),
-            _at(&_seg.source.foreign.domid)) != (0, 4, 6)
-        or C.COPY_FOREIGN.size != sizeof(_seg.source) or C.COPY_VIRT.size != sizeof(_seg.source)
-        or (C.GRANT_COPY_MAX * C.COPY_SEGMENT.size + C.HEADER.size + C.COPY_HEAD.size
-            > C.MAX_MESSAGE)):
-    raise ImportError("xvf.platform.sim.control's grant copy message is not linux_xen.h's")
 if (C.HEADER.size + C.DM_OP_PREFIX.size != PREFIX_LEN or C.DM_OP_SIZE != sizeof(xvf_dm_op_t)
         or C.RC.size != sizeof(int32_t)):
     raise ImportError("xvf.platform.sim.control's dm_op message is not what _hotpath sends")
@@ -137,68 +115,3 @@ cdef class SimIrqLine(IrqLine):
         if got < <ssize_t>sizeof(reply.rc):
             return -errno if got < 0 else -EIO
         return reply.rc if reply.rc < 0 else 0
-
-
-cdef class SimGrantCopier(GrantCopier):
-    """gntdev's GRANT_COPY as a message to the software Xen, on a control connection of
-    the copier's own (`client`, on which the memory copies go to and from was shared):
-    {header, count, pad, segments} -> {rc, segments with their statuses}."""
-
-    cdef int fd
-    cdef char *buf
-    cdef size_t cap
-    cdef object _client
-
-    def __cinit__(self, client):
-        self._client = client
-        self.fd = client.fileno()
-        self.cap = 4 * sizeof(uint32_t) + _copy_max * sizeof(xvf_gntdev_grant_copy_segment_t)
-        self.buf = <char *>malloc(self.cap)
-        if self.buf == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        free(self.buf)
-
-    cdef int c_copy(self, xvf_gntdev_grant_copy_segment_t *segs,
-                    unsigned int count) noexcept nogil:
-        cdef unsigned int first = 0, n
-        cdef size_t size, body
-        cdef ssize_t got
-        cdef uint32_t *head = <uint32_t *>self.buf
-        cdef int32_t rc
-        while first < count:
-            n = min(count - first, _copy_max)
-            body = n * sizeof(xvf_gntdev_grant_copy_segment_t)
-            head[0] = _op_gnt_copy
-            head[1] = <uint32_t>(2 * sizeof(uint32_t) + body)
-            head[2] = n
-            head[3] = 0
-            memcpy(self.buf + 4 * sizeof(uint32_t), &segs[first], body)
-            size = 4 * sizeof(uint32_t) + body
-            if self.fd < 0:
-                return -EBADF
-            # Any failure but EINTR (retried) ends the connection's use.
-            got = _send(self.fd, self.buf, size)
-            if got != <ssize_t>size:
-                return self._broken(-errno if got < 0 else -EIO)
-            got = _recv(self.fd, self.buf, self.cap)
-            if got < <ssize_t>sizeof(int32_t):
-                return self._broken(-errno if got < 0 else -EIO)
-            memcpy(&rc, self.buf, sizeof(int32_t))
-            if rc < 0:
-                return rc
-            if got != <ssize_t>(sizeof(int32_t) + body):
-                return self._broken(-EIO)
-            memcpy(&segs[first], self.buf + sizeof(int32_t), body)
-            first += n
-        return 0
-
-    cdef int _broken(self, int rc) noexcept nogil:
-        """The connection can no longer pair requests with replies: no more calls."""
-        self.fd = -1
-        return rc
-
-    def close(self) -> None:
-        self.fd = -1
-        self._client.close()

@@ -37,23 +37,15 @@ OP_IOEVENTFD = 9
 # OP_IRQFD: u16 domid, u16 pad, u32 flags, u32 irq, + eventfd
 OP_IRQFD = 10
 FLAG_DEASSIGN = 1
-# Grant copy (gntdev's GRANT_COPY ioctl, Xen's GNTTABOP_copy): no mapping, the
-# software Xen copies between the guest's granted pages and this process's memory.
-# OP_GNT_COPY_MEMORY: u64 address, u64 size, + the memfd mapped at `address` here: the
-#   memory copies go to and from (Xen reaches a process's pages itself; the software
-#   Xen needs them shared)
-OP_GNT_COPY_MEMORY = 12
-# OP_GNT_COPY: u32 count, u32 pad, count * segment (xvf_gntdev_grant_copy_segment_t)
-#   -> the segments, each with its status set
-OP_GNT_COPY = 13
-GRANT_COPY_MAX = 2048  # segments per message (MAX_MESSAGE)
-COPY_HEAD = struct.Struct("<II")
-# The segment is include/xvf/linux_xen.h's (xvf_gntdev_grant_copy_segment_t); these
-# formats only read it, and xvf.platform.sim._hotpath checks them against it at import.
-COPY_SEGMENT = struct.Struct("<8s8sHHh2x")  # source, dest, len, flags, status
-COPY_FOREIGN = struct.Struct("<IHH")  # a grant side: ref, offset in page, domid
-COPY_VIRT = struct.Struct("<Q")  # a local side: an address in the caller
-
+# Grant copy (gntdev's GRANT_COPY ioctl, Xen's GNTTABOP_copy) runs in the caller, as
+# the hypercall does (xvf.platform.sim._grant_copy); it asks once per guest for what
+# Xen sees of it. OP_GNT_COPY_DOMAIN: u16 domid -> u16 caller's domid, u16 pad,
+#   u32 grant entries, u32 count, count * RAM_REGION, + the guest's RAM memfd, its
+#   grant table's and its grant lock's (ESRCH: no such domain)
+OP_GNT_COPY_DOMAIN = 12
+COPY_DOMAIN = struct.Struct("<H")
+COPY_DOMAIN_REPLY = struct.Struct("<HxxII")
+RAM_REGION = struct.Struct("<QQQ")  # gpa, size, offset in the memfd
 HEADER = struct.Struct("<II")
 RC = struct.Struct("<i")
 DM_OP_PREFIX = struct.Struct("<HHI")

@@ -7,7 +7,9 @@ the mapper side is what Xen does when a backend maps a grant through gntdev
 (check the entry, then set GTF_reading/GTF_writing while it is mapped).
 
 One lock stands for Xen's atomic cmpxchg on the flags word: the guest and the
-mapper run in different threads of the simulator process.
+mapper run in different threads of the simulator process, and a grant copy runs
+in the process that asked for it (xvf.platform.sim._grant_copy), so the lock is a
+GrantLock, which processes share.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
 
 from xvf.errors import GrantError
 from xvf.hotpath._layout import PAGE_SIZE
+from xvf.platform.sim._grant_copy import GrantLock
 
 GTF_INVALID = 0
 GTF_PERMIT_ACCESS = 1
@@ -46,7 +48,7 @@ class GrantTable:
         self._h = raw.cast("H")  # flags at [4*ref], domid at [4*ref + 1]
         self._i = raw.cast("I")  # frame at [2*ref + 1]
         raw.release()
-        self._lock = threading.Lock()
+        self._lock = GrantLock()
         # 1 = free; searched with bytes.find for runs of consecutive refs.
         self._free = bytearray(b"\x01") * nr_entries
         self._free[:GNTTAB_NR_RESERVED_ENTRIES] = bytes(GNTTAB_NR_RESERVED_ENTRIES)
@@ -69,13 +71,13 @@ class GrantTable:
             raise GrantError(f"bad grant ref {ref} (table has {self.nr_entries})", errno.EINVAL)
 
     @property
-    def lock(self) -> threading.Lock:
+    def lock(self) -> GrantLock:
         """Held while Xen's side works on entries (a grant copy holds it throughout)."""
         return self._lock
 
-    def entries(self) -> memoryview:
-        """The shared frames' bytes: grant_entry_v1 per ref (for the grant copy loop)."""
-        return memoryview(self._mmap)
+    def retire(self) -> None:
+        """The domain is gone: grant copies now find no domain."""
+        self._lock.retire()
 
     def free_count(self) -> int:
         with self._lock:

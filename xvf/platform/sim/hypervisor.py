@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import socket
 import struct
@@ -23,7 +22,6 @@ from xvf.errors import GrantError, SimulatorError
 from xvf.hotpath import _layout as L
 from xvf.hotpath._layout import PAGE_SHIFT, PAGE_SIZE
 from xvf.platform.sim import control as C
-from xvf.platform.sim._grant_copy import grant_copy
 from xvf.platform.sim.evtchn import EventChannels
 from xvf.platform.sim.grant_table import GrantTable
 from xvf.platform.sim.ioreq import (
@@ -376,6 +374,7 @@ class Hypervisor:
                 log.warning("domain %d destroyed while Dom0 holds %s", domid, ", ".join(held))
         with self.lock:
             self.domains.pop(domid, None)
+        dom.grants.retire()  # grant copies in flight finish; later ones find no domain
         try:
             xs = XenStore(self.xenstore_path)
             try:
@@ -461,8 +460,6 @@ class _Session:
         self.hv = hv
         self.handles: list[int] = []
         self.mapped_grants: list[tuple[int, int, bool]] = []
-        # what OP_GNT_COPY_MEMORY shared: (address in the caller, size, mmap, view)
-        self.copy_memory: list[tuple[int, int, mmap.mmap, memoryview]] = []
         self.irqfds: dict[tuple[int, int], int] = {}
         self.ioeventfds: list[tuple[int, tuple[int, int, int]]] = []
         self._fds: list[int] = []  # the fds of the request being handled
@@ -475,8 +472,7 @@ class _Session:
             C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
             C.OP_GNT_MAP: self._gnt_map,
             C.OP_GNT_UNMAP: self._gnt_unmap,
-            C.OP_GNT_COPY_MEMORY: lambda p: self._gnt_copy_memory(p, self._fds),
-            C.OP_GNT_COPY: self._gnt_copy,
+            C.OP_GNT_COPY_DOMAIN: self._gnt_copy_domain,
             C.OP_IOEVENTFD: lambda p: self._ioeventfd(p, self._fds),
             C.OP_IRQFD: lambda p: self._irqfd(p, self._fds),
         }
@@ -488,10 +484,6 @@ class _Session:
             if dom is not None:
                 dom.grants.mark_unmapped(ref)
         self.mapped_grants.clear()
-        for _, _, mapping, view in self.copy_memory:
-            view.release()
-            mapping.close()
-        self.copy_memory.clear()
         for efd in self.irqfds.values():  # closing privcmd drops its eventfd offloads
             self.hv.irqfds.remove(efd)
         self.irqfds.clear()
@@ -672,48 +664,18 @@ class _Session:
         offsets = self._map_refs(dom, refs, bool(writable))
         return struct.pack(f"<{count}Q", *offsets), [os.dup(dom.ram.fd)]
 
-    def _gnt_copy_memory(self, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        address, size = struct.unpack_from("<QQ", payload)
-        if len(fds) != 1 or size == 0:
-            raise OSError(errno.EINVAL, "one memfd and a size expected")
-        fd = fds.pop()
-        try:
-            mapping = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        # What was shared at these addresses before is no longer mapped there.
-        for old in [m for m in self.copy_memory if m[0] < address + size and address < m[0] + m[1]]:
-            self.copy_memory.remove(old)
-            old[3].release()
-            old[2].close()
-        self.copy_memory.append((address, size, mapping, memoryview(mapping)))
-        return b"", []
-
-    def _gnt_copy(self, payload: bytes) -> tuple[bytes, list[int]]:
-        """GNTTABOP_copy as gntdev's GRANT_COPY runs it (xvf.platform.sim._grant_copy)."""
-        count, _ = C.COPY_HEAD.unpack_from(payload)
-        size = C.COPY_HEAD.size + count * C.COPY_SEGMENT.size
-        if count > C.GRANT_COPY_MAX or len(payload) != size:
-            raise OSError(errno.EINVAL, "grant copy count")
-        out = bytearray(payload[C.COPY_HEAD.size :])
-        local = [(address, view) for address, _, _, view in self.copy_memory]
-        grant_copy(out, count, self._copy_guest, local, DM_DOMID)
-        return bytes(out), []
-
-    def _copy_guest(
-        self, domid: int
-    ) -> tuple[memoryview, list[tuple[int, memoryview]], threading.Lock] | None:
-        """What a grant copy needs of guest `domid`, with its grant-table lock taken."""
-        dom = self.hv.domains.get(domid)
+    def _gnt_copy_domain(self, payload: bytes) -> tuple[bytes, list[int]]:
+        """What Xen sees of a guest, for a copier doing Xen's GNTTABOP_copy in the
+        caller (xvf.platform.sim._grant_copy): its RAM, grant table and grant lock."""
+        (domid,) = C.COPY_DOMAIN.unpack_from(payload)
+        with self.hv.lock:
+            dom = self.hv.domains.get(domid)
         if dom is None:
-            return None
-        lock = dom.grants.lock
-        lock.acquire()
-        try:
-            return dom.grants.entries(), dom.ram.banks(), lock
-        except BaseException:
-            lock.release()
-            raise
+            raise OSError(errno.ESRCH, f"no domain {domid}")
+        regions = dom.ram.regions
+        reply = C.COPY_DOMAIN_REPLY.pack(DM_DOMID, dom.grants.nr_entries, len(regions))
+        reply += b"".join(C.RAM_REGION.pack(r.gpa, r.size, r.fd_offset) for r in regions)
+        return reply, [os.dup(dom.ram.fd), os.dup(dom.grants.fd), os.dup(dom.grants.lock.fd)]
 
     def _map_refs(self, dom: Domain, refs: Sequence[int], writable: bool) -> list[int]:
         """Map the refs (all or none); the frames' offsets in guest RAM."""

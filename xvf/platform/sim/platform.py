@@ -22,7 +22,8 @@ from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.dm_op import DmOpIoreqServer
 from xvf.platform.interface import IoreqServerHandle, MemoryRegion
 from xvf.platform.sim import control as C
-from xvf.platform.sim._hotpath import SimEventChannel, SimGrantCopier, SimIrqLine
+from xvf.platform.sim._grant_copy import SimGrantCopier
+from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 from xvf.protocols.vhost_user_wire import XEN_MMAP_FOREIGN
 
 
@@ -186,14 +187,14 @@ class SimGrantMapper:
         finally:
             os.close(fds[0])
 
-    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
-        """Grant copies to and from the memory at `address` (memfd `fd`), on a control
-        connection of the copier's own, where that memory is shared with the software
-        Xen (Xen reaches a process's pages itself)."""
+    def copier(self, address: int, size: int) -> GrantCopier:
+        """Grant copies to and from [address, address + size), run in this process
+        (xvf.platform.sim._grant_copy); its control connection is its own."""
         client = C.ControlClient(self.control_path)
         try:
-            client.call(C.OP_GNT_COPY_MEMORY, struct.pack("<QQ", address, size), [fd])
-            return SimGrantCopier(client)
+            copier = SimGrantCopier(client)
+            copier.share(address, size)
+            return copier
         except BaseException:
             client.close()
             raise

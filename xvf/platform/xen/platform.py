@@ -218,7 +218,7 @@ class XenGrantMapper:
     def map(self, refs: list[int], writable: bool) -> GrantMapping:
         return self.gntdev.map(self.domid, refs, writable)
 
-    def copier(self, fd: int, address: int, size: int) -> GrantCopier:
+    def copier(self, address: int, size: int) -> GrantCopier:
         """gntdev itself: its GRANT_COPY ioctl pins this process's pages for each copy,
         so the memory needs no sharing."""
         return self.gntdev
