@@ -28,3 +28,7 @@ class RateLimitedLog:
             msg += f" ({n} times so far; the next ones are counted, not all logged)"
         self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
+
+    def skip(self, n: int) -> None:
+        """Count n occurrences that were not logged (their details were not kept)."""
+        self.count += n

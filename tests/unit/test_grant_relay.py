@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
 
 from xvf.errors import GrantError
+from xvf.guest.service_thread import ServiceThread
 from xvf.hotpath import _layout as L
 from xvf.hotpath._ioreq import MmioState
 from xvf.platform.sim.dma import GrantDma, dma_to_grant, grant_to_dma
@@ -647,6 +650,68 @@ lock.acquire()
 print("held", flush=True)
 time.sleep(60)
 """
+
+
+def _wait_for(predicate, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_a_relayed_queue_is_served_on_its_guests_service_thread(env: Env) -> None:
+    """Added to a guest's ServiceLoop, the queue's kicks and calls are relayed by that
+    loop's thread, without the GIL and without the daemon's loop; what needs Python (a
+    broken ring for on_broken) waits on notice_fd for the daemon's thread."""
+    env.backend.close()
+    env.relay.stop()
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    relay = env.relay = GrantRelayQueue(
+        0, QSIZE, env.vq.desc_dma, env.vq.avail_dma, env.vq.used_dma,
+        env.mapper, env.shadow, env.state, env.backend_kick, call,
+    )  # fmt: skip
+    env.backend = ShadowBackend(relay)
+    broken: list[str] = []
+    relay.on_broken = broken.append
+    thread = ServiceThread(env.platform, "test guest")
+    thread.loop.add_handler(relay.guest_kick_fd, relay)
+    thread.loop.add_handler(call, relay)
+    one = (1).to_bytes(8, "little")
+    thread.start()
+    try:
+        out = os.urandom(100)
+        _, _, i = env.submit(out, 100, "a")
+        os.write(relay.guest_kick_fd, one)  # QueueNotify, as the hot path writes it
+        _wait_for(env.backend_kicked, "the backend's kick")
+        (t,) = env.backend.take()
+        assert t.readable == out
+        env.backend.complete(t)
+        os.write(call, one)
+        _wait_for(lambda: relay.in_flight() == 0, "the completion")
+        assert env.vq.get_used() == [("a", 100)]
+        assert env.dom.ram.read(i, 100) == bytes(b ^ 0x5A for b in out)
+        assert env.state.int_status & 1  # the used-buffer interrupt, raised there too
+        # The guest breaks its ring: the thread stops the queue at once, on_broken hears
+        # of it only from the daemon's thread.
+        avail = env.dom.ram.view(
+            env.vq.ring_gpa + (env.vq.avail_dma - env.vq.desc_dma), 4 + 2 * QSIZE
+        )
+        ring = avail.cast("H")
+        ring[AVAIL_IDX_H] = (ring[AVAIL_IDX_H] + QSIZE + 5) & 0xFFFF
+        ring.release()
+        avail.release()
+        os.write(relay.guest_kick_fd, one)
+        _wait_for(lambda: relay.broken, "the broken ring")
+        assert broken == []
+        assert select.select([relay.notice_fd], [], [], 5)[0]
+        relay.drain_notices()
+        assert len(broken) == 1 and "entries ahead" in broken[0]
+    finally:
+        thread.loop.remove_fd(relay.guest_kick_fd)
+        thread.loop.remove_fd(call)
+        thread.stop()
+        thread.close()
+        os.close(call)
 
 
 def test_a_backend_whose_used_index_runs_ahead_breaks_the_queue(env: Env) -> None:

@@ -5,8 +5,9 @@ A queue is live from the moment xvf has set it up for the backend (QueueReady or
 DRIVER_OK) until its ring is stopped (reset) or the backend is gone. Stopping is
 two steps: `quiesce` at once (nothing of it reaches the backend through xvf, nor
 the guest), `close` when the backend has let go of it (fds closed, offload undone).
-The daemon's thread only (a guest's own service thread reads the call fds and
-writes the kick fds, which the loop and MmioState hand over under their locks).
+The daemon's thread only (a guest's own service thread reads the call fds, writes
+the kick fds and runs the relays' kicks and calls, which the loop and MmioState hand
+over under their locks).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class Queues:
         on_broken: Callable[[str], None],
         hot_loop: ServiceLoop | None = None,
     ) -> None:
-        self.loop = loop  # the daemon's: relays' Python callbacks
-        # The guest's (its own thread's, or the daemon's): backends' call fds.
+        self.loop = loop  # the daemon's: what relays post for Python (logs, a broken ring)
+        # The guest's (its own thread's, or the daemon's): backends' call fds, relays.
         self.hot_loop = hot_loop if hot_loop is not None else loop
         self.state = state
         self.offload = offload
@@ -108,8 +109,11 @@ class Queues:
             raise
         self.live[index] = LiveQueue(index, kick, call, relay=relay)
         self.offload.relay_interrupts()
-        self.loop.add_reader(call, relay.on_backend_call)
-        self.loop.add_reader(relay.guest_kick_fd, relay.on_guest_kick)
+        self.loop.add_reader(relay.notice_fd, relay.drain_notices)
+        # Kicks and calls on the guest's thread, without the GIL: a busy relayed queue
+        # costs its own guest's thread, never the daemon's.
+        self.hot_loop.add_handler(call, relay)
+        self.hot_loop.add_handler(relay.guest_kick_fd, relay)
         self.state.set_kick_fd(index, relay.guest_kick_fd)
         return start_ring(index, q.num, relay.vring_addrs, kick, call)
 
@@ -132,10 +136,13 @@ class Queues:
     def quiesce(self, index: int, live: LiveQueue) -> None:
         """No kick reaches the backend through xvf, no completion reaches the guest."""
         self.state.set_kick_fd(index, -1)
-        (self.loop if live.relay is not None else self.hot_loop).remove_fd(live.call_fd)
+        # Once removed, the guest's thread no longer runs this queue's relay.
+        self.hot_loop.remove_fd(live.call_fd)
         if live.relay is not None:
-            self.loop.remove_fd(live.relay.guest_kick_fd)
+            self.hot_loop.remove_fd(live.relay.guest_kick_fd)
             live.relay.quiesce()
+            self.loop.remove_fd(live.relay.notice_fd)
+            live.relay.drain_notices()  # its last logs
 
     def discard(self, index: int) -> None:
         """Undo a queue set up by a preparation that failed."""

@@ -99,6 +99,13 @@ cdef class IoreqServer:
     cdef bint c_service(self, uint32_t vcpu) noexcept
 
 
+cdef class FdHandler:
+    # What a ServiceLoop runs, without the GIL, when `fd` (one of the handler's) is
+    # readable: C work a guest's service thread can do itself (the grant relay's
+    # kicks and calls). Called with the loop's lock held.
+    cdef void c_ready(self, int fd) noexcept nogil
+
+
 cdef class ServiceLoop:
     cdef int epfd
     cdef readonly EventChannel evtchn

@@ -103,6 +103,7 @@ cdef enum:
     KIND_CALL = 2
     KIND_PYTHON = 3
     KIND_WAKE = 4     # serve_forever's stop signal
+    KIND_HANDLER = 5  # an FdHandler's fd: its C method, no GIL
 
 cdef enum:
     # what c_service_hot did with a slot
@@ -687,8 +688,15 @@ cdef class IoreqServer:
         return self.c_service(vcpu)
 
 
+cdef class FdHandler:
+    """C work a ServiceLoop runs for one of the handler's fds (see _ioreq.pxd)."""
+
+    cdef void c_ready(self, int fd) noexcept nogil:
+        pass
+
+
 cdef class ServiceLoop:
-    """epoll over an event channel, backends' call fds and Python callbacks.
+    """epoll over an event channel, backends' call fds, FdHandlers and Python callbacks.
 
     `run_once` serves it from the calling thread (the daemon's loop); `serve_forever`
     on a thread of its own, GIL-free (a guest's service thread: no Python callbacks,
@@ -788,6 +796,11 @@ cdef class ServiceLoop:
     def add_call_fd(self, int fd, MmioState device) -> None:
         """A backend's call eventfd: each signal sets the used-buffer interrupt."""
         self._add(fd, KIND_CALL, device)
+
+    def add_handler(self, int fd, FdHandler handler) -> None:
+        """Run `handler.c_ready(fd)` (C, no GIL, on the loop's thread) whenever `fd` is
+        readable or hung up. Once remove_fd returns the loop no longer calls it."""
+        self._add(fd, KIND_HANDLER, handler)
 
     def add_reader(self, int fd, callback) -> None:
         """Run `callback()` (Python) whenever `fd` is readable or hung up."""
@@ -1026,6 +1039,8 @@ cdef class ServiceLoop:
                     self._on_evtchn()
             elif kind == KIND_CALL:
                 self._on_call(fd, self._fd_obj[fd])
+            elif kind == KIND_HANDLER:
+                (<FdHandler>self._fd_obj[fd]).c_ready(fd)
             elif kind == KIND_WAKE:
                 self._stopping = True
             elif kind == KIND_PYTHON:

@@ -30,8 +30,10 @@ and `on_broken` marks the device DEVICE_NEEDS_RESET. A used id the backend
 never got is logged (rate-limited) and skipped.
 
 The rings and copies are C (xvf/hotpath/_relay.pyx: no Python object per
-request), and so is the copy call (a GrantCopier: gntdev's ioctl, or a message to
-the software Xen), made with the GIL released.
+request), and so is the copy call (a GrantCopier: gntdev's ioctl, or the software
+Xen's copier). A queue's kicks and calls run without the GIL on its guest's
+service thread (the queue is an FdHandler of that thread's ServiceLoop); its logs
+and a broken ring reach the daemon's thread through `notice_fd`.
 """
 
 from __future__ import annotations
