@@ -659,10 +659,8 @@ def _wait_for(predicate, what: str, timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def test_a_relayed_queue_is_served_on_its_guests_service_thread(env: Env) -> None:
-    """Added to a guest's ServiceLoop, the queue's kicks and calls are relayed by that
-    loop's thread, without the GIL and without the daemon's loop; what needs Python (a
-    broken ring for on_broken) waits on notice_fd for the daemon's thread."""
+def _on_a_service_thread(env: Env) -> tuple[GrantRelayQueue, int, ServiceThread]:
+    """env's queue again, with a backend call fd, added to a guest's service thread."""
     env.backend.close()
     env.relay.stop()
     call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -671,11 +669,27 @@ def test_a_relayed_queue_is_served_on_its_guests_service_thread(env: Env) -> Non
         env.mapper, env.shadow, env.state, env.backend_kick, call,
     )  # fmt: skip
     env.backend = ShadowBackend(relay)
-    broken: list[str] = []
-    relay.on_broken = broken.append
     thread = ServiceThread(env.platform, "test guest")
     thread.loop.add_handler(relay.guest_kick_fd, relay)
     thread.loop.add_handler(call, relay)
+    return relay, call, thread
+
+
+def _off_the_thread(relay: GrantRelayQueue, call: int, thread: ServiceThread) -> None:
+    thread.loop.remove_fd(relay.guest_kick_fd)
+    thread.loop.remove_fd(call)
+    thread.stop()
+    thread.close()
+    os.close(call)
+
+
+def test_a_relayed_queue_is_served_on_its_guests_service_thread(env: Env) -> None:
+    """Added to a guest's ServiceLoop, the queue's kicks and calls are relayed by that
+    loop's thread, without the GIL and without the daemon's loop; what needs Python (a
+    broken ring for on_broken) waits on notice_fd for the daemon's thread."""
+    relay, call, thread = _on_a_service_thread(env)
+    broken: list[str] = []
+    relay.on_broken = broken.append
     one = (1).to_bytes(8, "little")
     thread.start()
     try:
@@ -707,11 +721,7 @@ def test_a_relayed_queue_is_served_on_its_guests_service_thread(env: Env) -> Non
         relay.drain_notices()
         assert len(broken) == 1 and "entries ahead" in broken[0]
     finally:
-        thread.loop.remove_fd(relay.guest_kick_fd)
-        thread.loop.remove_fd(call)
-        thread.stop()
-        thread.close()
-        os.close(call)
+        _off_the_thread(relay, call, thread)
 
 
 def test_a_backend_whose_used_index_runs_ahead_breaks_the_queue(env: Env) -> None:

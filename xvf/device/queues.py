@@ -136,11 +136,14 @@ class Queues:
     def quiesce(self, index: int, live: LiveQueue) -> None:
         """No kick reaches the backend through xvf, no completion reaches the guest."""
         self.state.set_kick_fd(index, -1)
-        # Once removed, the guest's thread no longer runs this queue's relay.
+        if live.relay is not None:
+            # Quiesced first: a pass of the guest's thread that took this queue off the
+            # shadow's waiters before then holds the loop's lock, so the remove_fd
+            # below waits for it; after that the thread never touches the queue.
+            live.relay.quiesce()
+            self.hot_loop.remove_fd(live.relay.guest_kick_fd)
         self.hot_loop.remove_fd(live.call_fd)
         if live.relay is not None:
-            self.hot_loop.remove_fd(live.relay.guest_kick_fd)
-            live.relay.quiesce()
             self.loop.remove_fd(live.relay.notice_fd)
             live.relay.drain_notices()  # its last logs
 

@@ -92,7 +92,7 @@ cdef struct failure:
 
 cdef struct note:
     int kind
-    int head
+    uint32_t head     # the guest's request, or the backend's used id
     char text[WHY_LEN]
 
 cdef size_t DESC_SIZE_C = sizeof(xvf_vring_desc_t)
@@ -400,12 +400,22 @@ cdef class ShadowMemory:
     @property
     def free_extents(self) -> list:
         """(offset, length) of every free extent, in order (for tests and `status`)."""
+        cdef uint32_t i, n
+        cdef uint64_t *copy = NULL
         with nogil:
             pthread_mutex_lock(&self.lock)
-        try:
-            return [(self.free_off[i], self.free_len[i]) for i in range(self.nfree)]
-        finally:
+            n = self.nfree
+            copy = <uint64_t *>calloc(2 * n + 1, sizeof(uint64_t))
+            if copy != NULL:
+                memcpy(copy, self.free_off, n * sizeof(uint64_t))
+                memcpy(copy + n, self.free_len, n * sizeof(uint64_t))
             pthread_mutex_unlock(&self.lock)
+        if copy == NULL:
+            raise MemoryError()
+        try:
+            return [(copy[i], copy[n + i]) for i in range(n)]
+        finally:
+            free(copy)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -513,8 +523,9 @@ cdef class GrantRelayQueue(FdHandler):
     cdef uint32_t nnotes
     cdef uint64_t notes_dropped[NOTE_KINDS]
     cdef readonly int notice_fd
-    cdef int broke       # a ring on_broken is yet to hear of: 1 the guest's, 2 the backend's
-    cdef char broke_why[WHY_LEN]
+    # Broken rings on_broken is yet to hear of: [0] the guest's, [1] the backend's.
+    cdef bint broke[2]
+    cdef char broke_why[2][WHY_LEN]
     cdef int _last_errno  # of the last copy call that failed whole
     # Held while the queue relays: the guest's thread runs kicks and calls (and, for
     # freed space, other queues' resumes), the daemon's stops the queue.
@@ -719,7 +730,7 @@ cdef class GrantRelayQueue(FdHandler):
         self.drain_notices()
 
     # -- what the daemon's thread is told --------------------------------------------
-    cdef void _note(self, int kind, int head) noexcept nogil:
+    cdef void _note(self, int kind, uint32_t head) noexcept nogil:
         """Post `why` about the guest's request `head` for the daemon's thread to log."""
         cdef uint64_t one = 1
         pthread_mutex_lock(&self.notes_lock)
@@ -740,9 +751,9 @@ cdef class GrantRelayQueue(FdHandler):
         if backend:
             self._backend_lied = True
         pthread_mutex_lock(&self.notes_lock)
-        if self.broke == 0:
-            self.broke = 2 if backend else 1
-            memcpy(self.broke_why, self.why, WHY_LEN)
+        if not self.broke[backend]:
+            self.broke[backend] = True
+            memcpy(self.broke_why[backend], self.why, WHY_LEN)
         pthread_mutex_unlock(&self.notes_lock)
         write(self.notice_fd, &one, 8)
 
@@ -753,19 +764,19 @@ cdef class GrantRelayQueue(FdHandler):
         cdef uint32_t i, n
         cdef note taken[MAX_NOTES]
         cdef uint64_t dropped[NOTE_KINDS]
-        cdef int broke
-        cdef char broke_why[WHY_LEN]
+        cdef bint broke[2]
+        cdef char broke_why[2][WHY_LEN]
         read(self.notice_fd, &count, 8)  # nonblocking: nothing pending is fine
         with nogil:
             pthread_mutex_lock(&self.notes_lock)
             n = self.nnotes
             memcpy(taken, self.notes, n * sizeof(note))
             memcpy(dropped, self.notes_dropped, sizeof(dropped))
-            broke = self.broke
-            memcpy(broke_why, self.broke_why, WHY_LEN)
+            memcpy(broke, self.broke, sizeof(broke))
+            memcpy(broke_why, self.broke_why, sizeof(broke_why))
             self.nnotes = 0
             memset(self.notes_dropped, 0, sizeof(self.notes_dropped))
-            self.broke = 0
+            memset(self.broke, 0, sizeof(self.broke))
             pthread_mutex_unlock(&self.notes_lock)
         for i in range(n):
             text = taken[i].text.decode(errors="replace")
@@ -780,12 +791,17 @@ cdef class GrantRelayQueue(FdHandler):
                            self.where, taken[i].head)
         self._refusals.skip(dropped[NOTE_REFUSED] + dropped[NOTE_LOST])
         self._lies.skip(dropped[NOTE_LIE])
-        if broke and self.on_broken is not None and not self.quiesced:
-            why = broke_why.decode(errors="replace")
-            self.on_broken(
-                f"the backend broke its used ring (queue {self.index}: {why})" if broke == 2
-                else f"guest broke its ring (queue {self.index}: {why})"
-            )
+        for backend in (False, True):
+            if not broke[backend]:
+                continue
+            why = broke_why[backend].decode(errors="replace")
+            what = (f"the backend broke its used ring (queue {self.index}: {why})" if backend
+                    else f"guest broke its ring (queue {self.index}: {why})")
+            if self.quiesced or self.on_broken is None:
+                # Its ring is being stopped anyway: said, not acted on.
+                log.warning("%s: %s", self.where, what)
+            else:
+                self.on_broken(what)
 
     # -- guest -> backend --------------------------------------------------------
     cdef void _on_kick(self) noexcept nogil:
@@ -802,12 +818,18 @@ cdef class GrantRelayQueue(FdHandler):
         cdef uint16_t avail_idx, head, ahead
         cdef uint32_t n, nb = 0, batch_refs = 0, refs = 0
         cdef uint32_t posted = 0, completed = 0, p, c
+        # Entries one pass takes: a guest that keeps adding them must not keep its
+        # thread (and the loop's lock) here for good.
+        cdef uint32_t budget = self.num
         cdef int shead
         cdef uint64_t one = 1
         if self.stopped or self.broken or self.quiesced:
             return 0
         self.stalled = False
         while True:
+            if budget == 0:
+                write(self.guest_kick_fd, &one, 8)  # the rest next pass, after the others
+                break
             avail_idx = xvf_load_u16(&self.gavail.idx)
             ahead = <uint16_t>(avail_idx - self.last_avail)
             if ahead > self.num:
@@ -836,6 +858,7 @@ cdef class GrantRelayQueue(FdHandler):
             n = self._walk_chain(head)
             if n:
                 refs = self._chain_refs(n)
+            budget -= 1
             if n == 0 or refs == 0:
                 self._refuse(head)
                 completed += 1
@@ -1227,7 +1250,8 @@ cdef class GrantRelayQueue(FdHandler):
         elif f.kind == FAIL_CALL:
             snprintf(self.why, WHY_LEN, "grant copy of %u segments refused: %s", f.ref,
                      strerror(f.value))
-        # FAIL_MEMORY: why was set when its copies could not be queued
+        elif f.kind == FAIL_MEMORY:
+            snprintf(self.why, WHY_LEN, "%s: no memory to queue its grant copies", what)
 
     cdef void _publish(self, uint16_t head) noexcept nogil:
         cdef uint16_t d = head
@@ -1276,10 +1300,18 @@ cdef class GrantRelayQueue(FdHandler):
         """Complete on the guest's ring what the backend completed; True if any."""
         cdef uint16_t used_idx
         cdef uint32_t slot, shead, written, ndone = 0
+        # As _process_avail's: a backend that keeps publishing must not keep us here.
+        cdef uint32_t budget = self.num
+        cdef uint64_t one = 1
         if self.stopped or self._backend_lied:
             return False
         used_idx = xvf_load_u16(&self.sused.idx)
         while self._shadow_last_used != used_idx:
+            if budget == 0:
+                if self.backend_call_fd >= 0:
+                    write(self.backend_call_fd, &one, 8)  # the rest next pass
+                break
+            budget -= 1
             if <uint16_t>(used_idx - self._shadow_last_used) > self.inflight:
                 # More completions than requests it holds: the entries past them are
                 # stale, and taking one would complete a request the backend still has.
@@ -1296,7 +1328,7 @@ cdef class GrantRelayQueue(FdHandler):
             self._shadow_last_used += 1
             if shead >= self.num or not self.req_live[shead]:
                 self.why[0] = 0
-                self._note(NOTE_LIE, <int>shead)
+                self._note(NOTE_LIE, shead)
             else:
                 # Taken now (a second entry with this id is a lie), completed below.
                 self.req_live[shead] = 0
