@@ -54,12 +54,18 @@ def write_read_verify(blk: VirtioBlk, image: str, total: int, depth: int, seed: 
         assert blk.read(off // 512, CHUNK // 512) == payload[off : off + CHUNK]
 
 
-@pytest.mark.parametrize("foreign", [True, False], ids=["foreign", "grant"])
+@pytest.mark.parametrize(
+    ("foreign", "threads"),
+    [(True, "per-guest"), (False, "per-guest"), (False, "one")],
+    ids=["foreign", "grant", "grant-one-thread"],
+)
 def test_guest_writes_64mib_through_xvf_to_qsd(
-    hypervisor, start_frontend, start_blk_backend, foreign, sockets
+    hypervisor, start_frontend, start_blk_backend, foreign, threads, sockets
 ):
+    """Also with every guest on the daemon's thread (--service-threads one): the relay
+    then runs on the daemon's loop, as an FdHandler of it."""
     _, image = start_blk_backend(sockets, "blk.sock0", size=80 * MIB)
-    fe = start_frontend(sockets, foreign=foreign)
+    fe = start_frontend(sockets, foreign=foreign, extra=["--service-threads", threads])
     dom = hypervisor.create_domain("blk", memory_mib=96, vcpus=2, virtio=blk_line(not foreign))
     fe.wait_log("serving virtio blk")
     blk = VirtioBlk(attach(dom, 0))
