@@ -400,6 +400,47 @@ def test_full_shadow_memory_stalls_then_resumes(hypervisor) -> None:
         e.close()
 
 
+def test_a_queue_stalled_for_space_another_held_resumes_when_that_one_stops(hypervisor) -> None:
+    """Two queues share the shadow; the second stalls for space the first's request
+    holds. Stopping the first (its ring reset, off the guest's thread) kicks the
+    second, whose own thread then relays its request."""
+    # 5 pages: 1 reserved, 2 shadow rings, 2 for bounce buffers (one request's worth).
+    e = Env(hypervisor, shadow_size=5 * PAGE_SIZE)
+    vq2 = SplitVirtqueue(e.dom.ram, e.dma, QSIZE)
+    kick2 = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    q2 = GrantRelayQueue(
+        1, QSIZE, vq2.desc_dma, vq2.avail_dma, vq2.used_dma,
+        e.mapper, e.shadow, e.state, kick2,
+    )  # fmt: skip
+    backend2 = ShadowBackend(q2)
+    try:
+        e.submit(os.urandom(2100), 2100, "held")
+        e.kick()
+        assert len(e.backend.take()) == 1
+        p2 = os.urandom(2100)
+        o, i = e.buf(p2), e.buf(2100)
+        vq2.add([(o, 2100)], [(i, 2100)], "waits")
+        os.write(q2.guest_kick_fd, (1).to_bytes(8, "little"))
+        q2.on_guest_kick()
+        assert q2.stalled and e.shadow.waiting_queues == 1 and backend2.take() == []
+        e.relay.stop()  # the first queue's reset: its bounce space is free again
+        assert e.shadow.waiting_queues == 0
+        assert select.select([q2.guest_kick_fd], [], [], 0)[0], "the waiting queue was not kicked"
+        q2.on_guest_kick()  # what its guest's thread does with that kick
+        (t,) = backend2.take()
+        assert t.readable == p2 and not q2.stalled
+        backend2.complete(t)
+        q2.on_backend_call()
+        assert vq2.get_used() == [("waits", 2100)]
+        assert e.vq.detach_unused() == ["held"]
+    finally:
+        backend2.close()
+        q2.stop()
+        vq2.close()
+        os.close(kick2)
+        e.close()
+
+
 def test_stop_releases_every_grant_mapping(env: Env) -> None:
     rings = set(env.mapped_refs())
     env.submit(os.urandom(100), 9000, "x")

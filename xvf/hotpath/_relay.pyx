@@ -1434,6 +1434,7 @@ cdef class GrantRelayQueue(FdHandler):
         if self.guest_kick_fd >= 0:
             os.close(self.guest_kick_fd)
             self.guest_kick_fd = -1
+        _poke_waiters(self.shadow)  # what it held is free now
         return 0
 
     cdef void _release_rings(self):
@@ -1458,4 +1459,18 @@ cdef void _wake_waiters(ShadowMemory shadow) noexcept nogil:
         if q == NULL:
             break
         (<GrantRelayQueue>q)._resume()
+        n -= 1
+
+
+cdef void _poke_waiters(ShadowMemory shadow) noexcept nogil:
+    """Space was freed off the guests' threads (a queue stopped): each queue waiting
+    for it gets a kick, so that its own guest's thread retries it."""
+    cdef uint32_t n = shadow.c_waiting()
+    cdef uint64_t one = 1
+    cdef PyObject *q
+    while n:
+        q = shadow.c_next_waiter()
+        if q == NULL:
+            break
+        write((<GrantRelayQueue>q).guest_kick_fd, &one, 8)
         n -= 1
