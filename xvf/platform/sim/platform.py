@@ -189,11 +189,13 @@ class SimGrantMapper:
 
     def copier(self, address: int, size: int) -> GrantCopier:
         """Grant copies to and from [address, address + size), run in this process
-        (xvf.platform.sim._grant_copy); its control connection is its own."""
+        (xvf.platform.sim._grant_copy); its control connection is its own. The guest
+        is mapped now, so that the first copy (on the guest's thread) needs no GIL."""
         client = C.ControlClient(self.control_path)
         try:
             copier = SimGrantCopier(client)
             copier.share(address, size)
+            copier.attach(self.domid)
             return copier
         except BaseException:
             client.close()
