@@ -10,7 +10,6 @@ import struct
 from libc.stdint cimport uint16_t
 
 from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
-
 from xvf.hotpath.includes.xen_grant cimport (
     XVF_GNTCOPY_dest_gref, XVF_GNTCOPY_source_gref, XVF_GNTST_bad_copy_arg,
     XVF_GNTST_bad_domain, XVF_GNTST_bad_gntref, XVF_GNTST_general_error, XVF_GNTST_okay,

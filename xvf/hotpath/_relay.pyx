@@ -380,7 +380,7 @@ cdef class ShadowMemory:
     @property
     def waiting_queues(self) -> int:
         """Queues stalled for space (for tests and `status`)."""
-        return self.nwaiting
+        return self.c_waiting()
 
     def alloc(self, uint64_t length, uint64_t align=SHADOW_ALIGN):
         """Offset (== shadow gpa) of `length` free bytes, or None when full."""
@@ -1090,7 +1090,7 @@ cdef class GrantRelayQueue(FdHandler):
         memset(self.fails, 0, count * sizeof(failure))
         for i in range(count):
             alone = 0
-            if self._copy_request(heads[i], back, 0, &alone) < 0:
+            if self._copy_request(heads[i], back, i, &alone) < 0:
                 self.fails[i].kind = FAIL_MEMORY
                 self.fails[i].ref = alone
             elif self._run_copies(alone) < 0:
@@ -1098,7 +1098,7 @@ cdef class GrantRelayQueue(FdHandler):
                 self.fails[i].value = self._last_errno
                 self.fails[i].ref = alone
             else:
-                self._mark_one_failure(alone, i)
+                self._mark_failures(alone)
 
     cdef int _copy_request(self, uint16_t head, bint back, uint32_t owner,
                            uint32_t *n) noexcept nogil:
@@ -1212,13 +1212,6 @@ cdef class GrantRelayQueue(FdHandler):
             if self.copies[k].status != XVF_GNTST_okay:
                 self._set_failure(k, self.copy_owner[k])
 
-    cdef void _mark_one_failure(self, uint32_t n, uint32_t owner) noexcept nogil:
-        cdef uint32_t k
-        for k in range(n):
-            if self.copies[k].status != XVF_GNTST_okay:
-                self._set_failure(k, owner)
-                return
-
     cdef void _set_failure(self, uint32_t k, uint32_t owner) noexcept nogil:
         cdef xvf_gntdev_grant_copy_segment_t *c = &self.copies[k]
         cdef failure *f = &self.fails[owner]
@@ -1294,7 +1287,7 @@ cdef class GrantRelayQueue(FdHandler):
         freed = self._take_completions()
         pthread_mutex_unlock(&self.work_lock)
         if freed:  # not under our lock: this queue may be one of those waiting
-            _wake_waiters(self.shadow)
+            _retry_waiters(self.shadow, True)
 
     cdef bint _take_completions(self) noexcept nogil:
         """Complete on the guest's ring what the backend completed; True if any."""
@@ -1434,7 +1427,7 @@ cdef class GrantRelayQueue(FdHandler):
         if self.guest_kick_fd >= 0:
             os.close(self.guest_kick_fd)
             self.guest_kick_fd = -1
-        _poke_waiters(self.shadow)  # what it held is free now
+        _retry_waiters(self.shadow, False)  # what it held is free now
         return 0
 
     cdef void _release_rings(self):
@@ -1449,22 +1442,10 @@ cdef class GrantRelayQueue(FdHandler):
         self._ring_maps = []
 
 
-cdef void _wake_waiters(ShadowMemory shadow) noexcept nogil:
-    """Retry the queues stalled for space, now that some was freed: each once (one
-    that stalls again waits for the next completions)."""
-    cdef uint32_t n = shadow.c_waiting()
-    cdef PyObject *q
-    while n:
-        q = shadow.c_next_waiter()
-        if q == NULL:
-            break
-        (<GrantRelayQueue>q)._resume()
-        n -= 1
-
-
-cdef void _poke_waiters(ShadowMemory shadow) noexcept nogil:
-    """Space was freed off the guests' threads (a queue stopped): each queue waiting
-    for it gets a kick, so that its own guest's thread retries it."""
+cdef void _retry_waiters(ShadowMemory shadow, bint here) noexcept nogil:
+    """Space was freed: retry each queue stalled for it, once (one that stalls again
+    waits for the next). `here`: on this, their guest's thread, at once; otherwise (a
+    queue stopped on the daemon's thread) by a kick, which their own thread handles."""
     cdef uint32_t n = shadow.c_waiting()
     cdef uint64_t one = 1
     cdef PyObject *q
@@ -1472,5 +1453,8 @@ cdef void _poke_waiters(ShadowMemory shadow) noexcept nogil:
         q = shadow.c_next_waiter()
         if q == NULL:
             break
-        write((<GrantRelayQueue>q).guest_kick_fd, &one, 8)
+        if here:
+            (<GrantRelayQueue>q)._resume()
+        else:
+            write((<GrantRelayQueue>q).guest_kick_fd, &one, 8)
         n -= 1

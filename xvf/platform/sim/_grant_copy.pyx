@@ -245,12 +245,16 @@ cdef class SimGrantCopier(GrantCopier):
     def attach(self, int domid) -> None:
         """Map guest `domid` now, on this thread, rather than at its first copy (which
         then needs no GIL and no round trip, wherever it runs)."""
+        if self._slot(domid) < 0 and self._attach(domid) < 0:
+            self.gone = domid
+
+    cdef int _slot(self, int domid) noexcept nogil:
+        """The slot guest `domid` is mapped in, or -1."""
         cdef int i
         for i in range(MAX_GUESTS):
             if self.guests[i].domid == domid:
-                return
-        if self._attach(domid) < 0:
-            self.gone = domid
+                return i
+        return -1
 
     def _attach(self, int domid) -> int:
         """Map what Xen sees of guest `domid`; its slot, or -1 if there is no such guest."""
@@ -308,43 +312,34 @@ cdef class SimGrantCopier(GrantCopier):
     cdef guest *_locked(self, int domid, int *rc) noexcept nogil:
         """Guest `domid`, its grant lock held; NULL if it does not exist (or on an
         error, in *rc)."""
-        cdef int i, slot = -1
+        cdef int slot
         cdef guest *g
         if domid == self.gone:
             return NULL
-        for i in range(MAX_GUESTS):
-            if self.guests[i].domid == domid:
-                slot = i
-                break
-        if slot >= 0:
-            g = &self.guests[slot]
-            rc[0] = -_lock(g.lock)
-            if rc[0] or g.lock.alive:
-                return NULL if rc[0] else g
-            pthread_mutex_unlock(&g.lock.mutex)
-            _unmap_guest(g)  # that guest is gone
-            self.gone = domid
-            return NULL
-        with gil:
-            try:
-                slot = self._attach(domid)
-            except OSError as exc:
-                rc[0] = -(exc.errno or EINVAL)
-                return NULL
-            except BaseException:
-                rc[0] = -EINVAL
-                return NULL
+        slot = self._slot(domid)
         if slot < 0:
-            self.gone = domid
-            return NULL
+            with gil:
+                try:
+                    slot = self._attach(domid)
+                except OSError as exc:
+                    rc[0] = -(exc.errno or EINVAL)
+                    return NULL
+                except BaseException:
+                    rc[0] = -EINVAL
+                    return NULL
+            if slot < 0:
+                self.gone = domid
+                return NULL
         g = &self.guests[slot]
         rc[0] = -_lock(g.lock)
-        if rc[0] == 0 and not g.lock.alive:
-            pthread_mutex_unlock(&g.lock.mutex)
-            _unmap_guest(g)
-            self.gone = domid
+        if rc[0]:
             return NULL
-        return NULL if rc[0] else g
+        if g.lock.alive:
+            return g
+        pthread_mutex_unlock(&g.lock.mutex)
+        _unmap_guest(g)  # that guest is gone
+        self.gone = domid
+        return NULL
 
     cdef int c_copy(self, xvf_gntdev_grant_copy_segment_t *segs,
                     unsigned int count) noexcept nogil:
