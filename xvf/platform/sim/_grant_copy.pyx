@@ -8,14 +8,12 @@ against the guest's grant table and copied with memcpy in the caller, between th
 guest's RAM and the caller's memory. To do Xen's part, the copier maps what Xen
 sees of a guest (its RAM, its grant table, its GrantLock page); the software Xen
 hands these over once per guest (control.OP_GNT_COPY_DOMAIN). The relay above it
-sees none of this: it sees a GrantCopier, as on Xen.
+sees none of this: it sees a GrantCopier, as on Xen. The checks and the copy of a
+segment are C (include/xvf/sim_grant_copy.h), shared with the benchmarks' C device
+model, so that both run the same hypercall.
 
-A segment refused by its grant gets Xen's status: GNTST_bad_gntref for a ref
-outside the table, GNTST_general_error for a grant that is not to the caller or is
-read-only as a destination, GNTST_bad_domain for a domain that does not exist. A
-malformed segment fails the whole call with EINVAL (gntdev refuses it), and an
-address outside the memory the caller shared with the copier fails it with EFAULT
-(gntdev's get_user_pages). Segments run in order, as Xen's gnttab_copy runs them.
+A refused segment gets Xen's status, a malformed call gntdev's errno (the header
+lists them); segments run in order, as Xen's gnttab_copy runs them.
 
 GrantLock is the one lock over a guest's grant table, shared by the software Xen's
 process (the guest's grant and end-access operations, gntdev maps) and every
@@ -26,24 +24,23 @@ while it holds the lock leaves it to the next holder (EOWNERDEAD), as its copy
 then no longer matters.
 """
 
-from libc.errno cimport EBADF, EFAULT, EINVAL, ENOMEM, ESRCH
-from libc.stdint cimport int16_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memset
+from libc.errno cimport EBADF, EINVAL, ENOMEM, ESRCH
+from libc.stdint cimport uint16_t, uint64_t, uintptr_t
+from libc.string cimport memset
 
 from xvf.hotpath._gnttab cimport GrantCopier
 from xvf.hotpath.includes.linux_xen cimport xvf_gntdev_grant_copy_segment_t
+from xvf.hotpath.includes.sim_grant_copy cimport (
+    xvf_sim_area_t, xvf_sim_copy_segment, xvf_sim_grant_lock, xvf_sim_grant_lock_t,
+    xvf_sim_grant_unlock, xvf_sim_guest_view_t, xvf_sim_segment_domid,
+)
 from xvf.hotpath.includes.system cimport (
-    EOWNERDEAD, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, PTHREAD_MUTEX_ROBUST,
-    PTHREAD_PROCESS_SHARED, mmap, munmap, pthread_mutex_consistent, pthread_mutex_init,
-    pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_mutexattr_destroy,
-    pthread_mutexattr_init, pthread_mutexattr_setpshared, pthread_mutexattr_setrobust,
-    pthread_mutexattr_t,
+    MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, PTHREAD_MUTEX_ROBUST,
+    PTHREAD_PROCESS_SHARED, mmap, munmap, pthread_mutex_init, pthread_mutex_unlock,
+    pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_setpshared,
+    pthread_mutexattr_setrobust, pthread_mutexattr_t,
 )
-from xvf.hotpath.includes.xen_grant cimport (
-    XVF_GNTCOPY_dest_gref, XVF_GNTCOPY_source_gref, XVF_GNTST_bad_domain,
-    XVF_GNTST_bad_gntref, XVF_GNTST_general_error, XVF_GNTST_okay, XVF_GTF_permit_access,
-    XVF_GTF_readonly, XVF_GTF_type_mask, XVF_XEN_PAGE_SHIFT, xvf_grant_entry_v1_t,
-)
+from xvf.hotpath.includes.xen_grant cimport XVF_XEN_PAGE_SHIFT, xvf_grant_entry_v1_t
 
 import errno as _errno
 import os
@@ -58,28 +55,16 @@ cdef uint64_t PAGE = (<uint64_t>1) << XVF_XEN_PAGE_SHIFT
 
 
 # -- the grant-table lock ------------------------------------------------------------
-cdef struct lock_page:
-    pthread_mutex_t mutex
-    uint32_t alive  # 0 once the domain is gone: its grants then answer GNTST_bad_domain
-
-
-cdef int _lock(lock_page *page) noexcept nogil:
-    cdef int rc = pthread_mutex_lock(&page.mutex)
-    if rc == EOWNERDEAD:  # a copier died holding it; what it was copying is moot
-        rc = pthread_mutex_consistent(&page.mutex)
-    return rc
-
-
-cdef lock_page *_map_lock(int fd) noexcept nogil:
+cdef xvf_sim_grant_lock_t *_map_lock(int fd) noexcept nogil:
     cdef void *p = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-    return NULL if p == MAP_FAILED else <lock_page *>p
+    return NULL if p == MAP_FAILED else <xvf_sim_grant_lock_t *>p
 
 
 cdef class GrantLock:
     """The lock over one guest's grant table, in a page that other processes map
     (`fd`): a new one, or (`fd` given) the one another process created."""
 
-    cdef lock_page *page
+    cdef xvf_sim_grant_lock_t *page
     cdef readonly int fd
 
     def __cinit__(self, int fd=-1):
@@ -96,7 +81,7 @@ cdef class GrantLock:
         self.page = _map_lock(self.fd)
         if self.page == NULL:
             raise OSError(_errno.errno, "mapping a grant lock page")
-        memset(self.page, 0, sizeof(lock_page))
+        memset(self.page, 0, sizeof(xvf_sim_grant_lock_t))
         pthread_mutexattr_init(&attr)
         pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)
         pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)
@@ -115,7 +100,7 @@ cdef class GrantLock:
     def acquire(self) -> None:
         cdef int rc
         with nogil:
-            rc = _lock(self.page)
+            rc = xvf_sim_grant_lock(self.page)
         if rc:
             raise OSError(rc, "taking a grant lock")
 
@@ -140,63 +125,22 @@ cdef class GrantLock:
 
 
 # -- the copier ----------------------------------------------------------------------
-cdef struct area:
-    uint64_t start   # a gpa (guest RAM) or an address in the caller
-    uint64_t size
-    char *base       # where it lies in this process
-
-
 cdef struct guest:
     int domid        # -1: a free slot
-    lock_page *lock
-    xvf_grant_entry_v1_t *entries
-    uint32_t nr_entries
-    area ram[MAX_AREAS]
-    int nram
+    xvf_sim_guest_view_t view  # its lock, grant table and RAM, as the copy sees them
+    xvf_sim_area_t ram[MAX_AREAS]
     char *ram_map    # the mappings, to unmap
     size_t ram_size
     size_t entries_size
 
 
-cdef char *_find(const area *areas, int n, uint64_t start, uint64_t length) noexcept nogil:
-    cdef int i
-    cdef uint64_t into
-    for i in range(n):
-        if start < areas[i].start:
-            continue
-        into = start - areas[i].start
-        if into <= areas[i].size and length <= areas[i].size - into:
-            return areas[i].base + into
-    return NULL
-
-
-cdef int16_t _grant_side(const guest *g, uint16_t caller, uint32_t ref, uint16_t offset,
-                         uint16_t length, bint writable, char **out) noexcept nogil:
-    cdef const xvf_grant_entry_v1_t *e
-    cdef uint64_t gpa
-    if g == NULL:
-        return XVF_GNTST_bad_domain
-    if ref >= g.nr_entries:
-        return XVF_GNTST_bad_gntref
-    e = &g.entries[ref]
-    if (e.flags & XVF_GTF_type_mask) != XVF_GTF_permit_access or e.domid != caller:
-        return XVF_GNTST_general_error
-    if writable and e.flags & XVF_GTF_readonly:
-        return XVF_GNTST_general_error
-    gpa = (<uint64_t>e.frame << XVF_XEN_PAGE_SHIFT) + offset
-    out[0] = _find(g.ram, g.nram, gpa, length)
-    if out[0] == NULL:
-        return XVF_GNTST_general_error  # a grant of a frame that is not RAM
-    return XVF_GNTST_okay
-
-
 cdef void _unmap_guest(guest *g) noexcept nogil:
     if g.ram_map != NULL:
         munmap(g.ram_map, g.ram_size)
-    if g.entries != NULL:
-        munmap(g.entries, g.entries_size)
-    if g.lock != NULL:
-        munmap(g.lock, PAGE)
+    if g.view.entries != NULL:
+        munmap(<void *>g.view.entries, g.entries_size)
+    if g.view.lock != NULL:
+        munmap(g.view.lock, PAGE)
     memset(g, 0, sizeof(guest))
     g.domid = -1
 
@@ -209,7 +153,7 @@ cdef class SimGrantCopier(GrantCopier):
     cdef object _client
     cdef guest guests[MAX_GUESTS]
     cdef int next_slot          # the slot a new guest takes when all are in use
-    cdef area local[MAX_AREAS]  # the caller's memory copies may go to and from
+    cdef xvf_sim_area_t local[MAX_AREAS]  # the caller's memory copies may go to and from
     cdef int nlocal
     cdef uint16_t caller        # the caller's domid, as the software Xen told it
     cdef bint closed
@@ -280,18 +224,19 @@ cdef class SimGrantCopier(GrantCopier):
             p = mmap(NULL, g.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0)
             g.ram_map = NULL if p == MAP_FAILED else <char *>p
             p = mmap(NULL, g.entries_size, PROT_READ, MAP_SHARED, fds[1], 0)
-            g.entries = NULL if p == MAP_FAILED else <xvf_grant_entry_v1_t *>p
-            g.lock = _map_lock(fds[2])
-            if g.ram_map == NULL or g.entries == NULL or g.lock == NULL:
+            g.view.entries = NULL if p == MAP_FAILED else <xvf_grant_entry_v1_t *>p
+            g.view.lock = _map_lock(fds[2])
+            if g.ram_map == NULL or g.view.entries == NULL or g.view.lock == NULL:
                 err = _errno.errno
                 _unmap_guest(g)
                 raise OSError(err, f"mapping guest {domid} for grant copies")
             for gpa, size, offset in banks:
-                g.ram[g.nram].start = gpa
-                g.ram[g.nram].size = size
-                g.ram[g.nram].base = g.ram_map + <size_t>offset
-                g.nram += 1
-            g.nr_entries = nr_entries
+                g.ram[g.view.nram].start = gpa
+                g.ram[g.view.nram].size = size
+                g.ram[g.view.nram].base = g.ram_map + <size_t>offset
+                g.view.nram += 1
+            g.view.ram = g.ram
+            g.view.nr_entries = nr_entries
             g.domid = domid
             self.caller = caller
             return slot
@@ -309,7 +254,7 @@ cdef class SimGrantCopier(GrantCopier):
         _unmap_guest(&self.guests[i])
         return i
 
-    cdef guest *_locked(self, int domid, int *rc) noexcept nogil:
+    cdef xvf_sim_guest_view_t *_locked(self, int domid, int *rc) noexcept nogil:
         """Guest `domid`, its grant lock held; NULL if it does not exist (or on an
         error, in *rc)."""
         cdef int slot
@@ -331,69 +276,42 @@ cdef class SimGrantCopier(GrantCopier):
                 self.gone = domid
                 return NULL
         g = &self.guests[slot]
-        rc[0] = -_lock(g.lock)
+        rc[0] = -xvf_sim_grant_lock(g.view.lock)
         if rc[0]:
             return NULL
-        if g.lock.alive:
-            return g
-        pthread_mutex_unlock(&g.lock.mutex)
+        if g.view.lock.alive:
+            return &g.view
+        xvf_sim_grant_unlock(g.view.lock)
         _unmap_guest(g)  # that guest is gone
         self.gone = domid
         return NULL
 
     cdef int c_copy(self, xvf_gntdev_grant_copy_segment_t *segs,
                     unsigned int count) noexcept nogil:
-        cdef xvf_gntdev_grant_copy_segment_t *s
-        cdef guest *g = NULL   # the guest of the segments now, locked; NULL: none
+        cdef xvf_sim_guest_view_t *g = NULL  # the guest of the segments now, locked
         cdef int domid = -1    # whose they are
+        cdef int seg_domid
         cdef unsigned int k
         cdef int rc = 0
-        cdef int16_t status
-        cdef char *src
-        cdef char *dst
-        cdef uint16_t seg_domid
         if self.closed:
             return -EBADF
         for k in range(count):
-            s = &segs[k]
-            if not s.flags & (XVF_GNTCOPY_source_gref | XVF_GNTCOPY_dest_gref):
-                rc = -EINVAL  # a grant copy with no grant side
+            seg_domid = xvf_sim_segment_domid(&segs[k])
+            if seg_domid < 0:
+                rc = seg_domid
                 break
-            if ((s.flags & XVF_GNTCOPY_source_gref and s.source.foreign.offset + s.len > PAGE)
-                    or (s.flags & XVF_GNTCOPY_dest_gref
-                        and s.dest.foreign.offset + s.len > PAGE)):
-                rc = -EINVAL  # a copy across a page of the grant
-                break
-            seg_domid = (s.source.foreign.domid if s.flags & XVF_GNTCOPY_source_gref
-                         else s.dest.foreign.domid)
             if seg_domid != domid:
                 if g != NULL:
-                    pthread_mutex_unlock(&g.lock.mutex)
+                    xvf_sim_grant_unlock(g.lock)
                 domid = seg_domid
-                g = self._locked(domid, &rc)
+                g = self._locked(domid, &rc)  # NULL: gone, its segments GNTST_bad_domain
                 if rc:
                     break
-            src = dst = NULL
-            if s.flags & XVF_GNTCOPY_source_gref:
-                status = _grant_side(g, self.caller, s.source.foreign.ref,
-                                     s.source.foreign.offset, s.len, False, &src)
-            else:
-                src = _find(self.local, self.nlocal, <uintptr_t>s.source.virt, s.len)
-                status = XVF_GNTST_okay
-            if status == XVF_GNTST_okay:
-                if s.flags & XVF_GNTCOPY_dest_gref:
-                    status = _grant_side(g, self.caller, s.dest.foreign.ref,
-                                         s.dest.foreign.offset, s.len, True, &dst)
-                else:
-                    dst = _find(self.local, self.nlocal, <uintptr_t>s.dest.virt, s.len)
-            if status == XVF_GNTST_okay and (src == NULL or dst == NULL):
-                rc = -EFAULT  # to or from memory that was not shared
+            rc = xvf_sim_copy_segment(g, self.caller, self.local, self.nlocal, &segs[k])
+            if rc:
                 break
-            if status == XVF_GNTST_okay:
-                memcpy(dst, src, s.len)
-            s.status = status
         if g != NULL:
-            pthread_mutex_unlock(&g.lock.mutex)
+            xvf_sim_grant_unlock(g.lock)
         return rc
 
     def close(self) -> None:
