@@ -2,7 +2,10 @@
 xvf: the same IOREQ server on the simulated Xen, the same ioreq page and event
 channel, the same qemu-storage-daemon. This side does what is not per request: the
 Xen-side set-up (through the simulator's platform, as xvf does it), the vhost-user
-handshake, and QSD's vring at DRIVER_OK, while the C program's guest vCPU waits."""
+handshake, and QSD's vring at DRIVER_OK, while the C program's guest vCPU waits.
+For a guest that grants, the C program relays (benchmarks/c/blk_relay.h): QSD maps
+a shadow memory of this side's making, and the C program copies in and out of it
+with the software Xen's grant copy, as xvf's relay does."""
 
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from xvf.protocols import virtio as R
 from xvf.protocols.vhost_user import VhostUserFrontend, VhostUserRegion
 from xvf.protocols.vhost_user_wire import F_PROTOCOL_FEATURES
 from xvf.protocols.vhost_user_wire import ProtocolFeature as PF
-from xvf.protocols.xenbus import XENBUS_STATE_CONNECTED
+from xvf.protocols.xenbus import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED
 from xvf.protocols.xenstore import XenStore
 
 FAKE_UVA = 0x2000_0000_0000
+SHADOW_SIZE = 0x10000 + 256 * (64 << 10)  # blk_relay.h: RELAY_BOUNCE + qmax slots
 BLK_CONFIG_SIZE = 60  # struct virtio_blk_config, as xvf asks QSD for it
 # What xvf offers a blk guest of QSD's features: the device's own (bits 0-23) and the
 # ring's (INDIRECT_DESC, EVENT_IDX, VERSION_1); never vhost-user's PROTOCOL_FEATURES.
@@ -35,6 +39,7 @@ class CDeviceModel:
         hv = dom.hv
         spec = dom.virtio[0]
         self.dom = dom
+        self.stderr: bytes | None = None  # the C program's, once it is stopped
         self.fe = VhostUserFrontend(socket_path, timeout=20)
         self.offered = self.fe.get_features()
         if self.offered & F_PROTOCOL_FEATURES:
@@ -57,6 +62,8 @@ class CDeviceModel:
         self._irq_line = self.plat.irq_line(dom.domid, spec.irq)
         prefix = C.HEADER.pack(C.OP_DM_OP, C.DM_OP_PREFIX.size + C.DM_OP_SIZE)
         prefix += C.DM_OP_PREFIX.pack(dom.domid, 0, 0)
+        self.grant = spec.grants
+        grant_args, grant_fds = self._grant_args(dom) if self.grant else ({}, [])
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         req_r, req_w = os.pipe()
@@ -75,14 +82,16 @@ class CDeviceModel:
             "irq_prefix": prefix.hex(),
             "kick_fd": self.kick,
             "call_fd": self.call,
-            "features": self.offered & OFFERED,
+            "features": self._features(),
             "config": config.hex(),
             "qmax": 256,
             "req_fd": req_w,
             "ack_fd": ack_r,
+            **grant_args,
         }
         exe = build_c("blk_dm")
         fds = [page_fd, self.evtchn.channel.fd, irq_fd, self.kick, self.call, req_w, ack_r]
+        fds += grant_fds
         self.proc = subprocess.Popen(
             [exe, *(f"{k}={v}" for k, v in args.items())],
             pass_fds=fds,
@@ -91,6 +100,8 @@ class CDeviceModel:
         )
         os.close(req_w)
         os.close(ack_r)
+        for fd in grant_fds[:-1]:  # the shadow's stays: QSD gets it at DRIVER_OK
+            os.close(fd)
         if self.proc.stdout is None or self.proc.stdout.readline() != b"ready\n":
             raise BenchError(f"blk_dm did not start: {self.proc.communicate()}")
         self._req = os.fdopen(req_r, "r")
@@ -98,6 +109,46 @@ class CDeviceModel:
         self._thread.start()
         with XenStore(hv.xenstore_path) as xs:  # what xvf publishes: served
             xs.write(backend_state_path(dom, 0), str(XENBUS_STATE_CONNECTED))
+
+    def _features(self) -> int:
+        features = self.offered & OFFERED
+        if self.grant:
+            # A guest that grants needs ACCESS_PLATFORM, which QSD does not offer (xvf
+            # adds it for such a guest; QSD never sees it acked). The C relay takes no
+            # indirect chains, so it does not offer them (the C guest uses none).
+            features |= 1 << R.F_ACCESS_PLATFORM
+            features &= ~(1 << R.F_INDIRECT_DESC)
+        return features
+
+    def _grant_args(self, dom: Domain) -> tuple[dict, list[int]]:
+        """What the software Xen shows a copier of the guest (as xvf's copier asks for
+        it: xvf.platform.sim._grant_copy), and the shadow memory QSD will map."""
+        ctl = C.ControlClient(dom.hv.control_path)
+        try:
+            reply, fds = ctl.call(C.OP_GNT_COPY_DOMAIN, C.COPY_DOMAIN.pack(dom.domid))
+        finally:
+            ctl.close()
+        caller, nr_entries, count = C.COPY_DOMAIN_REPLY.unpack_from(reply)
+        banks = [
+            C.RAM_REGION.unpack_from(reply, C.COPY_DOMAIN_REPLY.size + k * C.RAM_REGION.size)
+            for k in range(count)
+        ]
+        self.shadow = os.memfd_create("c-dm-shadow", os.MFD_CLOEXEC)
+        os.ftruncate(self.shadow, SHADOW_SIZE)
+        ram_fd, gnt_fd, lock_fd = fds
+        args = {
+            "grant": 1,
+            "domid": dom.domid,
+            "caller": caller,
+            "ram_fd": ram_fd,
+            "ram": ",".join(f"{gpa:#x}:{size:#x}:{off:#x}" for gpa, size, off in banks),
+            "gnt_fd": gnt_fd,
+            "gnt_entries": nr_entries,
+            "lock_fd": lock_fd,
+            "shadow_fd": self.shadow,
+            "shadow_size": SHADOW_SIZE,
+        }
+        return args, [ram_fd, gnt_fd, lock_fd, self.shadow]
 
     @property
     def pid(self) -> int:
@@ -119,35 +170,47 @@ class CDeviceModel:
         acked = driver_features & self.offered
         fe.set_features(acked | (self.offered & F_PROTOCOL_FEATURES))
         ram = self.dom.ram
-        fe.set_mem_table(
-            [
-                VhostUserRegion(r.gpa, r.size, FAKE_UVA + r.fd_offset, ram.fd, r.fd_offset)
-                for r in ram.regions
-            ]
-        )
+        if self.grant:  # the shadow rings, at offsets in the shadow memory (gpa 0..)
+            fe.set_mem_table([VhostUserRegion(0, SHADOW_SIZE, FAKE_UVA, self.shadow, 0)])
+            uva = [FAKE_UVA + a for a in (desc, avail, used)]
+        else:
+            fe.set_mem_table(
+                [
+                    VhostUserRegion(r.gpa, r.size, FAKE_UVA + r.fd_offset, ram.fd, r.fd_offset)
+                    for r in ram.regions
+                ]
+            )
+            uva = [self._uva(a) for a in (desc, avail, used)]
         fe.set_vring_num(0, num)
         fe.set_vring_base(0, 0)
-        fe.set_vring_addr(0, self._uva(desc), self._uva(avail), self._uva(used))
+        fe.set_vring_addr(0, *uva)
         fe.set_vring_kick(0, self.kick)
         fe.set_vring_call(0, self.call)
         fe.set_vring_enable(0, True)
         os.write(self._ack, b"k")
 
     def close(self) -> None:
+        """Stop the C program (its counters land in `stderr`) and undo the set-up."""
+        if self.stderr is not None:
+            return
         # It holds its own copy of the event-channel handle, so it is told to go.
         self.proc.terminate()
         self.evtchn.close()
         try:
-            self.proc.wait(timeout=10)
+            _, self.stderr = self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            _, self.stderr = self.proc.communicate()
         self.fe.close()
         try:
             self.server.destroy()
         except Exception:  # the guest may be gone already
             pass
         self.plat.close()
+        with XenStore(self.dom.hv.xenstore_path) as xs:  # what xvf publishes: gone
+            xs.write(backend_state_path(self.dom, 0), str(XENBUS_STATE_CLOSED))
         for fd in (self.kick, self.call, self._ack):
             os.close(fd)
+        if self.grant:
+            os.close(self.shadow)
         self._req.close()

@@ -244,11 +244,12 @@ def measure(mode: str, qds: list[int], counts: dict[int, int]) -> dict[int, dict
             blk.start()
             signals = {"kick_fd": dev._kick[0], "call_fd": dev._call[0]}
             fds, guest_mode = list(signals.values()), "direct"
-        elif mode == "c-dm":
+        elif mode.startswith("c-dm"):
             from xvf.platform.sim.guest import attach
 
             setup.start_hv()
-            dm = CDeviceModel(setup.create_guest(True), os.path.join(setup.sockets, "blk.sock0"))
+            guest_dom = setup.create_guest(foreign=mode == "c-dm")
+            dm = CDeviceModel(guest_dom, os.path.join(setup.sockets, "blk.sock0"))
             blk = VirtioBlk(attach(setup.dom, 0))
             blk.start()
             loan = lend_device(setup.dom, 0)
@@ -315,7 +316,8 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
         return {"name": "e2e_blk", "skipped": "qemu-storage-daemon not installed", "rows": []}
     qds = [1, 32]
     modes = (
-        "direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant", "grant+offload"
+        "direct", "c-dm", "c-dm-grant", "foreign", "foreign+poll", "foreign+offload", "grant",
+        "grant+offload",
     )  # fmt: skip
     counts = {m: {1: 40, 32: 256} if quick else {1: 2000, 32: 20000} for m in modes}
     # Round robin over the modes, each round with a share of the requests, so that the
@@ -357,6 +359,12 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
         ratios[f"foreign/c-dm QD{qd} device-model CPU per I/O"] = ratio(
             res["foreign"][qd]["cpu_dm_us"], res["c-dm"][qd]["cpu_dm_us"]
         )
+        ratios[f"grant/c-dm-grant QD{qd} IOPS"] = ratio(
+            res["grant"][qd]["iops"], res["c-dm-grant"][qd]["iops"]
+        )
+        ratios[f"grant/c-dm-grant QD{qd} device-model CPU per I/O"] = ratio(
+            res["grant"][qd]["cpu_dm_us"], res["c-dm-grant"][qd]["cpu_dm_us"]
+        )
         for mode in modes[1:]:
             ratios[f"{mode} QD{qd}: device-model CPU / guest CPU"] = ratio(
                 res[mode][qd]["cpu_dm_us"], res[mode][qd]["cpu_guest_us"]
@@ -365,7 +373,8 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
         "name": "e2e_blk",
         "title": "4 KiB random read/write (50/50): C guest (Linux-like) -> simulated Xen -> "
         "xvf -> QSD, against the same guest -> QSD over vhost-user directly (direct) and "
-        "through the smallest C device model (c-dm, foreign, no offload); CPU µs per I/O by "
+        "through the smallest C device model (c-dm: foreign; c-dm-grant: its grant relay; no "
+        "offload); CPU µs per I/O by "
         "party (dm: xvf or the C device model)",
         "params": {"counts": counts, "rounds": rounds, "image_mib": 64, "queue_size": 128},
         "columns": [

@@ -19,9 +19,15 @@
  *   qmax               QueueNumMax
  *   req_fd, ack_fd     at DRIVER_OK it writes "vring NUM DESC AVAIL USED FEATURES\n" to
  *                      req_fd and waits for one byte on ack_fd (QSD's vring is set up)
+ * and, for a guest that grants (blk_relay.h: the relay), what the software Xen shows a
+ * copier of the guest (control.OP_GNT_COPY_DOMAIN) and the shadow memory QSD maps:
+ *   grant=1, domid, caller, ram_fd, ram (gpa:size:offset,...), gnt_fd, gnt_entries,
+ *   lock_fd, shadow_fd, shadow_size; the vring line then gives the shadow rings'
+ *   offsets in the shadow memory.
  * It runs until the event channel hangs up. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +38,7 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "blk_relay.h"
 #include "xvf/virtio_mmio.h"
 #include "xvf/xen_dmop.h"
 #include "xvf/xen_ioreq.h"
@@ -48,8 +55,20 @@ static uint32_t status, int_status, level, feat_sel, drv_sel, queue_sel;
 static uint32_t q_num, q_ready;
 static uint64_t q_desc, q_avail, q_used;
 static long exits, kicks, calls;
+static int grant, relay_pending;
+static struct relay relay;
+
+static volatile sig_atomic_t stopping;
 
 static void die(const char *what) { perror(what); exit(2); }
+
+static void on_sigterm(int sig) { (void)sig; stopping = 1; }
+
+static void report_and_exit(void) {
+    fprintf(stderr, "blk_dm: exits=%ld kicks=%ld calls=%ld refused=%ld lost=%ld lies=%ld\n",
+            exits, kicks, calls, relay.refused, relay.lost, relay.lies);
+    exit(0);
+}
 
 static void set_level(uint32_t want) {
     if (want == level) return;
@@ -65,9 +84,29 @@ static void set_level(uint32_t want) {
     level = want;
 }
 
+static void raise_vring_interrupt(void) {
+    int_status |= XVF_VIRTIO_MMIO_INT_VRING;
+    set_level(1);
+}
+
+/* The guest's kick, relayed: its new requests to QSD (kicked if it asks). */
+static void relay_kick(void) {
+    uint64_t one = 1;
+    int irq = 0;
+    relay_pending = 0;
+    if (relay_avail(&relay, &irq) && write(kick_fd, &one, 8) != 8) die("kick");
+    if (irq) raise_vring_interrupt();
+}
+
 static void driver_ok(void) {
-    dprintf(req_fd, "vring %u %#llx %#llx %#llx %#llx\n", q_num, (unsigned long long)q_desc,
-            (unsigned long long)q_avail, (unsigned long long)q_used,
+    uint64_t desc = q_desc, avail = q_avail, used = q_used;
+    if (grant && relay_start(&relay, (uint16_t)q_num, q_desc, q_avail, q_used,
+                             (driver_features >> 29) & 1, &desc, &avail, &used) < 0) {
+        fprintf(stderr, "blk_dm: the guest's rings are not grants it gave us\n");
+        exit(2);
+    }
+    dprintf(req_fd, "vring %u %#llx %#llx %#llx %#llx\n", q_num, (unsigned long long)desc,
+            (unsigned long long)avail, (unsigned long long)used,
             (unsigned long long)driver_features);
     char b;
     if (read(ack_fd, &b, 1) != 1) die("waiting for the vring set-up");
@@ -111,7 +150,8 @@ static void reg_write(uint32_t off, uint32_t v) {
     case XVF_VIRTIO_MMIO_QUEUE_NOTIFY: {
         uint64_t one = 1;
         kicks++;
-        if (v == 0 && write(kick_fd, &one, 8) != 8) die("kick");
+        if (v == 0 && grant) relay_pending = 1;  /* after the vCPU has its answer */
+        else if (v == 0 && write(kick_fd, &one, 8) != 8) die("kick");
         break;
     }
     case XVF_VIRTIO_MMIO_INTERRUPT_ACK:
@@ -158,10 +198,7 @@ static void on_evtchn(void) {
     for (;;) {
         ssize_t n = recv(evt_fd, words, sizeof words, MSG_DONTWAIT);
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-        if (n <= 0) {
-            fprintf(stderr, "blk_dm: exits=%ld kicks=%ld calls=%ld\n", exits, kicks, calls);
-            exit(0);
-        }
+        if (n <= 0) report_and_exit();
         if (send(evt_fd, words, (size_t)n, 0) != n) die("unmask");  /* unmask first */
         for (ssize_t i = 0; i < n / 4; i++) {
             if (words[i] != port) continue;
@@ -169,6 +206,7 @@ static void on_evtchn(void) {
                 uint32_t note = port | NOTIFY_BIT;
                 if (send(evt_fd, &note, 4, 0) != 4) die("notify");
             }
+            if (relay_pending) relay_kick();
         }
     }
 }
@@ -177,8 +215,7 @@ static void on_call(void) {
     uint64_t v;
     if (read(call_fd, &v, 8) != 8) return;
     calls++;
-    int_status |= XVF_VIRTIO_MMIO_INT_VRING;
-    set_level(1);
+    if (!grant || relay_used(&relay)) raise_vring_interrupt();
 }
 
 static void hex(const char *s, uint8_t *out, size_t max, size_t *len) {
@@ -192,8 +229,10 @@ static void hex(const char *s, uint8_t *out, size_t max, size_t *len) {
 }
 
 int main(int argc, char **argv) {
-    int page_fd = -1;
-    uint64_t page_off = 0;
+    int page_fd = -1, gnt_fd = -1, lock_fd = -1, shadow_fd = -1;
+    uint64_t page_off = 0, shadow_size = 0;
+    uint32_t gnt_entries = 0;
+    const char *banks = NULL;
     size_t prefix_len = 0;
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
@@ -216,11 +255,36 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "qmax")) qmax = (uint32_t)n;
         else if (!strcmp(k, "req_fd")) req_fd = (int)n;
         else if (!strcmp(k, "ack_fd")) ack_fd = (int)n;
+        else if (!strcmp(k, "grant")) grant = (int)n;
+        else if (!strcmp(k, "domid")) relay.domid = (uint16_t)n;
+        else if (!strcmp(k, "caller")) relay.caller = (uint16_t)n;
+        else if (!strcmp(k, "ram_fd")) relay.ram_fd = (int)n;
+        else if (!strcmp(k, "ram")) banks = v;
+        else if (!strcmp(k, "gnt_fd")) gnt_fd = (int)n;
+        else if (!strcmp(k, "gnt_entries")) gnt_entries = (uint32_t)n;
+        else if (!strcmp(k, "lock_fd")) lock_fd = (int)n;
+        else if (!strcmp(k, "shadow_fd")) shadow_fd = (int)n;
+        else if (!strcmp(k, "shadow_size")) shadow_size = n;
         else { fprintf(stderr, "unknown argument %s\n", k); return 2; }
     }
     if (page_fd < 0 || prefix_len != sizeof irq_prefix || !port || !qmax) {
         fprintf(stderr, "missing arguments\n");
         return 2;
+    }
+    if (grant) {
+        for (const char *b = banks; b && *b && relay.view.nram < RELAY_RAM_BANKS;) {
+            unsigned long long gpa, size, off;
+            int used = 0;
+            if (sscanf(b, "%lli:%lli:%lli%n", &gpa, &size, &off, &used) != 3) break;
+            relay.ram[relay.view.nram].start = gpa;
+            relay.ram[relay.view.nram].size = size;
+            relay.ram_off[relay.view.nram++] = off;
+            b += used;
+            if (*b == ',') b++;
+        }
+        if (!relay.view.nram || relay_init(&relay, gnt_fd, gnt_entries, lock_fd, shadow_fd,
+                                           shadow_size) < 0)
+            die("mapping the guest for grant copies");
     }
     uint8_t *page = mmap(NULL, XVF_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd,
                          (off_t)(page_off & ~(uint64_t)(XVF_PAGE_SIZE - 1)));
@@ -231,11 +295,14 @@ int main(int argc, char **argv) {
     if (epoll_ctl(ep, EPOLL_CTL_ADD, evt_fd, &ev) < 0) die("epoll evtchn");
     ev.data.fd = call_fd;
     if (epoll_ctl(ep, EPOLL_CTL_ADD, call_fd, &ev) < 0) die("epoll call");
+    struct sigaction sa = {.sa_handler = on_sigterm};  /* no SA_RESTART: epoll_wait returns */
+    sigaction(SIGTERM, &sa, NULL);
     printf("ready\n");
     fflush(stdout);
     for (;;) {
         struct epoll_event evs[8];
         int n = epoll_wait(ep, evs, 8, -1);
+        if (stopping) report_and_exit();
         if (n < 0) { if (errno == EINTR) continue; die("epoll_wait"); }
         for (int i = 0; i < n; i++) {
             if (evs[i].data.fd == evt_fd) on_evtchn();

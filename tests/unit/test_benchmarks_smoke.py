@@ -72,8 +72,8 @@ def test_quick_run_writes_every_result(tmp_path):
     if "skipped" not in bench["e2e_blk"]:
         paths = {(r["path"], r["qd"]) for r in bench["e2e_blk"]["rows"]}
         modes = (
-            "direct", "c-dm", "foreign", "foreign+poll", "foreign+offload", "grant",
-            "grant+offload",
+            "direct", "c-dm", "c-dm-grant", "foreign", "foreign+poll", "foreign+offload",
+            "grant", "grant+offload",
         )  # fmt: skip
         assert paths == {(p, qd) for p in modes for qd in (1, 32)}
         assert "foreign/direct QD32 IOPS" in bench["e2e_blk"]["ratios"]
@@ -81,6 +81,7 @@ def test_quick_run_writes_every_result(tmp_path):
         assert "grant/foreign QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "grant+offload/foreign+offload QD32 IOPS" in bench["e2e_blk"]["ratios"]
         assert "foreign/c-dm QD32 IOPS" in bench["e2e_blk"]["ratios"]
+        assert "grant/c-dm-grant QD32 IOPS" in bench["e2e_blk"]["ratios"]
         for row in bench["e2e_blk"]["rows"]:
             # every party's CPU is measured; only direct has no device model (no exits)
             assert row["cpu_guest_us"] > 0 and row["cpu_backend_us"] > 0, row
