@@ -169,11 +169,11 @@ class CDeviceModel:
         fe = self.fe
         acked = driver_features & self.offered
         fe.set_features(acked | (self.offered & F_PROTOCOL_FEATURES))
-        ram = self.dom.ram
         if self.grant:  # the shadow rings, at offsets in the shadow memory (gpa 0..)
             fe.set_mem_table([VhostUserRegion(0, SHADOW_SIZE, FAKE_UVA, self.shadow, 0)])
             uva = [FAKE_UVA + a for a in (desc, avail, used)]
         else:
+            ram = self.dom.ram
             fe.set_mem_table(
                 [
                     VhostUserRegion(r.gpa, r.size, FAKE_UVA + r.fd_offset, ram.fd, r.fd_offset)

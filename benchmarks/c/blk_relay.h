@@ -43,8 +43,9 @@ struct relay_req { int busy; unsigned n; struct relay_desc d[RELAY_MAX_DESCS]; }
 struct relay {
     /* the guest, as the software Xen shows it to a copier */
     int ram_fd;
-    xvf_sim_area_t ram[RELAY_RAM_BANKS];  /* base: its offset in ram_fd, until mapped */
-    uint64_t ram_off[RELAY_RAM_BANKS];
+    xvf_sim_area_t ram[RELAY_RAM_BANKS];
+    uint64_t ram_off[RELAY_RAM_BANKS];    /* each bank's offset in ram_fd */
+    char *ram_map;                        /* all of ram_fd, mapped */
     xvf_sim_guest_view_t view;
     uint16_t domid, caller;
     /* the shadow memory QSD maps: the shadow rings and the bounce slots */
@@ -82,20 +83,12 @@ static void *relay_map_grants(struct relay *r, uint64_t addr, uint64_t len) {
     uint8_t *base = mmap(NULL, pages << 12, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return NULL;
     for (uint64_t i = 0; i < pages; i++) {
-        uint64_t ref = first + i;
-        if (ref >= r->view.nr_entries) return NULL;
-        const xvf_grant_entry_v1_t *e = &r->view.entries[ref];
-        if ((e->flags & XVF_GTF_type_mask) != XVF_GTF_permit_access || e->domid != r->caller ||
-            (e->flags & XVF_GTF_readonly))
-            return NULL;
-        uint64_t gpa = (uint64_t)e->frame << 12;
-        char *where = xvf_sim_find(r->ram, r->view.nram, gpa, 4096);
-        if (where == NULL) return NULL;
-        int bank = 0;
-        while (!(gpa >= r->ram[bank].start && gpa < r->ram[bank].start + r->ram[bank].size)) bank++;
-        off_t at = (off_t)(r->ram_off[bank] + gpa - r->ram[bank].start);
-        if (mmap(base + (i << 12), 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->ram_fd,
-                 at) == MAP_FAILED)
+        char *where;  /* the page in our map of all RAM: its offset there is its offset in ram_fd */
+        if (first + i > UINT32_MAX ||
+            xvf_sim_grant_side(&r->view, r->caller, (uint32_t)(first + i), 0, 4096, 1, &where) !=
+                XVF_GNTST_okay ||
+            mmap(base + (i << 12), 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->ram_fd,
+                 (off_t)(where - r->ram_map)) == MAP_FAILED)
             return NULL;
     }
     return base + off;
@@ -107,7 +100,7 @@ static int relay_init(struct relay *r, int gnt_fd, uint32_t nr_entries, int lock
     uint64_t ram_size = 0;
     for (int i = 0; i < r->view.nram; i++)
         if (r->ram_off[i] + r->ram[i].size > ram_size) ram_size = r->ram_off[i] + r->ram[i].size;
-    char *ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, r->ram_fd, 0);
+    char *ram = r->ram_map = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, r->ram_fd, 0);
     void *entries = mmap(NULL, ((uint64_t)nr_entries * sizeof(xvf_grant_entry_v1_t) + 0xfff) & ~0xfffull,
                          PROT_READ, MAP_SHARED, gnt_fd, 0);
     void *lock = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, lock_fd, 0);
@@ -235,6 +228,7 @@ static int relay_publish_used(struct relay *r, uint16_t old) {
 static int relay_avail(struct relay *r, int *irq) {
     uint16_t s_old = r->s_avail, g_old = r->g_used;
     uint16_t heads[RELAY_BATCH];
+    unsigned seg_end[RELAY_BATCH];  /* request j's copies: segs[seg_end[j - 1] .. seg_end[j]) */
     for (;;) {
         uint16_t idx = xvf_load_u16(&r->gavail->idx);
         xvf_acquire();  /* the index, then the entries and descriptors it covers */
@@ -254,19 +248,14 @@ static int relay_avail(struct relay *r, int *irq) {
                 if (!q->d[k].write) nsegs = relay_segments(r, nsegs, q->d[k].addr, soff, q->d[k].len, 0);
                 soff += q->d[k].len;
             }
+            seg_end[n] = nsegs;
             heads[n++] = head;
         }
         int rc = relay_copy(r, nsegs);
-        unsigned k = 0;
-        for (unsigned j = 0; j < n; j++) {
+        for (unsigned j = 0, k = 0; j < n; j++) {
             struct relay_req *q = &r->reqs[heads[j]];
             int ok = rc == 0;
-            for (unsigned d = 0; ok && d < q->n; d++) {
-                if (q->d[d].write) continue;
-                uint32_t segs = (uint32_t)((((q->d[d].addr & 0xfff) + q->d[d].len + 0xfff) >> 12));
-                for (uint32_t s = 0; s < segs; s++) ok &= r->segs[k + s].status == XVF_GNTST_okay;
-                k += segs;
-            }
+            for (; k < seg_end[j]; k++) ok &= r->segs[k].status == XVF_GNTST_okay;
             if (!ok) {  /* refused: completed with nothing written */
                 r->refused++;
                 q->busy = 0;

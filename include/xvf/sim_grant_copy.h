@@ -93,25 +93,30 @@ static inline int xvf_sim_segment_domid(const xvf_gntdev_grant_copy_segment_t *s
     return (s->flags & XVF_GNTCOPY_source_gref) ? s->source.foreign.domid : s->dest.foreign.domid;
 }
 
+/* One side of a copy: a grant of guest g, or the caller's memory. A status, and
+ * *out where its bytes lie (NULL: memory the caller did not share). */
+static inline int16_t xvf_sim_copy_side(const xvf_sim_guest_view_t *g, uint16_t caller,
+                                        const xvf_sim_area_t *local, int nlocal,
+                                        const xvf_gntdev_copy_side_t *side, int is_gref,
+                                        uint16_t length, int writable, char **out) {
+    if (is_gref)
+        return xvf_sim_grant_side(g, caller, side->foreign.ref, side->foreign.offset, length,
+                                  writable, out);
+    *out = xvf_sim_find(local, nlocal, (uint64_t)(uintptr_t)side->virt, length);
+    return XVF_GNTST_okay;
+}
+
 /* Copy one segment of guest g (locked by the caller; NULL: the domain is gone),
  * setting its status; -EFAULT if it names memory the caller did not share. */
 static inline int xvf_sim_copy_segment(const xvf_sim_guest_view_t *g, uint16_t caller,
                                        const xvf_sim_area_t *local, int nlocal,
                                        xvf_gntdev_grant_copy_segment_t *s) {
     char *src = NULL, *dst = NULL;
-    int16_t status = XVF_GNTST_okay;
-    if (s->flags & XVF_GNTCOPY_source_gref)
-        status = xvf_sim_grant_side(g, caller, s->source.foreign.ref, s->source.foreign.offset,
-                                    s->len, 0, &src);
-    else
-        src = xvf_sim_find(local, nlocal, (uint64_t)(uintptr_t)s->source.virt, s->len);
-    if (status == XVF_GNTST_okay) {
-        if (s->flags & XVF_GNTCOPY_dest_gref)
-            status = xvf_sim_grant_side(g, caller, s->dest.foreign.ref, s->dest.foreign.offset,
-                                        s->len, 1, &dst);
-        else
-            dst = xvf_sim_find(local, nlocal, (uint64_t)(uintptr_t)s->dest.virt, s->len);
-    }
+    int16_t status = xvf_sim_copy_side(g, caller, local, nlocal, &s->source,
+                                       s->flags & XVF_GNTCOPY_source_gref, s->len, 0, &src);
+    if (status == XVF_GNTST_okay)
+        status = xvf_sim_copy_side(g, caller, local, nlocal, &s->dest,
+                                   s->flags & XVF_GNTCOPY_dest_gref, s->len, 1, &dst);
     if (status == XVF_GNTST_okay) {
         if (src == NULL || dst == NULL) return -EFAULT;
         memcpy(dst, src, s->len);

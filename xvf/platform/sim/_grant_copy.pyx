@@ -36,7 +36,7 @@ from xvf.hotpath.includes.sim_grant_copy cimport (
 )
 from xvf.hotpath.includes.system cimport (
     MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, PTHREAD_MUTEX_ROBUST,
-    PTHREAD_PROCESS_SHARED, mmap, munmap, pthread_mutex_init, pthread_mutex_unlock,
+    PTHREAD_PROCESS_SHARED, mmap, munmap, pthread_mutex_init,
     pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_setpshared,
     pthread_mutexattr_setrobust, pthread_mutexattr_t,
 )
@@ -105,7 +105,7 @@ cdef class GrantLock:
             raise OSError(rc, "taking a grant lock")
 
     def release(self) -> None:
-        pthread_mutex_unlock(&self.page.mutex)
+        xvf_sim_grant_unlock(self.page)
 
     def __enter__(self) -> GrantLock:
         self.acquire()
