@@ -8,26 +8,11 @@ import resource
 import subprocess
 import tempfile
 
-from benchmarks.common import BenchError, build_c, read_u32
+from benchmarks.common import BenchError, build_c, process_cpu_ns, read_u32
 from xvf.platform.sim.drivers.blk import VirtioBlk
 
 BLOCK = 4096
 HDR_SLOT = 32  # blk_guest.c: a request's header, then its status byte at +16
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU of a process's threads, in ns: the sum of /proc/<pid>/task/*/schedstat (ns
-    resolution; /proc/<pid>/stat counts 10 ms ticks, too coarse for one run). A thread
-    that ended meanwhile is not counted: xvf's and QSD's threads live as long as they do."""
-    total = 0
-    task_dir = f"/proc/{pid}/task"
-    for tid in os.listdir(task_dir):
-        try:
-            with open(f"{task_dir}/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended while we looked
-    return total
 
 
 def _rusage_ns(who: int) -> int:

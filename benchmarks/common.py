@@ -50,17 +50,20 @@ def build_c(name: str, extra: Sequence[str] = ()) -> str:
     return exe
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time the process's main thread has used, in ns (/proc/<pid>/schedstat,
-    falling back to utime+stime in clock ticks)."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])
-        return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+def process_cpu_ns(pid: int) -> int:
+    """CPU of a process's threads, in ns: the sum of /proc/<pid>/task/*/schedstat (ns
+    resolution; /proc/<pid>/stat counts 10 ms ticks, too coarse for one run). A thread
+    that ended meanwhile is not counted: the measured processes' threads live as long
+    as they do."""
+    total = 0
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended while we looked
+    return total
 
 
 def rss_kib(pid: int) -> int:
@@ -88,8 +91,18 @@ def read_u32(path: str) -> np.ndarray:
 
 
 def pin(pid: int, cpu: int | None) -> None:
-    if cpu is not None and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(pid, {cpu})
+    """Pin every thread of `pid` (0: the calling thread) to `cpu`: affinity is per
+    thread, and a responder's service thread is running before it says ready."""
+    if cpu is None or cpu >= (os.cpu_count() or 1):
+        return
+    if pid == 0:
+        os.sched_setaffinity(0, {cpu})
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except ProcessLookupError:
+            continue  # the thread ended while we looked
 
 
 def python_cmd(module: str, *args: str) -> list[str]:

@@ -22,11 +22,11 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.c_guest import process_cpu_ns
 from benchmarks.common import (
     BenchError,
     build_c,
     env,
+    process_cpu_ns,
     python_cmd,
     ratio,
     read_u32,

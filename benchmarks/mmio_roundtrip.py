@@ -1,8 +1,11 @@
 """MMIO access round trip on an ioreq page: the same C requester (benchmarks/c/requester.c,
 playing the guest's vCPUs and Xen's event channel) drives each responder in its own
-process: xvf's Cython service loop, the pure-Python one (xvf.hotpath.ioreq_reference), and the
-C baseline (benchmarks/c/responder.c, plain blocking reads and with xvf's epoll
-structure). Latency, responder CPU per access, and throughput with several vCPUs.
+process: xvf's Cython service loop on a guest's service thread as the daemon runs it
+("cython": a blocking read of the channel while it is all the thread watches;
+"cython-epoll": epoll_wait then read, as when it also watches backends' call fds), the
+pure-Python one (xvf.hotpath.ioreq_reference), and the C baseline
+(benchmarks/c/responder.c: "c" plain blocking reads, "c-epoll" xvf's epoll structure).
+Latency, responder CPU per access, and throughput with several vCPUs.
 
 Polling (`--poll-us`): "cython-poll" is the Cython loop spinning POLL_US after each
 event, against a requester that still signals and waits on the event channel as Xen
@@ -22,9 +25,9 @@ import numpy as np
 from benchmarks.common import (
     BenchError,
     build_c,
-    cpu_ns,
     env,
     pin,
+    process_cpu_ns,
     python_cmd,
     ratio,
     read_u32,
@@ -34,7 +37,7 @@ from benchmarks.common import (
 )
 from xvf.hotpath._layout import IOREQ_SIZE, IOREQ_VP_EPORT, PAGE_SIZE
 
-IMPLS = ["c", "c-epoll", "cython", "cython-poll", "python", "floor"]
+IMPLS = ["c", "c-epoll", "cython", "cython-epoll", "cython-poll", "python", "floor"]
 POLL_US = 50
 OPS = {"read": "InterruptStatus read", "notify": "QueueNotify write"}
 
@@ -56,9 +59,15 @@ def responder_argv(impl: str, page_fd: int, evt_fd: int, ndev: int, vpd: int, ki
         exe = build_c("responder")
         return [exe, mode, str(page_fd), str(evt_fd), str(ndev), str(vpd), str(kick)]
     poll = impl.endswith("-poll")
+    base = impl.split("-")[0]
+    # Cython runs as the daemon does by default: a guest's own service thread, which
+    # waits in a read of its channel while that is all it watches ("cython"), or
+    # (--wait epoll) always in epoll_wait; the Python reference has no such thread.
+    threads = ["--threads=per-guest", f"--wait={'epoll' if impl == 'cython-epoll' else 'read'}"]
     return python_cmd(
         "benchmarks.serve",
-        f"--impl={impl.removesuffix('-poll')}",
+        f"--impl={base}",
+        *(threads if base == "cython" else []),
         f"--poll-us={POLL_US if poll else 0}",
         f"--page-fd={page_fd}",
         f"--evtchn-fd={evt_fd}",
@@ -78,15 +87,18 @@ def one_run(
     warmup: int,
     pin_cpus: tuple[int, int] | None = None,
     dispatch: bool = False,
+    run_under: tuple[str, ...] = (),
 ) -> dict:
-    """One responder process, one requester run; latencies and the responder's CPU."""
+    """One responder process, one requester run; latencies and the responder's CPU.
+    `run_under`: a command the responder runs under (strace, for the syscall test);
+    its CPU is then that command's too."""
     requester = build_c("requester")
     page_fd = make_pages(ndev, vpd)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     fds = (page_fd, theirs.fileno(), kick)
     resp = subprocess.Popen(
-        responder_argv(impl, page_fd, theirs.fileno(), ndev, vpd, kick),
+        [*run_under, *responder_argv(impl, page_fd, theirs.fileno(), ndev, vpd, kick)],
         pass_fds=fds,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -100,7 +112,7 @@ def one_run(
         wait_ready(resp)
         if pin_cpus:
             pin(resp.pid, pin_cpus[1])
-        cpu0 = cpu_ns(resp.pid)
+        cpu0 = process_cpu_ns(resp.pid)
         argv = [requester, "mmio", str(page_fd), str(ours.fileno()), str(ndev), str(vpd)]
         argv += [str(iters), str(warmup), op, out]
         argv += ["spin"] if impl == "floor" else (["dispatch"] if dispatch else [])
@@ -112,7 +124,7 @@ def one_run(
             timeout=240,
             preexec_fn=(lambda: pin(0, pin_cpus[0])) if pin_cpus else None,
         )
-        cpu1 = cpu_ns(resp.pid)
+        cpu1 = process_cpu_ns(resp.pid)
         if req.returncode != 0:
             raise BenchError(f"requester failed against {impl}: {req.stdout} {req.stderr}")
         stats = dict(kv.split("=") for kv in req.stdout.split())
@@ -126,6 +138,7 @@ def one_run(
     accesses = int(stats["accesses"])
     return {
         "lat": lat,
+        "accesses": accesses,
         "cpu_ns_per_access": (cpu1 - cpu0) / accesses,
         "throughput": int(stats["measured"]) / (int(stats["wall_ns"]) / 1e9),
         "errors": int(stats["errors"]),
@@ -168,11 +181,16 @@ def run(quick: bool = False, pin_cpus: tuple[int, int] | None = None) -> dict:
             "cython/c latency p99": ratio(cy["p99_us"], c["p99_us"]),
             "cython/c cpu per access": ratio(cy["cpu_us_per_access"], c["cpu_us_per_access"]),
             "cython/c throughput": ratio(cy["throughput_kops"], c["throughput_kops"]),
-            "cython/c-epoll latency median": ratio(
-                cy["median_us"], by_impl["c-epoll"]["median_us"]
+            # the same structure on both sides: epoll_wait, then read
+            "cython-epoll/c-epoll latency median": ratio(
+                by_impl["cython-epoll"]["median_us"], by_impl["c-epoll"]["median_us"]
             ),
-            "cython/c-epoll cpu per access": ratio(
-                cy["cpu_us_per_access"], by_impl["c-epoll"]["cpu_us_per_access"]
+            "cython-epoll/c-epoll cpu per access": ratio(
+                by_impl["cython-epoll"]["cpu_us_per_access"],
+                by_impl["c-epoll"]["cpu_us_per_access"],
+            ),
+            "cython/cython-epoll cpu per access": ratio(
+                cy["cpu_us_per_access"], by_impl["cython-epoll"]["cpu_us_per_access"]
             ),
             "python/cython latency median": ratio(py["median_us"], cy["median_us"]),
             "python/cython cpu per access": ratio(py["cpu_us_per_access"], cy["cpu_us_per_access"]),

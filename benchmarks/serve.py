@@ -26,6 +26,7 @@ from xvf.platform.sim._hotpath import SimEventChannel, SimIrqLine
 BASE = 0x2000000
 WINDOW = 0x200
 DRIVER_OK = 4
+WAKE_LISTEN, WAKE_SEND = 0xFFF0, 0xFFF1  # no vCPU's port (those are 1..ndev*vpd)
 
 
 class NoRegisters:
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--call-fd", type=int, default=-1)
     p.add_argument("--irq-fd", type=int, default=-1)
     p.add_argument("--poll-us", type=float, default=0.0, help="as xvf's --poll-us")
+    p.add_argument(
+        "--wait",
+        choices=["read", "epoll"],
+        default="read",
+        help="per-guest threads: wait in a read of the channel when it is all there is "
+        "to watch (the daemon's default, its loopback wake ports), or always in epoll_wait",
+    )
     a = p.parse_args(argv)
     mod = _ioreq if a.impl == "cython" else _ioreq_py
     irq_line = SimIrqLine if a.impl == "cython" else _sim_py.SimIrqLine
@@ -64,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         loop = mod.ServiceLoop(SimEventChannel(evtchn_fd))
         if threaded:
             loop.prepare_thread()
+            if a.wait == "read":
+                # The requester plays no loopback channel (it ignores notifies of ports
+                # it does not serve): nothing changes this loop once it runs, and it is
+                # killed, not stopped, so nothing ever needs to wake its read.
+                loop.set_wake_ports(WAKE_LISTEN, WAKE_SEND)
         loop.set_polling(a.poll_us)
         for dev in range(a.ndev):
             page = mmap.mmap(page_fd, PAGE_SIZE, offset=dev * PAGE_SIZE)

@@ -15,6 +15,7 @@ apt_packages=(
     "$qsd_package"                          # qemu-storage-daemon
     libxen-dev linux-libc-dev               # Xen and Linux headers checked by the conformance tests
     xenstore-utils                          # xenstore-read/-write/-ls interop with the simulated xenstored
+    strace                                  # the hot path's syscalls per access, counted by a test
     # dpdk-testpmd (only dpdk-dev ships it) and its vhost PMD, the virtio-net backend;
     # it pulls all of DPDK's libraries, about 220 packages
     dpdk-dev
@@ -24,4 +25,5 @@ scripts/apt-install-missing.sh "${apt_packages[@]}"
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # Editable: the compiled extensions land in ./xvf, so tests and `python -m tests.backends.*` see one tree.
-.venv/bin/pip install -q -e ".[test,fuzz]" "$@"
+# bench: the smoke test of benchmarks/run.py checks the PNG plot too.
+.venv/bin/pip install -q -e ".[test,fuzz,bench]" "$@"

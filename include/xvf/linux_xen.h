@@ -89,11 +89,20 @@ typedef struct xvf_evtchn_bind_interdomain {
     unsigned int remote_domain;
     unsigned int remote_port;
 } xvf_evtchn_bind_interdomain_t;
+typedef struct xvf_evtchn_bind_unbound_port {
+    unsigned int remote_domain;
+} xvf_evtchn_bind_unbound_port_t;
 typedef struct xvf_evtchn_port_arg {   /* unbind and notify take one port */
     unsigned int port;
 } xvf_evtchn_port_arg_t;
 
+/* "This domain" (public/xen.h): a port allocated for, and bound from, DOMID_SELF is a
+ * loopback channel, both ends on one handle (Xen's evtchn_bind_interdomain allows
+ * the remote domain to be the caller). */
+#define XVF_DOMID_SELF 0x7ff0u
+
 #define XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN XVF_IOC(XVF_IOC_NONE, 'E', 1, sizeof(xvf_evtchn_bind_interdomain_t))
+#define XVF_IOCTL_EVTCHN_BIND_UNBOUND_PORT XVF_IOC(XVF_IOC_NONE, 'E', 2, sizeof(xvf_evtchn_bind_unbound_port_t))
 #define XVF_IOCTL_EVTCHN_UNBIND          XVF_IOC(XVF_IOC_NONE, 'E', 3, sizeof(xvf_evtchn_port_arg_t))
 #define XVF_IOCTL_EVTCHN_NOTIFY          XVF_IOC(XVF_IOC_NONE, 'E', 4, sizeof(xvf_evtchn_port_arg_t))
 #define XVF_IOCTL_EVTCHN_RESET           XVF_IOC(XVF_IOC_NONE, 'E', 5, 0)

@@ -345,12 +345,17 @@ SAME_FIELD(struct ioctl_evtchn_bind_interdomain, remote_domain,
            xvf_evtchn_bind_interdomain_t, remote_domain);
 SAME_FIELD(struct ioctl_evtchn_bind_interdomain, remote_port,
            xvf_evtchn_bind_interdomain_t, remote_port);
+SAME_SIZE(struct ioctl_evtchn_bind_unbound_port, xvf_evtchn_bind_unbound_port_t);
+SAME_FIELD(struct ioctl_evtchn_bind_unbound_port, remote_domain,
+           xvf_evtchn_bind_unbound_port_t, remote_domain);
 SAME_SIZE(struct ioctl_evtchn_unbind, xvf_evtchn_port_arg_t);
 SAME_FIELD(struct ioctl_evtchn_unbind, port, xvf_evtchn_port_arg_t, port);
 SAME_SIZE(struct ioctl_evtchn_notify, xvf_evtchn_port_arg_t);
 SAME_FIELD(struct ioctl_evtchn_notify, port, xvf_evtchn_port_arg_t, port);
 
 SAME_VAL(IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN);
+SAME_VAL(IOCTL_EVTCHN_BIND_UNBOUND_PORT, XVF_IOCTL_EVTCHN_BIND_UNBOUND_PORT);
+SAME_VAL(DOMID_SELF, XVF_DOMID_SELF);
 SAME_VAL(IOCTL_EVTCHN_UNBIND, XVF_IOCTL_EVTCHN_UNBIND);
 SAME_VAL(IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_NOTIFY);
 SAME_VAL(IOCTL_EVTCHN_RESET, XVF_IOCTL_EVTCHN_RESET);

@@ -233,3 +233,47 @@ def test_a_loop_on_its_own_thread_refuses_python_callbacks_and_unposted_servers(
     finally:
         evtchn.close()
         plat.close()
+
+
+def test_a_guest_thread_with_nothing_else_to_watch_waits_in_a_read_of_its_channel(
+    hypervisor, daemon
+):
+    """With no backend call fd to watch (the kernel's irqfd carries the interrupts) the
+    guest's thread waits by reading its event channel, as a plain C device model does:
+    one syscall per access fewer than epoll_wait and then read. A call fd added while it
+    is blocked there wakes it (its loopback channel), and it then waits in epoll_wait
+    and serves the call; without the fd it reads again, and it stops from the read."""
+    dom = hypervisor.create_domain("reads", memory_mib=4, vcpus=1)
+    guest, state, _ = daemon.guest(dom)
+    daemon.thread.start()
+    loop = guest.loop
+    assert loop.waits_on_channel
+    for _ in range(50):
+        dom.mmio(0, BASE + R.QUEUE_NOTIFY, 4, True, 0)
+    assert loop.direct_waits >= 50
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        loop.add_call_fd(call, state)
+        assert not loop.waits_on_channel
+        waits = loop.direct_waits
+        os.eventfd_write(call, 1)  # no guest access meanwhile: only the poke woke it
+        deadline = threading.Event()
+        for _ in range(500):
+            if state.int_status & R.INT_VRING:
+                break
+            deadline.wait(0.01)
+        assert state.int_status & R.INT_VRING
+        assert dom.mmio(0, BASE + R.INTERRUPT_STATUS, 4, False) == R.INT_VRING
+        dom.mmio(0, BASE + R.INTERRUPT_ACK, 4, True, R.INT_VRING)
+        assert loop.direct_waits == waits + 1  # the poke's read; then epoll_wait
+    finally:
+        loop.remove_fd(call)
+        os.close(call)
+    assert loop.waits_on_channel
+    dom.mmio(0, BASE + R.QUEUE_NOTIFY, 4, True, 0)  # wakes it from epoll_wait
+    waits = loop.direct_waits
+    for _ in range(10):
+        dom.mmio(0, BASE + R.QUEUE_NOTIFY, 4, True, 0)
+    assert loop.direct_waits >= waits + 10
+    guest.stop()  # raises if the thread, blocked in its read, is not woken
+    assert guest.failure is None

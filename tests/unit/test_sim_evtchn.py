@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from xvf.hotpath._evtchn import DOMID_SELF
 from xvf.platform.sim._hotpath import SimEventChannel
 from xvf.platform.sim.evtchn import EventChannels
 
@@ -41,11 +42,46 @@ def open_channel(ec: EventChannels) -> tuple[int, SimEventChannel, socket.socket
     return hid, SimEventChannel(sock.fileno()), sock
 
 
+def test_a_bind_makes_the_new_port_pending_once_as_xen_does(chans):
+    """Xen's evtchn_bind_interdomain always sets the new local port pending (a send on
+    the unbound remote port may have been lost), so a device model reads each port it
+    binds once before any guest notification: it must take that as a spurious event."""
+    remote = chans.alloc_unbound(GUEST, 0, lambda: None)
+    hid, chan, sock = open_channel(chans)
+    local = chans.bind_interdomain(hid, GUEST, remote)
+    assert read_ports(chan) == [local]
+    chan.unmask(local)
+    assert read_ports(chan, 0.2) == []  # once, not again on unmask
+    sock.close()
+
+
+def test_a_loopback_channel_wakes_its_own_handle(chans):
+    """IOCTL_EVTCHN_BIND_UNBOUND_PORT for DOMID_SELF, then BIND_INTERDOMAIN to that port
+    from the same handle: a notify on the second port reads as the first."""
+    hid, chan, sock = open_channel(chans)
+    listen = chans.bind_unbound(hid, DOMID_SELF)
+    send = chans.bind_interdomain(hid, DOMID_SELF, listen)
+    assert listen != send
+    assert read_ports(chan) == [send]  # the bind's own event (see above)
+    chan.unmask(send)
+    chan.notify(send)
+    assert read_ports(chan) == [listen]
+    chan.notify(send)  # masked until unmasked: kept pending
+    assert read_ports(chan, 0.2) == []
+    chan.unmask(listen)
+    assert read_ports(chan) == [listen]
+    with pytest.raises(OSError):
+        chans.bind_interdomain(hid, DOMID_SELF, listen)  # bound already
+    sock.close()
+
+
 def test_guest_notify_reaches_handle_and_masks_until_unmasked(chans):
     woke = threading.Event()
     remote = chans.alloc_unbound(GUEST, 0, woke.set)
     hid, chan, sock = open_channel(chans)
     local = chans.bind_interdomain(hid, GUEST, remote)
+    assert read_ports(chan) == [local]  # the bind's event
+    chan.unmask(local)
     chans.notify(GUEST, remote)
     assert read_ports(chan) == [local]
     # masked: a second event is kept pending, not delivered
@@ -79,6 +115,7 @@ def test_unbind_and_reuse(chans):
     remote = chans.alloc_unbound(GUEST, 0, lambda: None)
     hid, chan, sock = open_channel(chans)
     local = chans.bind_interdomain(hid, GUEST, remote)
+    assert read_ports(chan) == [local]  # the bind's event
     chans.unbind(hid, local)
     chans.notify(GUEST, remote)  # unbound again: dropped silently
     assert read_ports(chan, 0.2) == []

@@ -223,6 +223,12 @@ def format_table(status: dict) -> str:
             f"{g['requests']} ioreqs, {g['bad_requests']} bad, "
             f"{g.get('invalidates', 0)} mapcache invalidations"
         )
+        t = g.get("service_thread")
+        if t:
+            lines.append(
+                f"  service thread waits in {t['waits_in']}: {t['wakeups']} wake-ups, "
+                f"{t['channel_reads']} of them reads of the event channel"
+            )
         header = ("DEVICE", "BASE", "IRQ", "MAP", "MEMORY", "NOTIFY/IRQ", "BACKEND", "XS")
         rows = [header]
         for d in g["devices"]:

@@ -68,6 +68,16 @@ def _type_name(node: VirtioDeviceNode) -> str | None:
         return None
 
 
+def _thread_status(loop: ServiceLoop) -> dict:
+    """How a guest's service thread waits: a read of its event channel while that is all
+    it watches, epoll_wait otherwise; and how often it woke each way."""
+    return {
+        "waits_in": "read" if loop.waits_on_channel else "epoll_wait",
+        "wakeups": loop.wakeups,
+        "channel_reads": loop.direct_waits,
+    }
+
+
 def node_label(node: VirtioDeviceNode) -> str:
     """domN/<type>M as VhostDevice labels it; "device" for a type xvf does not know."""
     return f"dom{node.domid}/{_type_name(node) or 'device'}{node.devid}"
@@ -528,6 +538,7 @@ class Frontend:
                 "requests": ioreq.requests if ioreq is not None else 0,
                 "bad_requests": ioreq.bad_requests if ioreq is not None else 0,
                 "invalidates": ioreq.invalidates if ioreq is not None else 0,
+                "service_thread": _thread_status(guest.loop) if guest.thread else None,
                 "devices": [],
             }
         for node in [*self.placeholders.values(), *(p.node for p in self.pending.values())]:
@@ -568,7 +579,8 @@ class Frontend:
     def _absent_guest(domid: int) -> dict:
         # devices waiting for a socket have no IOREQ server yet
         return {"domid": domid, "ioreq_server": None, "vcpus": 0, "requests": 0,
-                "bad_requests": 0, "invalidates": 0, "devices": []}  # fmt: skip
+                "bad_requests": 0, "invalidates": 0, "service_thread": None,
+                "devices": []}  # fmt: skip
 
     def _node_status(self, key: tuple[int, int], node: VirtioDeviceNode, backend: str) -> dict:
         return {

@@ -9,14 +9,18 @@ overrides `c_notify` and the device ioctls.
 
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint32_t
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 
 from xvf.hotpath.includes.linux_xen cimport (
-    XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_RESET,
-    XVF_IOCTL_EVTCHN_UNBIND, xvf_evtchn_bind_interdomain_t, xvf_evtchn_port_arg_t,
+    XVF_DOMID_SELF, XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+    XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_RESET, XVF_IOCTL_EVTCHN_UNBIND,
+    xvf_evtchn_bind_interdomain_t, xvf_evtchn_bind_unbound_port_t, xvf_evtchn_port_arg_t,
 )
 from xvf.hotpath.includes.system cimport close, ioctl, read, write
 
 from xvf.errors import EventChannelError
+
+DOMID_SELF = XVF_DOMID_SELF
 
 
 cdef class EventChannel:
@@ -62,6 +66,16 @@ cdef class EventChannel:
                 return 0
             return -errno
 
+    cdef int c_set_blocking(self, bint blocking) noexcept nogil:
+        """Make read() wait for a port (True) or return EAGAIN (False); -errno."""
+        cdef int flags = fcntl(self.fd, F_GETFL)
+        if flags < 0:
+            return -errno
+        flags = (flags & ~O_NONBLOCK) if blocking else (flags | O_NONBLOCK)
+        if fcntl(self.fd, F_SETFL, flags) < 0:
+            return -errno
+        return 0
+
     def notify(self, uint32_t port) -> None:
         cdef int rc = self.c_notify(port)
         if rc < 0:
@@ -91,6 +105,16 @@ cdef class EventChannel:
         if rc < 0:
             raise EventChannelError(
                 f"binding to port {remote_port} of domain {remote_domain} failed", errno)
+        return rc
+
+    def bind_unbound_port(self, unsigned int remote_domain) -> int:
+        """A new port of ours that `remote_domain` may bind to, bound to this handle."""
+        cdef xvf_evtchn_bind_unbound_port_t arg
+        arg.remote_domain = remote_domain
+        cdef int rc = ioctl(self.fd, XVF_IOCTL_EVTCHN_BIND_UNBOUND_PORT, &arg)
+        if rc < 0:
+            raise EventChannelError(
+                f"allocating a port for domain {remote_domain} failed", errno)
         return rc
 
     def unbind(self, unsigned int port) -> None:

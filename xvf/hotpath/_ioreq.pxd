@@ -150,11 +150,27 @@ cdef class ServiceLoop:
     cdef int _wake_fd
     cdef bint _stopping
     cdef readonly int thread_errno  # why serve_forever ended early (0: it was stopped)
+    # Waiting by a blocking read of the event channel itself (serve_forever with wake
+    # ports): the three syscalls of a plain C device model per access instead of four,
+    # while the channel is all there is to watch (no backend call fds, no handlers)
+    # and polling is off. A loopback channel on the same handle (set_wake_ports) is
+    # what wakes the read when that changes or the loop is to stop.
+    cdef bint _has_wake_ports
+    cdef uint32_t _wake_listen
+    cdef uint32_t _wake_send
+    cdef int _other_fds  # watched fds other than the channel and the wake eventfd
+    cdef bint _evtchn_blocking
+    cdef bint _direct_broken  # a read failed: epoll from now on (it reports why)
+    cdef readonly uint64_t direct_waits
 
     cdef _add(self, int fd, int kind, object obj)
     cdef void _forget(self, int fd) noexcept
     cdef uint32_t _grow_routes(self, uint32_t n) noexcept nogil
     cdef void _on_evtchn(self) noexcept nogil
+    cdef void _on_ports(self, uint32_t *ports, int n) noexcept nogil
+    cdef bint _choose_direct(self) noexcept nogil
+    cdef int _read_and_dispatch(self) noexcept nogil
+    cdef void _poke(self) noexcept nogil
     cdef int _spin(self) noexcept nogil
     cdef void _serve_port(self, uint32_t port, bint polled) noexcept nogil
     cdef void _index_polled(self) noexcept nogil

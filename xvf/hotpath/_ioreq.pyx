@@ -765,10 +765,13 @@ cdef class ServiceLoop:
             if fd >= self._fd_cap:
                 raise MemoryError()
         self._fds[fd] = (kind, obj)  # owns obj for as long as the table points at it
+        cdef bint other = kind != KIND_EVTCHN and kind != KIND_WAKE
         with nogil:
             pthread_mutex_lock(&self.lock)
             self._fd_kind[fd] = kind
             self._fd_obj[fd] = <PyObject *>obj
+            if other:
+                self._other_fds += 1
             pthread_mutex_unlock(&self.lock)
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>fd
@@ -776,13 +779,19 @@ cdef class ServiceLoop:
             err = errno
             self._forget(fd)
             raise OSError(err, f"epoll_ctl(ADD, fd {fd}) failed")
+        if other:
+            self._poke()  # a thread reading the channel directly must watch this fd too
 
     cdef void _forget(self, int fd) noexcept:
+        entry = self._fds.get(fd)
+        cdef bint other = entry is not None and entry[0] not in (KIND_EVTCHN, KIND_WAKE)
         with nogil:
             pthread_mutex_lock(&self.lock)
             if fd < self._fd_cap:
                 self._fd_kind[fd] = KIND_NONE
                 self._fd_obj[fd] = NULL
+            if other:
+                self._other_fds -= 1
             pthread_mutex_unlock(&self.lock)
         self._fds.pop(fd, None)
 
@@ -892,6 +901,7 @@ cdef class ServiceLoop:
             self._unmask_deferred()
             self.poll_ns = <uint64_t>(poll_us * 1000)
             pthread_mutex_unlock(&self.lock)
+            self._poke()  # a thread blocked reading the channel starts spinning
 
     cdef void _serve_port(self, uint32_t port, bint polled) noexcept nogil:
         """Serve the slot routed to `port` (lock held): answered ones are notified, ones
@@ -917,8 +927,7 @@ cdef class ServiceLoop:
 
     cdef void _on_evtchn(self) noexcept nogil:
         cdef uint32_t ports[64]
-        cdef int n, i
-        cdef uint32_t port
+        cdef int n
         while True:
             n = self.evtchn.c_read_pending(ports, 64)
             if n < 0:
@@ -929,23 +938,33 @@ cdef class ServiceLoop:
                 return
             if n == 0:
                 return
-            if self.poll_ns == 0:
-                # Unmask first, all in one write: a notification racing with our
-                # response is kept pending.
-                self.evtchn.c_unmask_many(ports, n)
-            for i in range(n):
-                port = ports[i]
-                if self.poll_ns:
-                    # Polling: the spin watches this slot; its port stays masked until
-                    # the loop sleeps, and a notification meanwhile stays pending.
-                    if port < self._route_len and self._masked_len < self._route_len:
-                        self._masked[self._masked_len] = port
-                        self._masked_len += 1
-                    else:
-                        self.evtchn.c_unmask(port)
-                self._serve_port(port, False)
-            if n < 64:
+            self._on_ports(ports, n)
+            # Fewer than asked for: nothing more to read. A channel left blocking (the
+            # thread switched to epoll since) is read once per wake-up: epoll reports
+            # the rest, where a second read could block.
+            if n < 64 or self._evtchn_blocking:
                 return
+
+    cdef void _on_ports(self, uint32_t *ports, int n) noexcept nogil:
+        """Serve the slots of `n` ports read from the channel (lock held)."""
+        cdef int i
+        cdef uint32_t port
+        if self.poll_ns == 0:
+            # Unmask first, all in one write: a notification racing with our
+            # response is kept pending.
+            self.evtchn.c_unmask_many(ports, n)
+        for i in range(n):
+            port = ports[i]
+            if self.poll_ns:
+                # Polling: the spin watches this slot; its port stays masked until
+                # the loop sleeps, and a notification meanwhile stays pending.
+                if port < self._route_len and self._masked_len < self._route_len:
+                    self._masked[self._masked_len] = port
+                    self._masked_len += 1
+                else:
+                    self.evtchn.c_unmask(port)
+            # The wake ports have no route: unmasked above, nothing to serve.
+            self._serve_port(port, False)
 
     cdef int _spin(self) noexcept nogil:
         """Watch the routed slots for a READY request for up to poll_ns; its port, or -1.
@@ -1049,6 +1068,67 @@ cdef class ServiceLoop:
         pthread_mutex_unlock(&self.lock)
         return n
 
+    cdef bint _choose_direct(self) noexcept nogil:
+        """Whether the next wait is a blocking read of the channel, with the channel's
+        O_NONBLOCK set to match (only this thread reads it)."""
+        cdef bint direct
+        cdef int rc
+        pthread_mutex_lock(&self.lock)
+        direct = (self._has_wake_ports and not self._direct_broken
+                  and self.poll_ns == 0 and self._other_fds == 0)
+        pthread_mutex_unlock(&self.lock)
+        if direct != self._evtchn_blocking:
+            rc = self.evtchn.c_set_blocking(direct)
+            if rc < 0:
+                self._direct_broken = True
+                self._evtchn_errno = -rc
+                return False
+            self._evtchn_blocking = direct
+        return direct
+
+    cdef int _read_and_dispatch(self) noexcept nogil:
+        """One blocking read of the channel and the slots it names; returns 1, or 0 when
+        the read gave nothing (the loop then waits with epoll, which says why)."""
+        cdef uint32_t ports[64]
+        cdef int n = self.evtchn.c_read_pending(ports, 64)
+        pthread_mutex_lock(&self.lock)
+        self.wakeups += 1
+        self.direct_waits += 1
+        if n > 0:
+            self._on_ports(ports, n)
+        else:
+            # 0 is end of file (or a channel made non-blocking behind our back), an
+            # error is counted and logged; epoll tells a lost channel from the rest.
+            if n < 0:
+                self.evtchn_errors += 1
+                self._evtchn_errno = -n
+            self._direct_broken = True
+        pthread_mutex_unlock(&self.lock)
+        return 1 if n > 0 else 0
+
+    cdef void _poke(self) noexcept nogil:
+        """Wake a thread blocked reading the channel (the loopback's other end)."""
+        if self._has_wake_ports:
+            self.evtchn.c_notify(self._wake_send)
+
+    def set_wake_ports(self, uint32_t listen, uint32_t send) -> None:
+        """A loopback channel on this loop's handle: notifying `send` makes `listen`
+        pending. With it serve_forever may wait in a read of the channel itself."""
+        if not self.own_thread:
+            raise XvfError("wake ports are for a loop on its own thread (prepare_thread)")
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self._wake_listen = listen
+            self._wake_send = send
+            self._has_wake_ports = True
+            pthread_mutex_unlock(&self.lock)
+
+    @property
+    def waits_on_channel(self) -> bool:
+        """serve_forever's next wait is a read of the channel, not epoll_wait."""
+        return (self._has_wake_ports and not self._direct_broken and self.poll_ns == 0
+                and self._other_fds == 0)
+
     cdef void _log_errors(self) noexcept:
         if self._evtchn_errno:
             log.error("reading the event channel failed: errno %d", self._evtchn_errno)
@@ -1119,7 +1199,10 @@ cdef class ServiceLoop:
             raise XvfError("prepare_thread() first")
         with nogil:
             while not self._stopping and not self.evtchn_lost:
-                n = self._wait_and_dispatch(-1, python_fds, &n_python)
+                if self._choose_direct():
+                    n = self._read_and_dispatch()
+                else:
+                    n = self._wait_and_dispatch(-1, python_fds, &n_python)
                 if self._evtchn_errno:
                     with gil:
                         self._log_errors()
@@ -1135,6 +1218,7 @@ cdef class ServiceLoop:
         self._stopping = True
         if self._wake_fd >= 0:
             write(self._wake_fd, &one, 8)
+        self._poke()
 
     @property
     def stopped(self) -> bool:

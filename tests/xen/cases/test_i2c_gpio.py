@@ -5,6 +5,7 @@ ioeventfd/irqfd offload."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -52,6 +53,19 @@ def test_rtc_over_i2c_and_gpio_lines(results, sockets, procs, guests, foreign, i
         assert "interrupts injected by the kernel (privcmd irqfd)" in log
     else:
         assert "QueueNotify handled by xvf (ioreq service loop)" in log
+    # The guest's service thread woke on its loopback event channel (a port of Dom0's
+    # bound to itself on the thread's /dev/xen/evtchn handle)...
+    assert re.search(r"loopback event channel \d+ <- \d+ wakes the service thread", log), log
+    # ...and, its guest gone, stopped: with offload nothing but the event channel is
+    # watched, so it waited in a read of the channel and only that loopback woke it.
+    xvf.wait_log("service thread stopped after", timeout=120)
+    stopped = re.search(r"service thread stopped after (\d+) wake-ups, (\d+) of them reads",
+                        xvf.log())  # fmt: skip
+    assert stopped, xvf.log()
+    wakeups, reads = int(stopped[1]), int(stopped[2])
+    (results / f"{name}.waits").write_text(f"wakeups={wakeups} channel_reads={reads}\n")
+    if not ioreq_only:
+        assert reads > wakeups // 2, (wakeups, reads)
     assert xvf.alive()
 
 

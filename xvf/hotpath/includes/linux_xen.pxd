@@ -54,9 +54,13 @@ cdef extern from "xvf/linux_xen.h" nogil:
     ctypedef struct xvf_evtchn_bind_interdomain_t:
         unsigned int remote_domain
         unsigned int remote_port
+    ctypedef struct xvf_evtchn_bind_unbound_port_t:
+        unsigned int remote_domain
     ctypedef struct xvf_evtchn_port_arg_t:
         unsigned int port
-    unsigned long XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_UNBIND
+    unsigned int XVF_DOMID_SELF
+    unsigned long XVF_IOCTL_EVTCHN_BIND_INTERDOMAIN, XVF_IOCTL_EVTCHN_BIND_UNBOUND_PORT
+    unsigned long XVF_IOCTL_EVTCHN_UNBIND
     unsigned long XVF_IOCTL_EVTCHN_NOTIFY, XVF_IOCTL_EVTCHN_RESET
 
     # /dev/xen/gntdev

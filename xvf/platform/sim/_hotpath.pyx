@@ -71,6 +71,9 @@ cdef class SimEventChannel(EventChannel):
     def bind_interdomain(self, unsigned int remote_domain, unsigned int remote_port) -> int:
         raise _not_a_device("bind_interdomain")
 
+    def bind_unbound_port(self, unsigned int remote_domain) -> int:
+        raise _not_a_device("bind_unbound_port")
+
     def unbind(self, unsigned int port) -> None:
         raise _not_a_device("unbind")
 

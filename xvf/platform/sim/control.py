@@ -26,6 +26,7 @@ OP_FOREIGN_MAP = 3  # u16 domid -> u32 count, count * {u64 gpa, u64 size, u64 of
 OP_EVTCHN_OPEN = 4  # -> u32 handle, fd
 OP_EVTCHN_BIND = 5  # u32 handle, u32 remote_dom, u32 remote_port -> u32 local_port
 OP_EVTCHN_UNBIND = 6  # u32 handle, u32 port
+OP_EVTCHN_BIND_UNBOUND = 13  # u32 handle, u32 remote_dom -> u32 local_port
 # OP_GNT_MAP: u16 domid, u8 writable, u8 pad, u32 count, count * u32 ref
 #   -> count * u64 offset, fd
 OP_GNT_MAP = 7

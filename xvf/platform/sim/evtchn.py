@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xvf.errors import SimulatorError
+from xvf.hotpath._evtchn import DOMID_SELF
 
 log = logging.getLogger("xvf.platform.sim.evtchn")
 
@@ -120,12 +121,22 @@ class EventChannels:
         os.write(self._wake_w, b"x")
         return handle.id, theirs
 
-    def bind_interdomain(self, handle_id: int, remote_domid: int, remote_port: int) -> int:
-        """IOCTL_EVTCHN_BIND_INTERDOMAIN from Dom0 (domain 0)."""
+    def bind_unbound(self, handle_id: int, remote_domid: int) -> int:
+        """IOCTL_EVTCHN_BIND_UNBOUND_PORT from Dom0: a port of Dom0's that `remote_domid`
+        (DOMID_SELF: Dom0 itself, a loopback channel) may bind, owned by the handle."""
         with self._lock:
-            handle = self._handles.get(handle_id)
-            if handle is None:
-                raise OSError(9, "bad event channel handle")  # EBADF
+            handle = self._handle(handle_id)
+            port = self._alloc(0, 0 if remote_domid == DOMID_SELF else remote_domid)
+            port.handle = handle
+            handle.ports.add(port.number)
+            return port.number
+
+    def bind_interdomain(self, handle_id: int, remote_domid: int, remote_port: int) -> int:
+        """IOCTL_EVTCHN_BIND_INTERDOMAIN from Dom0 (domain 0); DOMID_SELF is Dom0."""
+        if remote_domid == DOMID_SELF:
+            remote_domid = 0
+        with self._lock:
+            handle = self._handle(handle_id)
             remote = self._ports.get(remote_domid, {}).get(remote_port)
             if remote is None or remote.bound or remote.remote_domid != 0:
                 raise OSError(22, f"port {remote_port} of domain {remote_domid} is not bindable")
@@ -136,7 +147,16 @@ class EventChannels:
             remote.remote_port = local.number
             remote.bound = True
             handle.ports.add(local.number)
+            # As Xen's evtchn_bind_interdomain: "we may have lost notifications on the
+            # remote unbound port", so the new local port is always made pending once.
+            self._deliver(local)
             return local.number
+
+    def _handle(self, handle_id: int) -> Handle:
+        handle = self._handles.get(handle_id)
+        if handle is None:
+            raise OSError(9, "bad event channel handle")  # EBADF
+        return handle
 
     def unbind(self, handle_id: int, number: int) -> None:
         with self._lock:

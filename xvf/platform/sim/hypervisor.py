@@ -469,6 +469,7 @@ class _Session:
             C.OP_FOREIGN_MAP: self._foreign_map,
             C.OP_EVTCHN_OPEN: self._evtchn_open,
             C.OP_EVTCHN_BIND: self._evtchn_bind,
+            C.OP_EVTCHN_BIND_UNBOUND: self._evtchn_bind_unbound,
             C.OP_EVTCHN_UNBIND: self._evtchn_unbind,
             C.OP_GNT_MAP: self._gnt_map,
             C.OP_GNT_UNMAP: self._gnt_unmap,
@@ -647,6 +648,12 @@ class _Session:
         if hid not in self.handles:
             raise OSError(errno.EBADF, "not your handle")
         return struct.pack("<I", self.hv.evtchn.bind_interdomain(hid, rdom, rport)), []
+
+    def _evtchn_bind_unbound(self, payload: bytes) -> tuple[bytes, list[int]]:
+        hid, rdom = struct.unpack_from("<II", payload)
+        if hid not in self.handles:
+            raise OSError(errno.EBADF, "not your handle")
+        return struct.pack("<I", self.hv.evtchn.bind_unbound(hid, rdom)), []
 
     def _evtchn_unbind(self, payload: bytes) -> tuple[bytes, list[int]]:
         hid, port = struct.unpack_from("<II", payload)

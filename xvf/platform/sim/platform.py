@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from xvf.errors import GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
+from xvf.hotpath._evtchn import DOMID_SELF
 from xvf.hotpath._gnttab import GrantCopier, GrantMapping, map_file_pages
 from xvf.hotpath._layout import PAGE_SIZE
 from xvf.platform.dm_op import DmOpIoreqServer
@@ -57,6 +58,17 @@ class SimEventChannelHandle:
             C.OP_EVTCHN_BIND, struct.pack("<III", self.handle_id, domid, remote_port)
         )
         return struct.unpack("<I", reply[:4])[0]
+
+    def bind_loopback(self) -> tuple[int, int]:
+        reply, _ = self._ctl.call(
+            C.OP_EVTCHN_BIND_UNBOUND, struct.pack("<II", self.handle_id, DOMID_SELF)
+        )
+        (listen,) = struct.unpack("<I", reply[:4])
+        try:
+            return listen, self.bind_interdomain(DOMID_SELF, listen)
+        except BaseException:
+            self.unbind(listen)
+            raise
 
     def unbind(self, local_port: int) -> None:
         self._ctl.call(C.OP_EVTCHN_UNBIND, struct.pack("<II", self.handle_id, local_port))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from xvf.errors import EventChannelError, GrantError, HypercallError, PlatformUnavailable
 from xvf.hotpath import _privcmd as P
-from xvf.hotpath._evtchn import EventChannel
+from xvf.hotpath._evtchn import DOMID_SELF, EventChannel
 from xvf.hotpath._gnttab import GntDev, GrantCopier, GrantMapping
 from xvf.hotpath._ioreq import IrqLine
 from xvf.platform.dm_op import DmOpIoreqServer
@@ -59,6 +59,14 @@ class XenEventChannelHandle:
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return self.channel.bind_interdomain(domid, remote_port)
+
+    def bind_loopback(self) -> tuple[int, int]:
+        listen = self.channel.bind_unbound_port(DOMID_SELF)
+        try:
+            return listen, self.channel.bind_interdomain(DOMID_SELF, listen)
+        except BaseException:
+            self.channel.unbind(listen)
+            raise
 
     def unbind(self, local_port: int) -> None:
         self.channel.unbind(local_port)
