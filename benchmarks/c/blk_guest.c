@@ -67,6 +67,10 @@ static volatile xvf_ioreq_t *slot;
 static int evt_fd = -1, kick_fd = -1, irq_fd = -1, call_fd = -1;
 static uint32_t port;          /* the device model's local port of this vCPU */
 static int port_masked, port_pending;
+/* The device model's loopback channel (its service thread's wake-up): a notify of one
+ * end is delivered as the other, masked like any port (0: none). */
+static uint32_t wake_port[2];
+static int wake_masked[2], wake_pending[2];
 static uint64_t mmio_base;
 static long exits, kicks, interrupts, spurious;
 
@@ -92,6 +96,25 @@ static void deliver(void) {
     if (port_masked) { port_pending = 1; return; }
     port_masked = 1;
     if (send(evt_fd, &port, 4, 0) != 4) die("evtchn deliver");
+}
+
+static void deliver_wake(int end) {
+    if (wake_masked[end]) { wake_pending[end] = 1; return; }
+    wake_masked[end] = 1;
+    if (send(evt_fd, &wake_port[end], 4, 0) != 4) die("evtchn deliver");
+}
+
+/* A word for the loopback channel: a notify delivers the peer end, an unmask unmasks. */
+static void wake_word(uint32_t word) {
+    for (int end = 0; end < 2; end++) {
+        if (!wake_port[end]) continue;
+        if (word == (wake_port[end] | NOTIFY_BIT)) {
+            deliver_wake(!end);
+        } else if (word == wake_port[end]) {
+            wake_masked[end] = 0;
+            if (wake_pending[end]) { wake_pending[end] = 0; deliver_wake(end); }
+        }
+    }
 }
 
 /* Read what the device model wrote on its handle: unmasks and notifies. Returns 1 if
@@ -120,6 +143,8 @@ static int drain_handle(int block) {
             } else if (words[i] == port) {          /* unmask */
                 port_masked = 0;
                 if (port_pending) { port_pending = 0; deliver(); }
+            } else {
+                wake_word(words[i]);
             }
         }
         if (notified) return 1;
@@ -267,6 +292,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "vcpu_slot")) page_off += n * sizeof(xvf_ioreq_t);
         else if (!strcmp(k, "evt_fd")) evt_fd = (int)n;
         else if (!strcmp(k, "port")) port = (uint32_t)n;
+        else if (!strcmp(k, "wake_a")) wake_port[0] = (uint32_t)n;
+        else if (!strcmp(k, "wake_b")) wake_port[1] = (uint32_t)n;
         else if (!strcmp(k, "mmio_base")) mmio_base = n;
         else if (!strcmp(k, "kick_fd")) kick_fd = (int)n;
         else if (!strcmp(k, "irq_fd")) irq_fd = (int)n;

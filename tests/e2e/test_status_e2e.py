@@ -53,6 +53,9 @@ def test_status_shows_the_guest_the_device_and_its_counters(
     (guest,) = answer["guests"]
     assert guest["domid"] == dom.domid and guest["vcpus"] == 2
     assert guest["ioreq_server"] is not None and guest["requests"] > 0
+    # the relay's queues are fds the guest's thread watches: it waits in epoll_wait
+    thread = guest["service_thread"]
+    assert thread["waits_in"] == "epoll_wait" and thread["wakeups"] > 0, thread
     (dev,) = guest["devices"]
     assert dev["label"] == f"dom{dom.domid}/blk0" and dev["type"] == "blk"
     assert dev["mapping"] == "grant" and dev["memory"] == "relay"
@@ -66,8 +69,38 @@ def test_status_shows_the_guest_the_device_and_its_counters(
     table = xvf_status(path)
     assert table.returncode == 0, table.stderr
     assert f"dom{dom.domid}: IOREQ server" in table.stdout
+    assert "service thread waits in epoll_wait" in table.stdout
     assert f"dom{dom.domid}/blk0" in table.stdout and "relay" in table.stdout
     assert "connected" in table.stdout
+    blk.close()
+    assert "ERROR" not in fe.log()
+
+
+@pytest.mark.kernel_eventfds
+def test_with_the_kernels_offload_the_guests_thread_waits_in_a_read_of_its_channel(
+    hypervisor, start_frontend, start_blk_backend, sockets
+):
+    """Foreign mapping: the (simulated) Dom0 kernel's ioeventfd/irqfd carry the kicks
+    and interrupts, the guest's thread watches nothing but its event channel and waits
+    in a read of it; ISR reads and ACKs still come to it, and are served."""
+    start_blk_backend(sockets, "blk.sock0", size=16 * MIB)
+    fe = start_frontend(sockets, foreign=True)
+    dom = hypervisor.create_domain("rd", memory_mib=64, vcpus=1, virtio=LINE.replace(
+        "grant_usage=1", "grant_usage=0"))  # fmt: skip
+    fe.wait_log("serving virtio blk")
+    blk = VirtioBlk(attach(dom, 0))
+    blk.start()
+    data = os.urandom(64 * 1024)
+    blk.write(0, data)
+    assert blk.read(0, len(data) // 512) == data
+    res = xvf_status(status_socket_of(hypervisor.run_dir), "--json")
+    assert res.returncode == 0, res.stderr
+    (guest,) = json.loads(res.stdout)["guests"]
+    thread = guest["service_thread"]
+    assert thread["waits_in"] == "read", thread
+    assert 0 < thread["channel_reads"] <= thread["wakeups"], thread
+    (dev,) = guest["devices"]
+    assert (dev["queue_notify"], dev["interrupts"]) == ("kernel ioeventfd", "kernel irqfd"), dev
     blk.close()
     assert "ERROR" not in fe.log()
 

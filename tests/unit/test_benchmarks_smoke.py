@@ -50,7 +50,7 @@ def test_quick_run_writes_every_result(tmp_path):
             assert set(res["columns"]) <= set(row), (name, row)
             assert row["n"] > 0 if "n" in row else True
     mmio = bench["mmio_roundtrip"]
-    impls = {"c", "c-epoll", "cython", "cython-poll", "python", "floor"}
+    impls = {"c", "c-epoll", "cython", "cython-epoll", "cython-poll", "python", "floor"}
     assert {r["impl"] for r in mmio["rows"]} == impls
     for op in ("read", "notify"):
         assert {"cython/c latency median", "python/cython latency median"} <= set(

@@ -179,12 +179,16 @@ class EventChannels:
         handle.sock.close()
 
     # -- lending a handle to a process outside the simulator ------------------
-    def lend_handle(self, domid: int, timeout: float = 2.0) -> tuple[Handle, dict[int, int]]:
+    def lend_handle(
+        self, domid: int, timeout: float = 2.0
+    ) -> tuple[Handle, dict[int, int], dict[int, int]]:
         """Stop serving the Dom0 handle bound to `domid`'s ports, so that another
-        process (the benchmarks' C guest) can play this side of it; returns the handle
-        and {guest port: Dom0 port}. Every port of the handle must be `domid`'s and idle
-        (unmasked, nothing pending): what the other process starts from; the device
-        model's last unmask may still be on its way, so this waits up to `timeout`."""
+        process (the benchmarks' C guest) can play this side of it; returns the handle,
+        {guest port: Dom0 port} and the handle's loopback channels {port: its peer} (a
+        notify of one is delivered as the other: the device model's own wake-up). Every
+        port of the handle must be `domid`'s or such a loopback, and idle (unmasked,
+        nothing pending): what the other process starts from; the device model's last
+        unmask may still be on its way, so this waits up to `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -194,7 +198,7 @@ class EventChannels:
                     raise
             time.sleep(0.005)
 
-    def _lend_idle_handle(self, domid: int) -> tuple[Handle, dict[int, int]]:
+    def _lend_idle_handle(self, domid: int) -> tuple[Handle, dict[int, int], dict[int, int]]:
         with self._lock:
             owners = [
                 h
@@ -205,11 +209,19 @@ class EventChannels:
                 raise SimulatorError(f"{len(owners)} handles hold ports of domain {domid}")
             (handle,) = owners
             ports = [self._ports[0][n] for n in handle.ports]
-            if any(p.remote_domid != domid or p.masked or p.pending for p in ports):
+            guest = [p for p in ports if p.remote_domid == domid]
+            loop = [
+                p
+                for p in ports
+                if p.remote_domid == 0 and p.bound and p.remote_port in handle.ports
+            ]
+            if len(guest) + len(loop) != len(ports) or any(p.masked or p.pending for p in ports):
                 raise SimulatorError(f"the handle of domain {domid} is shared or busy")
             self._selector.unregister(handle.sock)
         os.write(self._wake_w, b"x")
-        return handle, {p.remote_port: p.number for p in ports}
+        return handle, {p.remote_port: p.number for p in guest}, {
+            p.number: p.remote_port for p in loop
+        }
 
     def take_back(self, handle: Handle) -> None:
         """Serve a lent handle again (the borrower left its ports unmasked)."""

@@ -47,7 +47,7 @@ def lend_device(dom: Domain, index: int, vcpu: int = 0) -> VcpuLoan:
         raise SimulatorError(f"nothing serves device {index} of domain {dom.domid}")
     loan = VcpuLoan(args={}, pass_fds=[])
     try:
-        handle, dom0_port = hv.evtchn.lend_handle(dom.domid)
+        handle, dom0_port, loopback = hv.evtchn.lend_handle(dom.domid)
         loan._undo.append(lambda: hv.evtchn.take_back(handle))
         loan.args.update(
             page_fd=server.fd,
@@ -57,6 +57,11 @@ def lend_device(dom: Domain, index: int, vcpu: int = 0) -> VcpuLoan:
             mmio_base=spec.base,
             kick_fd=dom.ioeventfds.get((spec.base + L.VIRTIO_MMIO_QUEUE_NOTIFY, 4, 0), -1),
         )
+        if loopback:
+            # the service thread's wake-up channel: the borrower delivers it as we would
+            if len(loopback) != 2:
+                raise SimulatorError(f"{len(loopback) // 2} loopback channels on one handle")
+            loan.args["wake_a"], loan.args["wake_b"] = sorted(loopback)
         with hv.lock:
             irqfds = [
                 s.irqfds[(dom.domid, spec.irq)]
