@@ -219,9 +219,11 @@ class EventChannels:
                 raise SimulatorError(f"the handle of domain {domid} is shared or busy")
             self._selector.unregister(handle.sock)
         os.write(self._wake_w, b"x")
-        return handle, {p.remote_port: p.number for p in guest}, {
-            p.number: p.remote_port for p in loop
-        }
+        return (
+            handle,
+            {p.remote_port: p.number for p in guest},
+            {p.number: p.remote_port for p in loop},
+        )
 
     def take_back(self, handle: Handle) -> None:
         """Serve a lent handle again (the borrower left its ports unmasked)."""
